@@ -1,0 +1,432 @@
+"""The command line: parse arguments, call one library function, render (rich or --json)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from . import __version__
+from .diff import diff_models
+from .edit import EditOptions, edit, plan_for, prepare, report
+from .errors import SurgeonError
+from .inspection import layer_table, metadata_table, summarize, tensor_table
+from .operations import REGISTRY
+from .reader import Model
+from .verify import verify
+
+out_console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class SurgeonGroup(click.Group):
+    """Turns SurgeonError into `Error: ...` and exit 1; Ctrl-C into exit 130; no tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SurgeonError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; no output was kept", err=True)
+            sys.exit(130)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def parse_size(value: str | None) -> int | None:
+    """'500M', '2G', '1.5GB', '123' (bytes) -> bytes."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
+    if not m:
+        raise click.BadParameter(f"{value!r} is not a size like 500M or 2G", param_hint="--split-max-size")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+IN_ARG = click.argument("source", metavar="IN", type=click.Path(path_type=Path, dir_okay=False))
+OUT_ARG = click.argument("out", metavar="OUT", type=click.Path(path_type=Path, dir_okay=False))
+
+
+def writer_options(f: Callable) -> Callable:
+    """Options every writer shares."""
+    for opt in reversed([
+        click.option("--dry-run", is_flag=True, help="Print the layer map, metadata changes and output size; write nothing."),
+        click.option("--force", is_flag=True, help="Overwrite OUT; write blocks into positions whose tensor set differs."),
+        click.option("--name", help="general.name of the output (default: the source's name and the recipe)."),
+        click.option("--split-max-size", help="Split the output llama-gguf-split style, at most this much tensor data per shard (e.g. 2G)."),
+        click.option("--split-max-tensors", type=click.IntRange(min=1), help="Split the output, at most this many tensors per shard."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def run_edit(source: Path, out: Path | None, recipe: str, *, dry_run: bool, force: bool, name: str | None,
+             split_max_size: str | None, split_max_tensors: int | None, as_json: bool) -> None:
+    options = EditOptions(name, force, parse_size(split_max_size), split_max_tensors)
+    if dry_run or out is None:
+        with Model(source) as model:
+            data = report(prepare(model, recipe, options), out, options)
+        return emit_json(data) if as_json else render_plan(data, dry_run=True)
+    with byte_progress(f"writing {out.name}", enabled=not as_json) as progress:
+        surgery, result = edit(source, out, recipe, options, progress)
+    data = report(surgery, out, options, result)
+    if as_json:
+        return emit_json(data)
+    for w in data["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {w}")
+    for c in data["conversions"]:
+        err_console.print(f"[yellow]converted:[/] {c}")
+    files = ", ".join(data["files"])
+    out_console.print(f"Wrote {files}: {data['output_blocks']} blocks (from {data['source_blocks']}), "
+                      f"{human_size(data['output_size'])} in {data['seconds']:.2f} s via {data['copy_method']}")
+
+
+class byte_progress:
+    """A rich progress bar on stderr for a (done, total) byte callback; silent off a terminal."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        self.label = label
+        self.enabled = enabled and err_console.is_terminal
+        self.bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=err_console, transient=True, disable=not self.enabled)
+        self.task = None
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.label, total=None)
+
+        def update(done: int, total: int) -> None:
+            self.bar.update(self.task, completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+
+def render_plan(data: dict, dry_run: bool) -> None:
+    out_console.print(f"Plan: {data['recipe']}  ({data['source_blocks']} -> {data['output_blocks']} blocks)")
+    table = Table("output block", "source", box=None, pad_edge=False)
+    for row in data["layers"]:
+        moved = row["source"] != str(row["output"])
+        table.add_row(str(row["output"]), f"[bold]{row['source']}[/]" if moved else row["source"])
+    out_console.print(table)
+    out_console.print("Metadata changes:")
+    for c in data["metadata_changes"]:
+        old, new = c["old"], c["new"]
+        if old is None:
+            out_console.print(f"  + {c['key']} = {new!r}")
+        elif new is None:
+            out_console.print(f"  - {c['key']} (was {old!r})")
+        else:
+            out_console.print(f"  ~ {c['key']}: {old!r} -> {new!r}")
+    for c in data["conversions"]:
+        out_console.print(f"Converted: {c}")
+    for w in data["warnings"]:
+        out_console.print(f"Warning: {w}")
+    out_console.print(f"Output size: {data['output_size']} bytes ({human_size(data['output_size'])})"
+                      + ("; nothing written (dry run)" if dry_run else ""))
+
+
+@click.group(cls=SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gguf-surgeon")
+def main() -> None:
+    """Edit the transformer blocks of GGUF models: delete, swap, duplicate, move, blend.
+
+    \b
+    Example:
+      gguf-surgeon delete 10 in.gguf out.gguf
+    """
+
+
+# --- inspecting -------------------------------------------------------------------------
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--layers", is_flag=True, help="Add a per-block table.")
+@click.option("--tensors", is_flag=True, help="Add every tensor with shape, type, size and offset.")
+@click.option("--meta", is_flag=True, help="Add every metadata key (long arrays previewed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect(model: Path, layers: bool, tensors: bool, meta: bool, as_json: bool) -> None:
+    """Summarize a GGUF: architecture, sizes, tokenizer, chat template, types.
+
+    \b
+    Example:
+      gguf-surgeon inspect model.gguf --layers
+    """
+    with Model(model) as m:
+        s = summarize(m)
+        data: dict[str, Any] = s.to_dict()
+        if layers:
+            data["layers"] = [l.__dict__ for l in layer_table(m)]
+        if tensors:
+            data["tensors"] = tensor_table(m)
+        if meta:
+            data["metadata"] = metadata_table(m)
+    if as_json:
+        return emit_json(data)
+    t = Table(show_header=False, box=None, pad_edge=False)
+    tmpl = s.chat_template
+    rows = [
+        ("file", f"{s.path} (GGUF v{s.version}" + (f", {s.shards} shards)" if s.shards > 1 else ")")),
+        ("name", s.name), ("architecture", s.architecture),
+        ("blocks", f"{s.block_count}" + ("" if s.block_count_key == s.block_count else f" (block_count key says {s.block_count_key})")),
+        ("embedding", s.embedding_length), ("feed-forward", s.feed_forward_length),
+        ("heads / kv heads", f"{s.head_count} / {s.head_count_kv}"), ("context", s.context_length),
+        ("rope base", s.rope_freq_base), ("vocab", s.vocab_size), ("tokenizer", f"{s.tokenizer_model} / {s.tokenizer_pre}"),
+        ("chat template", "none" if tmpl is None else
+         f"sha256 {tmpl.sha256}, {tmpl.length} chars, thinking switch: {'yes' if tmpl.thinking_switch else 'no'}"),
+        ("template starts", None if tmpl is None else tmpl.first_line),
+        ("file type", s.file_type),
+        ("tensor types", ", ".join(f"{k} x{v}" for k, v in s.tensor_types.items())),
+        ("parameters", f"{s.parameters:,} ({s.parameters / 1e9:.3f} B)"),
+        ("size", f"{human_size(s.file_bytes)} ({s.tensor_count} tensors, {s.metadata_keys} keys)"),
+    ]
+    for k, v in rows:
+        if v is not None:
+            t.add_row(f"[bold]{k}[/]", str(v))
+    out_console.print(t)
+    if layers:
+        lt = Table("block", "tensors", "parameters", "size", "types", box=None)
+        for l in data["layers"]:
+            lt.add_row(str(l["index"]), str(l["tensors"]), f"{l['parameters']:,}", human_size(l["bytes"]),
+                       ", ".join(f"{k} x{v}" for k, v in l["types"].items()))
+        out_console.print(lt)
+    if tensors:
+        tt = Table("tensor", "shape", "type", "size", box=None)
+        for r in data["tensors"]:
+            tt.add_row(r["name"], "x".join(map(str, r["shape"])), r["type"], human_size(r["bytes"]))
+        out_console.print(tt)
+    if meta:
+        mt = Table("key", "type", "value", box=None)
+        for r in data["metadata"]:
+            v = repr(r["value"])
+            if r["count"] > 1 and isinstance(r["value"], list) and len(r["value"]) < r["count"]:
+                v = v[:-1] + f", ... ({r['count']} items)]"
+            mt.add_row(r["key"], r["type"], v if len(v) < 300 else v[:300] + "...")
+        out_console.print(mt)
+
+
+@main.command()
+@click.argument("a", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("b", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def diff(a: Path, b: Path, as_json: bool) -> None:
+    """Metadata differences, and B's blocks in terms of A's (by tensor hashes) as a recipe.
+
+    \b
+    Example:
+      gguf-surgeon diff base.gguf edited.gguf
+    """
+    with Model(a) as ma, Model(b) as mb:
+        d = diff_models(ma, mb)
+    if as_json:
+        return emit_json(d.to_dict())
+    out_console.print("Metadata:" if d.metadata else "Metadata: identical")
+    for k in d.metadata:
+        if k.b is None:
+            out_console.print(f"  - {k.key} = {k.a!r}")
+        elif k.a is None:
+            out_console.print(f"  + {k.key} = {k.b!r}")
+        else:
+            out_console.print(f"  ~ {k.key}: {k.a!r} -> {k.b!r}")
+    out_console.print("Blocks of B from A: " + " ".join("?" if i is None else str(i) for i in d.block_map))
+    if d.globals_changed:
+        out_console.print("Non-block tensors that differ: " + ", ".join(d.globals_changed))
+    unmatched = [i for i, s in enumerate(d.block_map) if s is None]
+    if d.recipe:
+        out_console.print(f"Recipe: {d.recipe}")
+    else:
+        out_console.print(f"Recipe: none (B's blocks {unmatched} match no block of A: blended or new weights)")
+
+
+@main.command("verify")
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--against", type=click.Path(path_type=Path, dir_okay=False), help="The source MODEL was made from.")
+@click.option("--recipe", help="The recipe MODEL was made with (default: its surgery.recipe key).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_cmd(model: Path, against: Path | None, recipe: str | None, as_json: bool) -> None:
+    """Check the rules llama.cpp's loader enforces; with --against, byte identity with the source.
+
+    Exits 1 when a check fails.
+
+    \b
+    Example:
+      gguf-surgeon verify out.gguf --against in.gguf --recipe "delete 10; swap 11 12"
+    """
+    with Model(model) as m:
+        if against is not None:
+            recipe = recipe or m.value("surgery.recipe")
+            if not recipe:
+                raise SurgeonError(f"{model}: no surgery.recipe key; pass --recipe")
+            with Model(against) as src:
+                v = verify(m, src, plan_for(src, recipe))
+        else:
+            v = verify(m)
+    if as_json:
+        emit_json(v.to_dict())
+    else:
+        for f in v.findings:
+            out_console.print(f"{'[green]ok[/]  ' if f.ok else '[red]FAIL[/]'} {f.rule}: {f.detail}")
+        out_console.print("verified: all checks passed" if v.ok else "verification failed")
+    if not v.ok:
+        sys.exit(1)
+
+
+# --- writers ----------------------------------------------------------------------------
+
+def writer(name: str, usage_example: str) -> Callable:
+    """Register a single-operation writer: its callback returns the step's tokens."""
+
+    def decorate(build_tokens: Callable[..., list[str]]) -> Callable:
+        op = REGISTRY[name]
+
+        @functools.wraps(build_tokens)
+        def command(source: Path, out: Path, dry_run: bool, force: bool, name: str | None, split_max_size: str | None,
+                    split_max_tensors: int | None, as_json: bool, **kwargs: Any) -> None:
+            recipe = " ".join([op.name] + [str(t) for t in build_tokens(**kwargs)])
+            run_edit(source, out, recipe, dry_run=dry_run, force=force, name=name, split_max_size=split_max_size,
+                     split_max_tensors=split_max_tensors, as_json=as_json)
+
+        command.__doc__ = f"{(build_tokens.__doc__ or op.summary).strip()}\n\n\b\nExample:\n  {usage_example}"
+        return command
+
+    return decorate
+
+
+@main.command()
+@click.argument("blocks", nargs=-1, required=True)
+@IN_ARG
+@OUT_ARG
+@writer_options
+@writer("delete", "gguf-surgeon delete 10 12-14 in.gguf out.gguf")
+def delete(blocks: tuple[str, ...]) -> list[str]:
+    """Delete one or more blocks or ranges (10 12-14)."""
+    return list(blocks)
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@IN_ARG
+@OUT_ARG
+@writer_options
+@writer("swap", "gguf-surgeon swap 11 12 in.gguf out.gguf")
+def swap(a: str, b: str) -> list[str]:
+    """Exchange blocks A and B."""
+    return [a, b]
+
+
+@main.command()
+@click.argument("block")
+@IN_ARG
+@OUT_ARG
+@click.option("--at", "at", help="Position of the copy (default: right after BLOCK).")
+@writer_options
+@writer("duplicate", "gguf-surgeon duplicate 5 in.gguf out.gguf --at 9")
+def duplicate(block: str, at: str | None) -> list[str]:
+    """Insert a copy of BLOCK (default: right after it)."""
+    return [block] + (["--at", at] if at is not None else [])
+
+
+@main.command()
+@click.argument("block")
+@IN_ARG
+@OUT_ARG
+@click.option("--to", "to", required=True, help="Index BLOCK ends up at.")
+@writer_options
+@writer("move", "gguf-surgeon move 3 in.gguf out.gguf --to 7")
+def move(block: str, to: str) -> list[str]:
+    """Move BLOCK so that it ends up at index --to."""
+    return [block, "--to", to]
+
+
+@main.command()
+@click.argument("spec")
+@IN_ARG
+@OUT_ARG
+@writer_options
+@writer("keep", "gguf-surgeon keep 0-9,11,13,12,14-27 in.gguf out.gguf")
+def keep(spec: str) -> list[str]:
+    """The whole new block order as a layer spec; a repeated index duplicates."""
+    return [spec]
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@IN_ARG
+@OUT_ARG
+@click.option("--t", "t", default="0.5", show_default=True, help="Blend weight of B: (1-t)*A + t*B.")
+@click.option("--at", "at", help="Insert the new block at this position (default: right after A).")
+@click.option("--replace", "replace", help="Replace this block with the new one instead of inserting.")
+@writer_options
+@writer("interpolate", "gguf-surgeon interpolate 11 12 in.gguf out.gguf --t 0.5 --replace 11")
+def interpolate(a: str, b: str, t: str, at: str | None, replace: str | None) -> list[str]:
+    """A new block (1-t)*A + t*B, blended in float32, written in the source type where gguf can
+    quantize it, else F16 (the report lists conversions)."""
+    return [a, b, "--t", t] + (["--at", at] if at else []) + (["--replace", replace] if replace else [])
+
+
+@main.command()
+@click.argument("block")
+@IN_ARG
+@OUT_ARG
+@click.option("--t", "t", default="0.5", show_default=True, help="Blend weight of BLOCK+1.")
+@writer_options
+@writer("bridge", "gguf-surgeon bridge 11 in.gguf out.gguf")
+def bridge(block: str, t: str) -> list[str]:
+    """Interpolate BLOCK and BLOCK+1 and insert the blend between them."""
+    return [block, "--t", t]
+
+
+@main.command()
+@click.argument("recipe")
+@IN_ARG
+@OUT_ARG
+@writer_options
+def apply(recipe: str, source: Path, out: Path, **options: Any) -> None:
+    """Apply a recipe (text or a .toml file) in one pass; each step's indices refer to the model
+    as the previous step left it.
+
+    \b
+    Example:
+      gguf-surgeon apply "delete 10; swap 11 12" in.gguf out.gguf
+    """
+    run_edit(source, out, recipe, **options)
+
+
+@main.command("plan")
+@click.argument("recipe")
+@IN_ARG
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_cmd(recipe: str, source: Path, as_json: bool) -> None:
+    """Print the layer map, metadata changes and output size of a recipe; write nothing.
+
+    \b
+    Example:
+      gguf-surgeon plan "delete 10; swap 11 12" in.gguf
+    """
+    run_edit(source, None, recipe, dry_run=True, force=False, name=None, split_max_size=None, split_max_tensors=None,
+             as_json=as_json)

@@ -1,0 +1,142 @@
+"""Compare two models: metadata differences, and B's blocks expressed in A's by tensor hashes."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from gguf import GGUFValueType
+
+from .errors import SurgeonError
+from .plan import build_plan
+from .reader import Model, TensorInfo
+from .recipe import parse_recipe
+from .operations import format_layer_spec
+
+LONG_ARRAY = 16  # arrays longer than this are summarized, not listed, in a diff
+
+
+@dataclass(frozen=True)
+class KeyDiff:
+    key: str
+    a: Any  # None when only in B
+    b: Any  # None when only in A
+
+
+@dataclass(frozen=True)
+class ModelDiff:
+    metadata: tuple[KeyDiff, ...]
+    block_map: tuple[int | None, ...]  # B's block i equals A's block block_map[i] (None: no match)
+    globals_changed: tuple[str, ...]  # non-block tensors whose bytes differ or that exist in one only
+    recipe: str | None  # a recipe turning A's blocks into B's, when every B block matches one of A's
+
+    def to_dict(self) -> dict:
+        return {
+            "metadata": [{"key": d.key, "a": d.a, "b": d.b} for d in self.metadata],
+            "block_map": list(self.block_map),
+            "globals_changed": list(self.globals_changed),
+            "recipe": self.recipe,
+        }
+
+
+def _hash_tensor(model: Model, t: TensorInfo, h: "hashlib._Hash") -> None:
+    h.update(f"{t.block_suffix or t.name}|{t.shape}|{int(t.ggml_type)}|".encode())
+    h.update(model.tensor_bytes(t))
+
+
+def tensor_digest(model: Model, t: TensorInfo) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    _hash_tensor(model, t, h)
+    return h.hexdigest()
+
+
+def block_hashes(model: Model) -> list[str]:
+    out = []
+    for block in model.blocks():
+        h = hashlib.blake2b(digest_size=16)
+        for t in sorted(block, key=lambda t: t.block_suffix or ""):
+            _hash_tensor(model, t, h)
+        out.append(h.hexdigest())
+    return out
+
+
+def _shown(model: Model, key: str) -> Any:
+    f = model.fields[key]
+    if f.type == GGUFValueType.ARRAY and f.count > LONG_ARRAY:
+        return f"[{f.count} x {f.item_type.name if f.item_type else '?'}]"
+    return model.value(key)
+
+
+def _raw_value(model: Model, key: str) -> bytes:
+    f = model.fields[key]
+    return model.raw_field(key)[f.value_start - f.start - 4 :]  # type and value
+
+
+def derive_recipe(order: list[int], n_source: int) -> str:
+    """A short recipe (deletions, then swaps, moves, duplicates) that turns range(n_source) into `order`.
+
+    Falls back to a `keep` spec when the short form does not reproduce `order`.
+    """
+    present = set(order)
+    deleted = [i for i in range(n_source) if i not in present]
+    cur = [i for i in range(n_source) if i in present]
+    steps = ["delete " + " ".join(format_layer_spec(tuple(deleted)).split(","))] if deleted else []
+    for pos, target in enumerate(order):
+        if pos < len(cur) and cur[pos] == target:
+            continue
+        if target in cur[pos + 1 :]:
+            j = cur.index(target, pos + 1)
+            if j < len(order) and order[j] == cur[pos]:
+                steps.append(f"swap {pos} {j}")
+                cur[pos], cur[j] = cur[j], cur[pos]
+            else:
+                steps.append(f"move {j} --to {pos}")
+                cur.insert(pos, cur.pop(j))
+        else:
+            k = cur.index(target)
+            steps.append(f"duplicate {k} --at {pos}")
+            cur.insert(pos, target)
+    keep = "keep " + format_layer_spec(tuple(order))
+    if not steps:
+        return keep if n_source != len(order) else "keep " + format_layer_spec(tuple(range(n_source)))
+    text = "; ".join(steps)
+    try:
+        plan = build_plan(parse_recipe(text), n_source)
+    except SurgeonError:
+        return keep
+    if [l.parts[0][0] for l in plan.layers] != order or len(text) > len(keep):
+        return keep
+    return text
+
+
+def diff_models(a: Model, b: Model) -> ModelDiff:
+    meta: list[KeyDiff] = []
+    for key in a.fields:
+        if key not in b.fields:
+            meta.append(KeyDiff(key, _shown(a, key), None))
+        elif _raw_value(a, key) != _raw_value(b, key):
+            meta.append(KeyDiff(key, _shown(a, key), _shown(b, key)))
+    meta += [KeyDiff(k, None, _shown(b, k)) for k in b.fields if k not in a.fields]
+
+    ha = block_hashes(a)
+    index = {}
+    for i, h in enumerate(ha):
+        index.setdefault(h, i)
+    block_map = tuple(index.get(h) for h in block_hashes(b))
+
+    globals_changed = []
+    ga = {t.name: t for t in a.tensors if t.block_index is None}
+    gb = {t.name: t for t in b.tensors if t.block_index is None}
+    for name in sorted(set(ga) | set(gb)):
+        if name not in ga or name not in gb:
+            globals_changed.append(name)
+            continue
+        x, y = ga[name], gb[name]
+        if (x.shape, x.ggml_type) != (y.shape, y.ggml_type) or tensor_digest(a, x) != tensor_digest(b, y):
+            globals_changed.append(name)
+
+    recipe = None
+    if all(i is not None for i in block_map):
+        recipe = derive_recipe([i for i in block_map if i is not None], len(ha))
+    return ModelDiff(tuple(meta), block_map, tuple(globals_changed), recipe)

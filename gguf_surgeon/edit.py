@@ -1,0 +1,63 @@
+"""The library entry point for surgeries: recipe + input -> plan -> (dry-run report | output file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .plan import LayerPlan, Step, build_plan
+from .reader import Model
+from .recipe import load_recipe
+from .surgery import Surgery, plan_surgery
+from .writer import Progress, WriteResult, layout, write_surgery
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    name: str | None = None  # general.name of the output; default: source name + recipe
+    force: bool = False  # overwrite OUT; write blocks into positions whose tensor set differs
+    split_max_size: int | None = None  # bytes of tensor data per shard
+    split_max_tensors: int | None = None
+
+
+def plan_for(model: Model, recipe: str | tuple[Step, ...]) -> LayerPlan:
+    steps = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    return build_plan(steps, len(model.blocks()))
+
+
+def prepare(model: Model, recipe: str | tuple[Step, ...], options: EditOptions = EditOptions()) -> Surgery:
+    """Parse and check the recipe against the model; nothing is written."""
+    return plan_surgery(model, plan_for(model, recipe), options.name, options.force)
+
+
+def report(surgery: Surgery, out: Path | None = None, options: EditOptions = EditOptions(),
+           result: WriteResult | None = None) -> dict[str, Any]:
+    """The JSON-able description of a surgery (the --dry-run and --json output)."""
+    shards = layout(surgery, out or Path("out.gguf"), options.split_max_size, options.split_max_tensors)
+    data: dict[str, Any] = {
+        "source": str(surgery.source),
+        "recipe": surgery.plan.recipe,
+        "source_blocks": surgery.plan.source_block_count,
+        "output_blocks": len(surgery.plan.layers),
+        "layers": [{"output": i, "source": src.describe(), "parts": [[b, w] for b, w in src.parts]}
+                   for i, src in enumerate(surgery.plan.layers)],
+        "metadata_changes": [{"key": c.key, "old": c.old, "new": c.new} for c in surgery.changes],
+        "warnings": list(surgery.warnings),
+        "conversions": list(surgery.conversions),
+        "output_size": sum(s.size for s in shards),
+        "files": [str(s.path) for s in shards] if out else [],
+    }
+    if result is not None:
+        data.update(written=True, copy_method=result.copy_method, seconds=round(result.seconds, 3))
+    return data
+
+
+def edit(source: Path, out: Path, recipe: str | tuple[Step, ...], options: EditOptions = EditOptions(),
+         progress: Progress | None = None) -> tuple[Surgery, WriteResult]:
+    """Apply `recipe` to `source` and write `out` in one streaming pass."""
+    with Model(source) as model:
+        surgery = prepare(model, recipe, options)
+        result = write_surgery(model, surgery, out, force=options.force, split_max_size=options.split_max_size,
+                               split_max_tensors=options.split_max_tensors, progress=progress)
+    return surgery, result

@@ -1,0 +1,157 @@
+"""What a plan does to metadata: block_count, per-layer arrays, provenance, name; hazards.
+
+Every key the plan does not change is copied byte for byte, in its original order.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from gguf import GGUFValueType, Keys
+
+from .errors import PlanError
+from .plan import LayerPlan
+from .reader import SCALAR_FORMATS, SPLIT_KEYS, Model
+
+RECIPE_KEY = "surgery.recipe"
+BASE_MODEL_PREFIX = "general.base_model."
+
+# Architectures whose blocks behave differently by index: moving blocks changes behaviour.
+INDEX_HAZARDS: dict[str, str] = {
+    "gemma2": "gemma2 alternates sliding-window and global attention by block index",
+    "gemma3": "gemma3 uses global attention on every 6th block by index (sliding-window pattern)",
+    "gemma3n": "gemma3n's sliding-window pattern, per-layer inputs and KV sharing depend on the block index",
+    "cohere2": "cohere2 uses global attention on every 4th block by index (sliding-window pattern)",
+    "llama4": "llama4 interleaves NoPE/RoPE attention and MoE/dense blocks by block index",
+}
+
+
+@dataclass(frozen=True)
+class OutputField:
+    """One key-value pair of the output: copied raw from the source, or newly encoded."""
+
+    key: str
+    raw: bytes  # the complete encoded key-value (key, type, value)
+
+
+@dataclass(frozen=True)
+class MetadataChange:
+    key: str
+    old: Any  # None when the key is added
+    new: Any  # None when the key is removed
+
+
+def encode_string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def encode_value(vtype: GGUFValueType, value: Any, item_type: GGUFValueType | None = None) -> bytes:
+    if vtype == GGUFValueType.STRING:
+        return encode_string(value)
+    if vtype == GGUFValueType.ARRAY:
+        assert item_type is not None
+        out = struct.pack("<IQ", item_type, len(value))
+        return out + b"".join(encode_value(item_type, v) for v in value)
+    return struct.pack(SCALAR_FORMATS[vtype], value)
+
+
+def encode_field(key: str, vtype: GGUFValueType, value: Any, item_type: GGUFValueType | None = None) -> OutputField:
+    return OutputField(key, encode_string(key) + struct.pack("<I", vtype) + encode_value(vtype, value, item_type))
+
+
+def per_layer_keys(model: Model) -> list[str]:
+    """`<arch>.*` arrays whose length equals the source block count: re-indexed by a plan."""
+    prefix = model.architecture + "."
+    n = model.block_count
+    return [k for k, f in model.fields.items() if k.startswith(prefix) and f.type == GGUFValueType.ARRAY and f.count == n]
+
+
+def default_name(model: Model, plan: LayerPlan) -> str:
+    base = model.value(Keys.General.NAME) or model.path.stem
+    return f"{base} (gguf-surgeon: {plan.recipe})"
+
+
+def plan_metadata(model: Model, plan: LayerPlan, name: str | None = None) -> tuple[list[OutputField], list[MetadataChange], list[str]]:
+    """The output's key-value list, the changes made, and warnings about per-layer values."""
+    warnings: list[str] = []
+    new_values: dict[str, tuple[GGUFValueType, Any, GGUFValueType | None]] = {}
+    bc = model.block_count_key
+    bc_field = model.fields.get(bc)
+    new_values[bc] = (bc_field.type if bc_field else GGUFValueType.UINT32, len(plan.layers), None)
+    for key in per_layer_keys(model):
+        f = model.fields[key]
+        old = model.value(key)
+        new = []
+        for out_i, src in enumerate(plan.layers):
+            vals = {old[i] for i, _ in src.parts}
+            if len(vals) > 1:
+                warnings.append(f"{key}: blended block {out_i} mixes blocks with different values {sorted(vals)}; using block {src.primary}'s")
+            new.append(old[src.primary])
+        new_values[key] = (GGUFValueType.ARRAY, new, f.item_type)
+
+    source_name = model.value(Keys.General.NAME)
+    new_values[Keys.General.NAME] = (GGUFValueType.STRING, name or default_name(model, plan), None)
+    provenance: dict[str, tuple[GGUFValueType, Any, None]] = {Keys.General.BASE_MODEL_COUNT: (GGUFValueType.UINT32, 1, None)}
+    for template, source_key in (
+        (Keys.General.BASE_MODEL_NAME, Keys.General.NAME),
+        (Keys.General.BASE_MODEL_ORGANIZATION, Keys.General.ORGANIZATION),
+        (Keys.General.BASE_MODEL_VERSION, Keys.General.VERSION),
+        (Keys.General.BASE_MODEL_REPO_URL, Keys.General.REPO_URL),
+    ):
+        v = source_name if source_key == Keys.General.NAME else model.value(source_key)
+        if isinstance(v, str):
+            provenance[template.format(id=0)] = (GGUFValueType.STRING, v, None)
+    provenance[RECIPE_KEY] = (GGUFValueType.STRING, plan.recipe, None)
+    new_values.update(provenance)
+
+    fields: list[OutputField] = []
+    changes: list[MetadataChange] = []
+    for key in model.fields:
+        if key in SPLIT_KEYS:
+            continue  # the writer adds split keys again when it splits
+        if key.startswith(BASE_MODEL_PREFIX) and key not in new_values:
+            changes.append(MetadataChange(key, model.value(key), None))
+            continue
+        if key in new_values:
+            vtype, value, item = new_values.pop(key)
+            old = model.value(key)
+            if old != value:
+                changes.append(MetadataChange(key, old, value))
+            fields.append(encode_field(key, vtype, value, item))
+        else:
+            fields.append(OutputField(key, model.raw_field(key)))
+    for key, (vtype, value, item) in new_values.items():
+        changes.append(MetadataChange(key, None, value))
+        fields.append(encode_field(key, vtype, value, item))
+    return fields, changes, warnings
+
+
+def check_hazards(model: Model, plan: LayerPlan, block_suffixes: list[frozenset[str]], force: bool) -> list[str]:
+    """Warnings for architectures whose behaviour depends on the block index.
+
+    A block moved to a position whose source tensor set differs (a dense block where an MoE
+    block was, say) is refused with PlanError unless `force`.
+    """
+    if plan.is_identity:
+        return []
+    arch = model.architecture
+    warnings = []
+    if arch in INDEX_HAZARDS:
+        warnings.append(f"hazard: {INDEX_HAZARDS[arch]}; the edited model may behave differently than the order suggests")
+    dense_key = model.arch_key(Keys.LLM.LEADING_DENSE_BLOCK_COUNT)
+    if model.has(dense_key):
+        warnings.append(f"hazard: {dense_key} = {model.value(dense_key)}: the first blocks are dense, the rest MoE; llama.cpp decides which by index")
+    for out_i, src in enumerate(plan.layers):
+        expected_at = out_i if out_i < len(block_suffixes) else len(block_suffixes) - 1
+        for i, _ in src.parts:
+            if block_suffixes[i] != block_suffixes[expected_at]:
+                diff = sorted(block_suffixes[i] ^ block_suffixes[expected_at])
+                msg = (f"block {i} goes to position {out_i}, whose tensor set differs "
+                       f"(differs in: {', '.join(diff[:4])}{' ...' if len(diff) > 4 else ''})")
+                if not force:
+                    raise PlanError(msg + "; llama.cpp would reject or misuse it (use --force to write it anyway)")
+                warnings.append("forced: " + msg)
+    return warnings

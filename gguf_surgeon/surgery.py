@@ -1,0 +1,118 @@
+"""From a layer plan and a model to a complete description of the output file (still no bytes).
+
+A `Surgery` lists every output key-value and tensor, with the source bytes or blend each
+tensor comes from, so a dry run can report the exact output size and the writer can stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .errors import PlanError
+from .metadata import MetadataChange, OutputField, check_hazards, plan_metadata
+from .plan import LayerPlan
+from .reader import Model, TensorInfo
+
+# types gguf.quants can write; a blend of any other type is written as F16
+QUANTIZABLE = frozenset({
+    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1,
+})
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the output and where its bytes come from."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+    sources: tuple[tuple[TensorInfo, float], ...]  # one (tensor, 1.0): a byte copy; more: a blend
+
+    @property
+    def is_copy(self) -> bool:
+        return len(self.sources) == 1
+
+    @property
+    def n_bytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.ggml_type]
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n // block * size
+
+
+@dataclass(frozen=True)
+class Surgery:
+    """Everything the writer needs, and everything a dry run reports."""
+
+    source: Path
+    plan: LayerPlan
+    alignment: int
+    fields: tuple[OutputField, ...]
+    tensors: tuple[OutputTensor, ...]
+    changes: tuple[MetadataChange, ...]
+    warnings: tuple[str, ...]
+    conversions: tuple[str, ...]  # blended tensors written in another type than their source
+
+
+def block_suffix_sets(blocks: list[list[TensorInfo]]) -> list[frozenset[str]]:
+    return [frozenset(t.block_suffix for t in b) for b in blocks]  # type: ignore[misc]
+
+
+def _blend_type(parts: list[TensorInfo]) -> GGMLQuantizationType:
+    types = {t.ggml_type for t in parts}
+    if len(types) == 1 and parts[0].ggml_type in QUANTIZABLE:
+        return parts[0].ggml_type
+    return GGMLQuantizationType.F16
+
+
+def plan_surgery(model: Model, plan: LayerPlan, name: str | None = None, force: bool = False) -> Surgery:
+    """Check `plan` against `model` and describe the output; raises PlanError when it cannot fit."""
+    blocks = model.blocks()
+    n = len(blocks)
+    if plan.source_block_count != n:
+        raise PlanError(f"{model.path}: plan was built for {plan.source_block_count} blocks, the model has {n}")
+    declared = model.value(model.block_count_key)
+    if declared is not None and int(declared) != n:
+        raise PlanError(f"{model.path}: {model.block_count_key} is {declared} but the tensors hold blocks 0-{n - 1}")
+    suffixes = block_suffix_sets(blocks)
+    warnings = check_hazards(model, plan, suffixes, force)
+    fields, changes, meta_warnings = plan_metadata(model, plan, name)
+    warnings += meta_warnings
+
+    by_suffix = [{t.block_suffix: t for t in b} for b in blocks]
+    block_tensors: list[OutputTensor] = []
+    conversions: list[str] = []
+    for out_i, src in enumerate(plan.layers):
+        if src.is_copy:
+            for t in blocks[src.parts[0][0]]:
+                block_tensors.append(OutputTensor(f"blk.{out_i}.{t.block_suffix}", t.shape, t.ggml_type, ((t, 1.0),)))
+            continue
+        first = src.parts[0][0]
+        for i, _ in src.parts[1:]:
+            if suffixes[i] != suffixes[first]:
+                raise PlanError(f"cannot blend blocks {first} and {i}: their tensor sets differ")
+        for t in blocks[first]:
+            parts = [by_suffix[i][t.block_suffix] for i, _ in src.parts]
+            for p in parts[1:]:
+                if p.shape != t.shape:
+                    raise PlanError(f"cannot blend {t.name} {list(t.shape)} with {p.name} {list(p.shape)}: shapes differ")
+            out_type = _blend_type(parts)
+            name_out = f"blk.{out_i}.{t.block_suffix}"
+            if any(p.ggml_type != out_type for p in parts):
+                conversions.append(f"{name_out}: {'/'.join(sorted({p.ggml_type.name for p in parts}))} -> {out_type.name}")
+            block_tensors.append(OutputTensor(name_out, t.shape, out_type, tuple((p, w) for p, (_, w) in zip(parts, src.parts))))
+
+    # globals before the first block tensor stay before the blocks, the rest after them
+    first_block = next(i for i, t in enumerate(model.tensors) if t.block_index is not None)
+    head = [t for t in model.tensors[:first_block]]
+    tail = [t for t in model.tensors[first_block:] if t.block_index is None]
+    as_copy = lambda t: OutputTensor(t.name, t.shape, t.ggml_type, ((t, 1.0),))  # noqa: E731
+    tensors = [as_copy(t) for t in head] + block_tensors + [as_copy(t) for t in tail]
+    return Surgery(model.path, plan, model.file.alignment, tuple(fields), tuple(tensors), tuple(changes),
+                   tuple(warnings), tuple(conversions))

@@ -1,0 +1,113 @@
+"""Structural checks llama.cpp's loader enforces, and byte identity of an edit with its source."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+from gguf import GGUFValueType, Keys
+
+from .diff import tensor_digest
+from .metadata import INDEX_HAZARDS
+from .plan import LayerPlan
+from .reader import Model, align
+from .surgery import block_suffix_sets, plan_surgery
+from .writer import blend_rows
+
+# keys llama.cpp reads as one value per layer when they are arrays
+PER_LAYER_TEMPLATES = (
+    Keys.LLM.FEED_FORWARD_LENGTH,
+    Keys.Attention.HEAD_COUNT,
+    Keys.Attention.HEAD_COUNT_KV,
+    Keys.Attention.SLIDING_WINDOW_PATTERN,
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str  # what was checked
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Verification:
+    path: str
+    findings: tuple[Finding, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok for f in self.findings)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "ok": self.ok, "findings": [asdict(f) for f in self.findings]}
+
+
+def check_structure(model: Model) -> list[Finding]:
+    findings = []
+    for shard in model.shards:
+        expected = 0
+        bad = None
+        for t in shard.tensors:
+            rel = t.offset - shard.data_offset
+            if rel != expected:
+                bad = f"{shard.path.name}: tensor {t.name!r} at data offset {rel}, expected {expected} (contiguous, aligned to {shard.alignment}, in tensor-info order)"
+                break
+            expected = align(rel + t.n_bytes, shard.alignment)
+        findings.append(Finding("offsets contiguous and aligned", bad is None, bad or f"{shard.path.name}: {len(shard.tensors)} tensors"))
+
+    blocks = model.blocks()
+    declared = model.value(model.block_count_key)
+    findings.append(Finding("block_count matches tensors", declared == len(blocks),
+                            f"{model.block_count_key} = {declared}, tensors hold blocks 0-{len(blocks) - 1}"))
+    for template in PER_LAYER_TEMPLATES:
+        key = model.arch_key(template)
+        f = model.fields.get(key)
+        if f is not None and f.type == GGUFValueType.ARRAY:
+            findings.append(Finding("per-layer array length", f.count == len(blocks), f"{key} has {f.count} values for {len(blocks)} blocks"))
+
+    sets = block_suffix_sets(blocks)
+    odd = [i for i, s in enumerate(sets) if s != sets[0]]
+    varies_by_design = model.architecture in INDEX_HAZARDS or model.has(model.arch_key(Keys.LLM.LEADING_DENSE_BLOCK_COUNT))
+    findings.append(Finding("same tensor set in every block", not odd or varies_by_design,
+                            f"blocks {odd[:8]} differ from block 0" + (" (expected for this architecture)" if odd and varies_by_design else "")
+                            if odd else f"{len(sets[0])} tensors per block"))
+    return findings
+
+
+def check_against(model: Model, source: Model, plan: LayerPlan) -> list[Finding]:
+    """Every tensor of `model` equals what `plan` applied to `source` must produce."""
+    expected = plan_surgery(source, plan, force=True)
+    names = [t.name for t in model.tensors]
+    want = [t.name for t in expected.tensors]
+    findings = [Finding("tensor names and order", names == want,
+                        "as planned" if names == want else f"got {len(names)} tensors, expected {len(want)}; first difference at "
+                        f"{next((a, b) for a, b in zip(names + [''] * len(want), want + [''] * len(names)) if a != b)}")]
+    if names != want:
+        return findings
+    copies = mismatched = blends = 0
+    first_bad = None
+    for t in expected.tensors:
+        got = model.tensor(t.name)
+        if t.is_copy:
+            copies += 1
+            same = got.ggml_type == t.ggml_type and got.shape == t.shape and tensor_digest(model, got) == tensor_digest(source, t.sources[0][0])
+        else:
+            blends += 1
+            h = hashlib.blake2b(digest_size=16)
+            for chunk in blend_rows(source, t):
+                h.update(chunk)
+            same = got.ggml_type == t.ggml_type and hashlib.blake2b(model.tensor_bytes(got), digest_size=16).digest() == h.digest()
+        if not same:
+            mismatched += 1
+            first_bad = first_bad or t.name
+    findings.append(Finding("tensor bytes equal their source", mismatched == 0,
+                            f"{copies} copied and {blends} blended tensors checked" + (f"; {mismatched} differ, first {first_bad}" if mismatched else "")))
+    return findings
+
+
+def verify(model: Model, source: Model | None = None, plan: LayerPlan | None = None) -> Verification:
+    findings = check_structure(model)
+    if source is not None and plan is not None:
+        findings += check_against(model, source, plan)
+    return Verification(str(model.path), tuple(findings))

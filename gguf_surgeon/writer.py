@@ -1,0 +1,236 @@
+"""Streaming GGUF v3 writer for a Surgery: header in memory, tensor data copied in chunks.
+
+Copies use os.copy_file_range (kernel-side; shares extents on reflink filesystems) and fall
+back to a bounded buffer. Blends are computed in row chunks. Output goes to a temp file in
+the output's folder and is renamed at the end: an error or Ctrl-C leaves neither.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from gguf import GGUFValueType, Keys
+from gguf.constants import GGUF_MAGIC
+from gguf.quants import dequantize, quantize
+
+from .errors import OutputError
+from .metadata import OutputField, encode_field, encode_string
+from .reader import Model, align
+from .surgery import OutputTensor, Surgery
+
+GGUF_WRITE_VERSION = 3
+COPY_CHUNK = 64 << 20  # bytes per copy_file_range call
+BUFFER_CHUNK = 8 << 20  # bytes per read/write when copying without copy_file_range
+BLEND_CHUNK = 8 << 20  # float32 bytes per blended row chunk
+
+Progress = Callable[[int, int], None]  # (bytes written, total bytes)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output file: its keys, tensors, encoded header and data offsets."""
+
+    path: Path
+    fields: tuple[OutputField, ...]
+    tensors: tuple[OutputTensor, ...]
+    header: bytes  # magic .. tensor infos, padded to the alignment
+    offsets: tuple[int, ...]  # data offset of each tensor, relative to the data section
+    size: int  # total file size
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    paths: tuple[Path, ...]
+    size: int  # bytes written, all shards
+    copy_method: str  # "copy_file_range" or "buffered"
+    seconds: float
+
+
+def shard_path(out: Path, no: int, count: int) -> Path:
+    """llama-gguf-split naming: out.gguf -> out-00001-of-00003.gguf."""
+    stem = out.name[:-5] if out.name.endswith(".gguf") else out.name
+    return out.with_name(f"{stem}-{no:05d}-of-{count:05d}.gguf")
+
+
+def _encode_header(fields: tuple[OutputField, ...], tensors: tuple[OutputTensor, ...], alignment: int) -> tuple[bytes, tuple[int, ...], int]:
+    parts = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_WRITE_VERSION, len(tensors), len(fields))]
+    parts += [f.raw for f in fields]
+    offsets = []
+    pos = 0
+    for t in tensors:
+        offsets.append(pos)
+        parts.append(encode_string(t.name) + struct.pack("<I", len(t.shape)) + struct.pack(f"<{len(t.shape)}Q", *t.shape)
+                     + struct.pack("<IQ", t.ggml_type, pos))
+        pos = align(pos + t.n_bytes, alignment)
+    header = b"".join(parts)
+    header += b"\0" * (-len(header) % alignment)
+    return header, tuple(offsets), len(header) + pos
+
+
+def _split_groups(tensors: tuple[OutputTensor, ...], max_size: int | None, max_tensors: int | None) -> list[tuple[OutputTensor, ...]]:
+    groups: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        cur = groups[-1]
+        if cur and ((max_tensors and len(cur) >= max_tensors) or (max_size and size + t.n_bytes > max_size)):
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.n_bytes
+    return [tuple(g) for g in groups]
+
+
+def layout(surgery: Surgery, out: Path, split_max_size: int | None = None, split_max_tensors: int | None = None) -> list[ShardLayout]:
+    """Lay out the output as one file, or as llama-gguf-split shards when a split limit is set."""
+    if not split_max_size and not split_max_tensors:
+        header, offsets, size = _encode_header(surgery.fields, surgery.tensors, surgery.alignment)
+        return [ShardLayout(out, surgery.fields, surgery.tensors, header, offsets, size)]
+    groups = _split_groups(surgery.tensors, split_max_size, split_max_tensors)
+    shards = []
+    for no, group in enumerate(groups):
+        split_fields = (
+            encode_field(Keys.Split.LLM_KV_SPLIT_NO, GGUFValueType.UINT16, no),
+            encode_field(Keys.Split.LLM_KV_SPLIT_COUNT, GGUFValueType.UINT16, len(groups)),
+            encode_field(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, GGUFValueType.INT32, len(surgery.tensors)),
+        )
+        # as llama-gguf-split does: all metadata in the first shard, only split keys after it
+        fields = surgery.fields + split_fields if no == 0 else split_fields
+        if no > 0 and any(f.key == Keys.General.ALIGNMENT for f in surgery.fields):
+            fields += tuple(f for f in surgery.fields if f.key == Keys.General.ALIGNMENT)
+        header, offsets, size = _encode_header(fields, group, surgery.alignment)
+        shards.append(ShardLayout(shard_path(out, no + 1, len(groups)), fields, group, header, offsets, size))
+    return shards
+
+
+def check_output(out: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse a missing folder, an output that is an input (also via links), an existing file."""
+    parent = out.parent
+    if not parent.is_dir():
+        raise OutputError(f"{out}: output folder {parent} does not exist")
+    for src in inputs:
+        if out.resolve() == src.resolve() or (out.exists() and os.path.samefile(out, src)):
+            raise OutputError(f"{out}: output is the input file {src}; write to a new file")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists; use --force to overwrite")
+
+
+class _Copier:
+    """Copies byte ranges between files, kernel-side when possible."""
+
+    def __init__(self) -> None:
+        self.method = "copy_file_range" if hasattr(os, "copy_file_range") else "buffered"
+
+    def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:
+        while n > 0 and self.method == "copy_file_range":
+            try:
+                done = os.copy_file_range(src_fd, dst_fd, min(n, COPY_CHUNK), src_off, dst_off)
+            except OSError as e:
+                if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    self.method = "buffered"
+                    break
+                raise
+            if done == 0:
+                raise OutputError(f"source ended early at offset {src_off} (was the input truncated while writing?)")
+            src_off += done
+            dst_off += done
+            n -= done
+        while n > 0:
+            chunk = os.pread(src_fd, min(n, BUFFER_CHUNK), src_off)
+            if not chunk:
+                raise OutputError(f"source ended early at offset {src_off} (was the input truncated while writing?)")
+            _pwrite_all(dst_fd, chunk, dst_off)
+            src_off += len(chunk)
+            dst_off += len(chunk)
+            n -= len(chunk)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, off)
+        view = view[done:]
+        off += done
+
+
+def blend_rows(model: Model, t: OutputTensor) -> Iterable[bytes]:
+    """Yield the blended tensor's bytes in row chunks (bounded memory)."""
+    ne0 = t.shape[0]
+    n_rows = 1
+    for d in t.shape[1:]:
+        n_rows *= d
+    step = max(1, BLEND_CHUNK // (4 * ne0))
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        acc = np.zeros((r1 - r0, ne0), dtype=np.float32)
+        for src, w in t.sources:
+            rb = src.row_bytes
+            raw = model.tensor_bytes(src, r0 * rb, r1 * rb).reshape(r1 - r0, rb)
+            acc += np.float32(w) * dequantize(raw, src.ggml_type).reshape(r1 - r0, ne0)
+        yield np.ascontiguousarray(quantize(acc, t.ggml_type)).tobytes()
+
+
+def write_surgery(model: Model, surgery: Surgery, out: Path, *, force: bool = False, split_max_size: int | None = None,
+                  split_max_tensors: int | None = None, progress: Progress | None = None) -> WriteResult:
+    """Write the surgery's output; returns the paths written. Nothing is left behind on error."""
+    started = time.monotonic()
+    shards = layout(surgery, out, split_max_size, split_max_tensors)
+    inputs = [s.path for s in model.shards]
+    for s in shards:
+        check_output(s.path, inputs, force)
+    total = sum(s.size for s in shards)
+    done = 0
+    copier = _Copier()
+    src_fds: dict[Path, int] = {}
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for p in inputs:
+            src_fds[p] = os.open(p, os.O_RDONLY)
+        for shard in shards:
+            tmp = shard.path.with_name(f".{shard.path.name}.{os.getpid()}.tmp")
+            temps.append((tmp, shard.path))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _pwrite_all(fd, shard.header, 0)
+                base = len(shard.header)
+                done += base
+                for t, off in zip(shard.tensors, shard.offsets):
+                    pos = base + off
+                    if t.is_copy:
+                        src = t.sources[0][0]
+                        copier.copy(src_fds[src.path], src.offset, fd, pos, src.n_bytes)
+                    else:
+                        for chunk in blend_rows(model, t):
+                            _pwrite_all(fd, chunk, pos)
+                            pos += len(chunk)
+                    done += t.n_bytes
+                    if progress:
+                        progress(done, total)
+                os.ftruncate(fd, shard.size)  # zero padding after the last tensor
+                done = sum(s.size for s in shards[: shards.index(shard) + 1])
+            finally:
+                os.close(fd)
+        for tmp, final in temps:
+            os.replace(tmp, final)
+        temps.clear()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"{out}: disk full after writing {done} of {total} bytes; nothing was kept") from None
+        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
+    finally:
+        for fd in src_fds.values():
+            os.close(fd)
+        for tmp, _ in temps:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+    if progress:
+        progress(total, total)
+    return WriteResult(tuple(s.path for s in shards), total, copier.method, time.monotonic() - started)
