@@ -12,7 +12,12 @@ Each step's indices refer to the model as the previous step left it.
 from __future__ import annotations
 
 import shlex
-import tomllib
+import sys
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 from pathlib import Path
 
 from .errors import RecipeError

@@ -1,0 +1,33 @@
+"""Generate docs/cli.md from the CLI's --help texts (a test fails when the file is stale).
+
+Run: python scripts/gen_cli_docs.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def render() -> str:
+    from gguf_surgeon.cli import main
+
+    ctx = click.Context(main, info_name="gguf-surgeon", max_content_width=100, terminal_width=100)
+    parts = ["# gguf-surgeon command reference", "",
+             "Generated from `--help` by `python scripts/gen_cli_docs.py`; `tests/test_docs.py` fails when it is stale.", "",
+             "```", main.get_help(ctx), "```", ""]
+    for name in sorted(main.list_commands(ctx)):
+        cmd = main.get_command(ctx, name)
+        sub = click.Context(cmd, info_name=name, parent=ctx, max_content_width=100, terminal_width=100)
+        parts += [f"## {name}", "", "```", cmd.get_help(sub), "```", ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    (ROOT / "docs" / "cli.md").write_text(render(), encoding="utf-8")
+    print(ROOT / "docs" / "cli.md")
