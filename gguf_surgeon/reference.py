@@ -3,8 +3,9 @@
 It follows llama.cpp's graphs for the dense `llama` and `qwen3` architectures (token
 embedding, RMSNorm, RoPE, grouped-query causal attention, Qwen3's per-head q/k RMSNorm,
 SwiGLU feed-forward, output norm and head) closely enough that an F32 model's next-token
-distribution agrees with llama.cpp's to about 1e-4 in log-probability. It is a reference,
-not an inference engine: one sequence, no KV cache, float32 numpy on the CPU.
+log-probabilities agree with llama.cpp's to ~1e-6 when llama.cpp also stays in float32 (an
+F32 KV cache, flash attention off; see llama_server.FLOAT32_ARGS). It is a reference, not an
+inference engine: one sequence, no KV cache, float32 numpy on the CPU.
 
 Blocks can be run in any order (`layer_order`), so the effect of a recipe can be computed
 from the *original* file's weights and compared with what llama.cpp computes on the edited
@@ -220,7 +221,7 @@ class ReferenceModel:
         self.hparams = Hyperparams(
             arch=arch,
             n_embd=embd.shape[0],
-            n_vocab=(head or embd).shape[1],
+            n_vocab=(embd if head is None else head).shape[1],
             rms_eps=float(self._require(Keys.Attention.LAYERNORM_RMS_EPS)),
             rope_base=float(model.value(model.arch_key(Keys.Rope.FREQ_BASE), 10000.0)),
             rope_freq_scale=freq_scale,
