@@ -16,7 +16,7 @@ from rich.table import Table
 
 from . import __version__
 from .diff import diff_models
-from .edit import EditOptions, edit, plan_for, prepare, report
+from .edit import EditOptions, check_outputs, edit, plan_for, prepare, report
 from .errors import SurgeonError
 from .inspection import layer_table, metadata_table, summarize, tensor_table
 from .operations import REGISTRY
@@ -76,21 +76,45 @@ def writer_options(f: Callable) -> Callable:
         click.option("--split-max-size", help="Split the output llama-gguf-split style, at most this much tensor data per shard (e.g. 2G)."),
         click.option("--split-max-tensors", type=click.IntRange(min=1), help="Split the output, at most this many tensors per shard."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+        click.option("--quantize", "quantize_types", metavar="TYPES",
+                     help="After writing OUT, quantize it with llama-quantize into OUT's folder, e.g. Q8_0,Q4_K_M."),
+        click.option("--allow-requantize", is_flag=True, help="With --quantize: allow a quantized source (quality compounds)."),
+        click.option("--llama-bin", type=click.Path(path_type=Path, file_okay=False),
+                     help="With --quantize: folder holding the llama.cpp tools."),
     ]):
         f = opt(f)
     return f
 
 
+WRITER_OPTIONS = ("dry_run", "force", "name", "split_max_size", "split_max_tensors", "as_json", "quantize_types",
+                  "allow_requantize", "llama_bin")
+
+
 def run_edit(source: Path, out: Path | None, recipe: str, *, dry_run: bool, force: bool, name: str | None,
-             split_max_size: str | None, split_max_tensors: int | None, as_json: bool) -> None:
+             split_max_size: str | None, split_max_tensors: int | None, as_json: bool, quantize_types: str | None = None,
+             allow_requantize: bool = False, llama_bin: Path | None = None) -> None:
     options = EditOptions(name, force, parse_size(split_max_size), split_max_tensors)
+    if quantize_types and (split_max_size or split_max_tensors):
+        raise click.UsageError("--quantize needs a single-file output; drop --split-max-size/--split-max-tensors")
     if dry_run or out is None:
         with Model(source) as model:
-            data = report(prepare(model, recipe, options), out, options)
+            surgery = prepare(model, recipe, options)
+            if out is not None:
+                check_outputs(model, surgery, out, options)
+            data = report(surgery, out, options)
         return emit_json(data) if as_json else render_plan(data, dry_run=True)
     with byte_progress(f"writing {out.name}", enabled=not as_json) as progress:
         surgery, result = edit(source, out, recipe, options, progress)
     data = report(surgery, out, options, result)
+    quantized = None
+    if quantize_types and not dry_run:
+        from .cli_tools import render_quantize, split_types, type_progress
+        from .quantize import quantize_ladder
+
+        with type_progress(enabled=not as_json) as qprogress:
+            quantized = quantize_ladder(out, split_types((quantize_types,)), out.parent, allow_requantize=allow_requantize,
+                                        force=force, llama_bin=llama_bin, progress=qprogress)
+        data["quantized"] = quantized.to_dict()
     if as_json:
         return emit_json(data)
     for w in data["warnings"]:
@@ -100,6 +124,8 @@ def run_edit(source: Path, out: Path | None, recipe: str, *, dry_run: bool, forc
     files = ", ".join(data["files"])
     out_console.print(f"Wrote {files}: {data['output_blocks']} blocks (from {data['source_blocks']}), "
                       f"{human_size(data['output_size'])} in {data['seconds']:.2f} s via {data['copy_method']}")
+    if quantized is not None:
+        render_quantize(quantized)
 
 
 class byte_progress:
@@ -303,11 +329,10 @@ def writer(name: str, usage_example: str) -> Callable:
         op = REGISTRY[name]
 
         @functools.wraps(build_tokens)
-        def command(source: Path, out: Path, dry_run: bool, force: bool, name: str | None, split_max_size: str | None,
-                    split_max_tensors: int | None, as_json: bool, **kwargs: Any) -> None:
+        def command(source: Path, out: Path, **kwargs: Any) -> None:
+            options = {k: kwargs.pop(k) for k in WRITER_OPTIONS}
             recipe = " ".join([op.name] + [str(t) for t in build_tokens(**kwargs)])
-            run_edit(source, out, recipe, dry_run=dry_run, force=force, name=name, split_max_size=split_max_size,
-                     split_max_tensors=split_max_tensors, as_json=as_json)
+            run_edit(source, out, recipe, **options)
 
         command.__doc__ = f"{(build_tokens.__doc__ or op.summary).strip()}\n\n\b\nExample:\n  {usage_example}"
         return command
@@ -430,3 +455,6 @@ def plan_cmd(recipe: str, source: Path, as_json: bool) -> None:
     """
     run_edit(source, None, recipe, dry_run=True, force=False, name=None, split_max_size=None, split_max_tensors=None,
              as_json=as_json)
+
+
+from . import cli_tools  # noqa: E402,F401  (registers doctor, quantize, imatrix-remap)

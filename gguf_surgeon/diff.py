@@ -42,7 +42,8 @@ class ModelDiff:
 
 def _hash_tensor(model: Model, t: TensorInfo, h: "hashlib._Hash") -> None:
     h.update(f"{t.block_suffix or t.name}|{t.shape}|{int(t.ggml_type)}|".encode())
-    h.update(model.tensor_bytes(t))
+    for chunk in model.tensor_chunks(t):
+        h.update(chunk)
 
 
 def tensor_digest(model: Model, t: TensorInfo) -> str:

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import PlanError
 from .plan import LayerPlan, Step, build_plan
 from .reader import Model
 from .recipe import load_recipe
 from .surgery import Surgery, plan_surgery
-from .writer import Progress, WriteResult, layout, write_surgery
+from .writer import Progress, WriteResult, check_output, layout, write_surgery
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,21 @@ class EditOptions:
 
 def plan_for(model: Model, recipe: str | tuple[Step, ...]) -> LayerPlan:
     steps = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    return build_plan(steps, len(model.blocks()))
+    try:
+        return build_plan(steps, len(model.blocks()))
+    except PlanError as e:
+        raise PlanError(f"{model.path}: {e}") from None
 
 
 def prepare(model: Model, recipe: str | tuple[Step, ...], options: EditOptions = EditOptions()) -> Surgery:
     """Parse and check the recipe against the model; nothing is written."""
     return plan_surgery(model, plan_for(model, recipe), options.name, options.force)
+
+
+def check_outputs(model: Model, surgery: Surgery, out: Path, options: EditOptions = EditOptions()) -> None:
+    """What the writer would refuse (folder missing, OUT is IN, OUT exists), checked without writing."""
+    for shard in layout(surgery, out, options.split_max_size, options.split_max_tensors):
+        check_output(shard.path, [s.path for s in model.shards], options.force)
 
 
 def report(surgery: Surgery, out: Path | None = None, options: EditOptions = EditOptions(),

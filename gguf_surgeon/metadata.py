@@ -152,6 +152,6 @@ def check_hazards(model: Model, plan: LayerPlan, block_suffixes: list[frozenset[
                 msg = (f"block {i} goes to position {out_i}, whose tensor set differs "
                        f"(differs in: {', '.join(diff[:4])}{' ...' if len(diff) > 4 else ''})")
                 if not force:
-                    raise PlanError(msg + "; llama.cpp would reject or misuse it (use --force to write it anyway)")
+                    raise PlanError(f"{model.path}: {msg}; llama.cpp would reject or misuse it (use --force to write it anyway)")
                 warnings.append("forced: " + msg)
     return warnings

@@ -6,6 +6,7 @@ new operation is one `Operation(...)` entry with a parse and an apply function.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +28,9 @@ class Operation:
 
 # argument parsing helpers -------------------------------------------------------------
 
+MAX_RANGE = 1 << 16  # a range spec is expanded before it meets a model: bound what "0-99999999999" allocates
+
+
 def _index(tok: str) -> int:
     try:
         v = int(tok)
@@ -39,9 +43,12 @@ def _index(tok: str) -> int:
 
 def _fraction(tok: str) -> float:
     try:
-        return float(tok)
+        v = float(tok)
     except ValueError:
         raise RecipeError(f"{tok!r} is not a number") from None
+    if not math.isfinite(v):
+        raise RecipeError(f"{tok!r} is not a finite number")
+    return v
 
 
 def parse_layer_spec(spec: str) -> tuple[int, ...]:
@@ -53,6 +60,8 @@ def parse_layer_spec(spec: str) -> tuple[int, ...]:
         if "-" in part[1:]:
             lo, hi = part.split("-", 1)
             a, b = _index(lo), _index(hi)
+            if abs(b - a) >= MAX_RANGE:
+                raise RecipeError(f"{part!r} spans {abs(b - a) + 1} blocks, more than any model has")
             out.extend(range(a, b + 1) if a <= b else range(a, b - 1, -1))
         else:
             out.append(_index(part))

@@ -8,11 +8,12 @@ Split models (``name-00001-of-00004.gguf``) are read as one model from their fir
 from __future__ import annotations
 
 import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
@@ -142,9 +143,16 @@ class _Cursor:
     def u64(self, what: str) -> int:
         return self.unpack("<Q", what)
 
-    def string(self, what: str) -> str:
+    def length(self, what: str) -> int:
+        """A string's u64 length prefix, refused when it runs past the end of the buffer."""
+        at = self.pos
         n = self.u64(f"length of {what}")
-        self.need(n, what)
+        if n > self.size - self.pos:
+            raise FormatError(f"{self.path}: {what} at offset {at} claims {n} bytes, more than the file holds (truncated or corrupt)")
+        return n
+
+    def string(self, what: str) -> str:
+        n = self.length(what)
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         try:
@@ -153,8 +161,7 @@ class _Cursor:
             raise FormatError(f"{self.path}: {what} at offset {self.pos - n} is not valid UTF-8") from None
 
     def skip_string(self, what: str) -> None:
-        n = self.u64(f"length of {what}")
-        self.need(n, what)
+        n = self.length(what)  # before `self.pos +=`: length() advances pos past the prefix
         self.pos += n
 
     def value_type(self, what: str) -> GGUFValueType:
@@ -173,35 +180,37 @@ def align(n: int, alignment: int) -> int:
 def _skip_value(cur: _Cursor, vtype: GGUFValueType, what: str) -> tuple[GGUFValueType | None, int]:
     """Advance past one value; return (item type, count) for arrays, (None, 1) for scalars."""
     if vtype == GGUFValueType.STRING:
-        cur.skip_string(what)
+        cur.skip_string(f"value of {what!r}")
         return None, 1
     if vtype == GGUFValueType.ARRAY:
-        item = cur.value_type(f"item type of {what}")
-        count = cur.u64(f"element count of {what}")
+        item = cur.value_type(f"item type of {what!r}")
+        at = cur.pos
+        count = cur.u64(f"element count of {what!r}")
         if item == GGUFValueType.ARRAY:
-            raise FormatError(f"{cur.path}: nested arrays are not supported (key {what!r})")
+            raise FormatError(f"{cur.path}: nested arrays are not supported (key {what!r} at offset {at - 4})")
         if item == GGUFValueType.STRING:
             # each string needs at least its 8-byte length: refuse absurd counts before looping
             if count * 8 > cur.size - cur.pos:
-                raise FormatError(f"{cur.path}: array {what!r} claims {count} strings, more than the file holds")
+                raise FormatError(f"{cur.path}: array {what!r} at offset {at} claims {count} strings, more than the file holds (truncated or corrupt)")
             buf, pos, size = cur.buf, cur.pos, cur.size
             unpack = struct.Struct("<Q").unpack_from
-            for _ in range(count):
+            for k in range(count):
                 if pos + 8 > size:
-                    cur.pos = pos
-                    cur.need(8, f"a string of {what!r}")
-                pos += 8 + unpack(buf, pos)[0]
-            if pos > size:
-                raise FormatError(f"{cur.path}: truncated inside array {what!r}")
+                    raise FormatError(f"{cur.path}: truncated at offset {pos} while reading string #{k} of array {what!r}")
+                n = unpack(buf, pos)[0]
+                if n > size - pos - 8:
+                    raise FormatError(f"{cur.path}: string #{k} of array {what!r} at offset {pos} claims {n} bytes, "
+                                      "more than the file holds (truncated or corrupt)")
+                pos += 8 + n
             cur.pos = pos
         else:
             nbytes = struct.calcsize(SCALAR_FORMATS[item]) * count
             if nbytes > cur.size - cur.pos:
-                raise FormatError(f"{cur.path}: array {what!r} claims {count} elements, more than the file holds")
+                raise FormatError(f"{cur.path}: array {what!r} at offset {at} claims {count} elements, more than the file holds (truncated or corrupt)")
             cur.pos += nbytes
         return item, count
     n = struct.calcsize(SCALAR_FORMATS[vtype])
-    cur.need(n, what)
+    cur.need(n, f"value of {what!r}")
     cur.pos += n
     return None, 1
 
@@ -215,15 +224,13 @@ def parse_file(path: Path, buf: Any) -> GGUFFile:
     version = cur.u32("version")
     if version not in SUPPORTED_VERSIONS:
         if version & 0xFFFF == 0 and struct.unpack("<I", struct.pack(">I", version))[0] in SUPPORTED_VERSIONS:
-            raise FormatError(f"{path}: big-endian GGUF is not supported; convert it to little-endian first")
+            raise FormatError(f"{path}: big-endian GGUF (byte-swapped version at offset 4) is not supported; convert it to little-endian first")
         raise FormatError(f"{path}: unsupported GGUF version {version} at offset 4 (supported: 2, 3)")
     n_tensors = cur.u64("tensor count")
     n_kv = cur.u64("metadata key count")
-    # smallest key-value: 8-byte key length + 4-byte type + 1-byte value; smallest tensor info: 8+4+4+8
+    # refuse absurd counts before looping; the smallest key-value is 13 bytes (8-byte key length, 4-byte type, 1-byte value)
     if n_kv * 13 > cur.size - cur.pos:
-        raise FormatError(f"{path}: header claims {n_kv} metadata keys, more than the file holds (offset 16)")
-    if n_tensors * 24 > cur.size - cur.pos:
-        raise FormatError(f"{path}: header claims {n_tensors} tensors, more than the file holds (offset 8)")
+        raise FormatError(f"{path}: header claims {n_kv} metadata keys (offset 16), more than the {cur.size - cur.pos} bytes after offset {cur.pos} can hold (truncated or corrupt)")
 
     fields: dict[str, Field] = {}
     for i in range(n_kv):
@@ -238,16 +245,21 @@ def parse_file(path: Path, buf: Any) -> GGUFFile:
 
     alignment = GGUF_DEFAULT_ALIGNMENT
     if Keys.General.ALIGNMENT in fields:
-        alignment = int(field_value(buf, fields[Keys.General.ALIGNMENT]))
+        alignment = int_field(buf, fields[Keys.General.ALIGNMENT], path)
         if alignment <= 0 or alignment & (alignment - 1):
             raise FormatError(f"{path}: key {Keys.General.ALIGNMENT!r} is {alignment}, not a power of two")
 
+    # checked after the keys, so that a file truncated inside them says where; the smallest tensor
+    # info is 32 bytes (8-byte name length, 4-byte dimension count, one dimension, 4-byte type, 8-byte offset)
+    if n_tensors * 32 > cur.size - cur.pos:
+        raise FormatError(f"{path}: header claims {n_tensors} tensors (offset 8), more than the {cur.size - cur.pos} bytes after offset {cur.pos} can hold (truncated or corrupt)")
     raw_infos = []
     for i in range(n_tensors):
         name = cur.string(f"name of tensor #{i}")
+        at = cur.pos
         n_dims = cur.u32(f"dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise FormatError(f"{path}: tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+            raise FormatError(f"{path}: tensor {name!r} has {n_dims} dimensions at offset {at} (1 to {MAX_DIMS} allowed)")
         shape = tuple(cur.u64(f"shape of tensor {name!r}") for _ in range(n_dims))
         at = cur.pos
         raw_type = cur.u32(f"type of tensor {name!r}")
@@ -256,7 +268,7 @@ def parse_file(path: Path, buf: Any) -> GGUFFile:
         except ValueError:
             raise FormatError(f"{path}: tensor {name!r} has unknown type {raw_type} at offset {at}") from None
         if ggml_type not in GGML_QUANT_SIZES:
-            raise FormatError(f"{path}: tensor {name!r} has unsupported type {ggml_type.name}")
+            raise FormatError(f"{path}: tensor {name!r} has unsupported type {ggml_type.name} at offset {at}")
         offset = cur.u64(f"data offset of tensor {name!r}")
         raw_infos.append((name, shape, ggml_type, offset))
     tensor_info_end = cur.pos
@@ -282,9 +294,9 @@ def parse_file(path: Path, buf: Any) -> GGUFFile:
     return GGUFFile(path, version, alignment, fields, tuple(tensors), tensor_info_end, data_offset, cur.size)
 
 
-def field_value(buf: Any, field: Field) -> Any:
+def field_value(buf: Any, field: Field, path: Path = Path("?")) -> Any:
     """Decode a field's value: int/float/bool/str for scalars, a list for arrays."""
-    cur = _Cursor(buf, Path("?"), field.value_start)
+    cur = _Cursor(buf, path, field.value_start)
     if field.type == GGUFValueType.STRING:
         return cur.string(field.key)
     if field.type == GGUFValueType.ARRAY:
@@ -300,6 +312,19 @@ def field_value(buf: Any, field: Field) -> Any:
     return v
 
 
+INTEGER_TYPES = frozenset({
+    GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+    GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64,
+})
+
+
+def int_field(buf: Any, field: Field, path: Path) -> int:
+    """An integer-valued key's value; FormatError when the file gives it another type."""
+    if field.type not in INTEGER_TYPES:
+        raise FormatError(f"{path}: key {field.key!r} at offset {field.start} is a {field.type.name}, not an integer")
+    return int(field_value(buf, field, path))
+
+
 class Model:
     """A GGUF model, possibly split across shards, opened read-only and memory-mapped.
 
@@ -310,6 +335,7 @@ class Model:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._maps: list[mmap.mmap] = []
+        self._fds: dict[Path, int] = {}  # opened on first tensor read
         self._bufs: dict[Path, Any] = {}
         try:
             first = self._open(self.path)
@@ -341,7 +367,7 @@ class Model:
     def _open_other_shards(self, first: GGUFFile) -> tuple[GGUFFile, ...]:
         if Keys.Split.LLM_KV_SPLIT_COUNT not in first.fields:
             return ()
-        count = int(field_value(self._bufs[first.path], first.fields[Keys.Split.LLM_KV_SPLIT_COUNT]))
+        count = int_field(self._bufs[first.path], first.fields[Keys.Split.LLM_KV_SPLIT_COUNT], first.path)
         if count <= 1:
             return ()
         m = SPLIT_NAME.match(first.path.name)
@@ -362,6 +388,9 @@ class Model:
             except BufferError:
                 pass  # a numpy view still refers to it; the map closes when that view dies
         self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> "Model":
         return self
@@ -375,7 +404,12 @@ class Model:
 
     def value(self, key: str, default: Any = None) -> Any:
         f = self.fields.get(key)
-        return default if f is None else field_value(self._bufs[self.file.path], f)
+        return default if f is None else field_value(self._bufs[self.file.path], f, self.file.path)
+
+    def int_value(self, key: str) -> int | None:
+        """An integer key's value, None when absent; FormatError when it is not an integer."""
+        f = self.fields.get(key)
+        return None if f is None else int_field(self._bufs[self.file.path], f, self.file.path)
 
     def raw_field(self, key: str) -> bytes:
         """The field's exact bytes in the file (key, type and value), for byte-exact copies."""
@@ -401,10 +435,29 @@ class Model:
         return self._by_name[name]
 
     def tensor_bytes(self, t: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """A read-only uint8 view of the tensor's bytes [start, stop) (no copy)."""
+        """The tensor's bytes [start, stop) as a fresh uint8 array.
+
+        Read with pread rather than through the memory map, so the pages do not count toward
+        this process's resident memory: peak RSS stays flat however much a caller reads.
+        """
         stop = t.n_bytes if stop is None else stop
-        buf = self._bufs[t.path]
-        return np.frombuffer(buf, dtype=np.uint8, count=stop - start, offset=t.offset + start)
+        fd = self._fds.get(t.path)
+        if fd is None:
+            fd = self._fds[t.path] = os.open(t.path, os.O_RDONLY)
+        out = np.empty(stop - start, dtype=np.uint8)
+        view = memoryview(out)
+        done = 0
+        while done < len(out):
+            n = os.preadv(fd, [view[done:]], t.offset + start + done)
+            if n == 0:
+                raise FormatError(f"{t.path}: truncated: tensor {t.name!r} ends past the end of the file")
+            done += n
+        return out
+
+    def tensor_chunks(self, t: TensorInfo, chunk: int = 16 << 20) -> Iterator[np.ndarray]:
+        """The tensor's bytes in pieces of at most `chunk` bytes (bounded memory)."""
+        for start in range(0, t.n_bytes, chunk):
+            yield self.tensor_bytes(t, start, min(t.n_bytes, start + chunk))
 
     def blocks(self) -> list[list[TensorInfo]]:
         """Block tensors grouped by block index, in file order within each block.
@@ -419,15 +472,16 @@ class Model:
         if not groups:
             raise ModelError(f"{self.path}: no blk.N tensors; gguf-surgeon edits transformer blocks named blk.N.*")
         n = max(groups) + 1
-        missing = [i for i in range(n) if i not in groups]
-        if missing:
-            raise ModelError(f"{self.path}: block numbering has gaps: no tensors for blk.{missing[0]} (blocks 0..{n - 1} expected)")
+        if len(groups) != n:
+            # found without range(n): a corrupt name like blk.99999999999 must not allocate
+            missing = next(i for i, b in enumerate(sorted(groups)) if i != b)
+            raise ModelError(f"{self.path}: block numbering has gaps: no tensors for blk.{missing} (blocks 0..{n - 1} expected)")
         return [groups[i] for i in range(n)]
 
     @property
     def block_count(self) -> int:
-        v = self.value(self.block_count_key)
-        return int(v) if v is not None else len(self.blocks())
+        v = self.int_value(self.block_count_key)
+        return v if v is not None else len(self.blocks())
 
 
 def open_model(path: str | Path) -> Model:

@@ -77,8 +77,8 @@ def plan_surgery(model: Model, plan: LayerPlan, name: str | None = None, force: 
     n = len(blocks)
     if plan.source_block_count != n:
         raise PlanError(f"{model.path}: plan was built for {plan.source_block_count} blocks, the model has {n}")
-    declared = model.value(model.block_count_key)
-    if declared is not None and int(declared) != n:
+    declared = model.int_value(model.block_count_key)
+    if declared is not None and declared != n:
         raise PlanError(f"{model.path}: {model.block_count_key} is {declared} but the tensors hold blocks 0-{n - 1}")
     suffixes = block_suffix_sets(blocks)
     warnings = check_hazards(model, plan, suffixes, force)
@@ -96,12 +96,12 @@ def plan_surgery(model: Model, plan: LayerPlan, name: str | None = None, force: 
         first = src.parts[0][0]
         for i, _ in src.parts[1:]:
             if suffixes[i] != suffixes[first]:
-                raise PlanError(f"cannot blend blocks {first} and {i}: their tensor sets differ")
+                raise PlanError(f"{model.path}: cannot blend blocks {first} and {i}: their tensor sets differ")
         for t in blocks[first]:
             parts = [by_suffix[i][t.block_suffix] for i, _ in src.parts]
             for p in parts[1:]:
                 if p.shape != t.shape:
-                    raise PlanError(f"cannot blend {t.name} {list(t.shape)} with {p.name} {list(p.shape)}: shapes differ")
+                    raise PlanError(f"{model.path}: cannot blend {t.name} {list(t.shape)} with {p.name} {list(p.shape)}: shapes differ")
             out_type = _blend_type(parts)
             name_out = f"blk.{out_i}.{t.block_suffix}"
             if any(p.ggml_type != out_type for p in parts):

@@ -28,7 +28,7 @@ from .surgery import OutputTensor, Surgery
 GGUF_WRITE_VERSION = 3
 COPY_CHUNK = 64 << 20  # bytes per copy_file_range call
 BUFFER_CHUNK = 8 << 20  # bytes per read/write when copying without copy_file_range
-BLEND_CHUNK = 8 << 20  # float32 bytes per blended row chunk
+BLEND_CHUNK = 4 << 20  # float32 bytes per blended row chunk (dequantize temporaries are a few times this)
 
 Progress = Callable[[int, int], None]  # (bytes written, total bytes)
 

@@ -17,13 +17,14 @@ sys.path.insert(0, str(ROOT))
 def render() -> str:
     from gguf_surgeon.cli import main
 
-    ctx = click.Context(main, info_name="gguf-surgeon", max_content_width=100, terminal_width=100)
+    settings = {**main.context_settings, "max_content_width": 100, "terminal_width": 100}
+    ctx = click.Context(main, info_name="gguf-surgeon", **settings)
     parts = ["# gguf-surgeon command reference", "",
              "Generated from `--help` by `python scripts/gen_cli_docs.py`; `tests/test_docs.py` fails when it is stale.", "",
              "```", main.get_help(ctx), "```", ""]
     for name in sorted(main.list_commands(ctx)):
         cmd = main.get_command(ctx, name)
-        sub = click.Context(cmd, info_name=name, parent=ctx, max_content_width=100, terminal_width=100)
+        sub = click.Context(cmd, info_name=name, parent=ctx, **settings)
         parts += [f"## {name}", "", "```", cmd.get_help(sub), "```", ""]
     return "\n".join(parts)
 

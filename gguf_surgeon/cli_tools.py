@@ -1,0 +1,160 @@
+"""Commands that drive llama.cpp tools: doctor, quantize, imatrix-remap (registered on `cli.main`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .cli import IN_ARG, emit_json, err_console, human_size, main, out_console
+from .edit import plan_for
+from .imatrix import remap_file
+from .quantize import DEFAULT_LADDER, QuantProgress, quantize_ladder
+from .reader import Model
+from .tools import ENV_VAR, HOW_TO_GET, doctor
+
+LLAMA_BIN_OPTION = click.option(
+    "--llama-bin", type=click.Path(path_type=Path, file_okay=False),
+    help=f"Folder holding the llama.cpp tools (searched before ${ENV_VAR} and PATH).")
+
+
+@main.command("doctor")
+@LLAMA_BIN_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor_cmd(llama_bin: Path | None, as_json: bool) -> None:
+    """Find the llama.cpp tools gguf-surgeon drives: path, version, or how to get each.
+
+    Looks in --llama-bin, then the folder in $GGUF_SURGEON_LLAMA_BIN, then PATH. Exits 1 when
+    a tool is missing.
+
+    \b
+    Example:
+      gguf-surgeon doctor --llama-bin ~/llama.cpp/build/bin
+    """
+    records = doctor(llama_bin)
+    missing = [r for r in records if not r.found]
+    if as_json:
+        emit_json({"tools": [r.to_dict() for r in records], "ok": not missing})
+    else:
+        # plain aligned lines, not a table: paths and versions must not be wrapped or cropped
+        width = max(len(r.name) for r in records)
+        for r in records:
+            if r.found:
+                version = str(r.version) if r.version else "version unknown"
+                out_console.print(f"{r.name.ljust(width)}  [green]found[/]    {version}  {r.path} (via {r.found_via})")
+            else:
+                out_console.print(f"{r.name.ljust(width)}  [red]missing[/]  needed to {r.purpose}")
+        if missing:
+            out_console.print(f"Missing: {', '.join(r.name for r in missing)}. To get them, {HOW_TO_GET}.")
+        else:
+            out_console.print("All llama.cpp tools found.")
+    if missing:
+        raise SystemExit(1)
+
+
+def split_types(values: tuple[str, ...]) -> tuple[str, ...]:
+    """('Q8_0,Q6_K', 'Q4_K_M') -> ('Q8_0', 'Q6_K', 'Q4_K_M')."""
+    return tuple(t for v in values for t in re.split(r"[,\s]+", v) if t)
+
+
+class type_progress:
+    """One rich progress bar per type on stderr, counting tensors; silent off a terminal."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and err_console.is_terminal
+        self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("tensors"), TimeElapsedColumn(), console=err_console, disable=not self.enabled)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> QuantProgress:
+        self.bar.__enter__()
+
+        def update(qtype: str, done: int, total: int) -> None:
+            if qtype not in self.tasks:
+                self.tasks[qtype] = self.bar.add_task(f"quantizing {qtype}", total=total)
+            self.bar.update(self.tasks[qtype], completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+
+@main.command("quantize")
+@IN_ARG
+@click.argument("extra", nargs=-1, metavar="[-- LLAMA_QUANTIZE_ARGS...]")
+@click.option("--types", "types", multiple=True, metavar="TYPES",
+              help=f"Types to write, comma-separated or repeated (default: {','.join(DEFAULT_LADDER)}).")
+@click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for the outputs (default: IN's folder; created when missing).")
+@click.option("--name", help="Output files are NAME-TYPE.gguf (default: IN's file name without .gguf).")
+@click.option("--imatrix", type=click.Path(path_type=Path, dir_okay=False),
+              help="Importance matrix (llama-imatrix GGUF or legacy .dat) passed to llama-quantize.")
+@click.option("--recipe", help="The recipe that made IN from the imatrix's model: the imatrix is remapped through it.")
+@click.option("--allow-requantize", is_flag=True,
+              help="Allow a quantized IN (quality loss compounds: quantize from F16/BF16 when you can).")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for llama-quantize (default: its own).")
+@LLAMA_BIN_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def quantize_cmd(source: Path, extra: tuple[str, ...], types: tuple[str, ...], out_dir: Path | None, name: str | None,
+                 imatrix: Path | None, recipe: str | None, allow_requantize: bool, force: bool, threads: int | None,
+                 llama_bin: Path | None, as_json: bool) -> None:
+    """Quantize IN with llama-quantize, one NAME-TYPE.gguf per type, and report bits per weight,
+    size and time of each. Arguments after -- go to llama-quantize unchanged.
+
+    \b
+    Example:
+      gguf-surgeon quantize out.gguf --types Q8_0,Q4_K_M --out-dir quants -- --leave-output-tensor
+    """
+    with type_progress(enabled=not as_json) as progress:
+        report = quantize_ladder(source, split_types(types) or DEFAULT_LADDER, out_dir, name=name, imatrix=imatrix,
+                                 recipe=recipe, allow_requantize=allow_requantize, force=force, llama_bin=llama_bin,
+                                 extra_args=extra, threads=threads, progress=progress)
+    if as_json:
+        return emit_json(report.to_dict())
+    render_quantize(report)
+
+
+def render_quantize(report: Any) -> None:
+    """Warnings, then one row per written type."""
+    for w in report.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}")
+    folders = {str(r.path.parent) for r in report.results}
+    out_console.print(f"Quantized {report.source} into {', '.join(sorted(folders))}:")
+    # file names only: full paths would be cropped in a narrow terminal
+    table = Table("type", "bits/weight", "size", "time", "file", box=None, pad_edge=False)
+    for r in report.results:
+        table.add_row(r.type, f"{r.bits_per_weight:.2f}", human_size(r.size), f"{r.seconds:.1f} s", r.path.name)
+    out_console.print(table)
+
+
+@main.command("imatrix-remap")
+@click.argument("recipe")
+@click.argument("source", metavar="IN.imatrix", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("out", metavar="OUT.imatrix", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--model", "model", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="The model the imatrix was computed on (gives the block count).")
+@click.option("--force", is_flag=True, help="Overwrite OUT.imatrix.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def imatrix_remap_cmd(recipe: str, source: Path, out: Path, model: Path, force: bool, as_json: bool) -> None:
+    """Renumber an importance matrix's blk.N entries through a recipe, for quantizing the edited
+    model; a blended block gets the weighted mean of its sources. Reads the GGUF and legacy
+    .dat formats, writes GGUF.
+
+    \b
+    Example:
+      gguf-surgeon imatrix-remap "delete 10; swap 11 12" base.imatrix out.imatrix --model base.gguf
+    """
+    with Model(model) as m:
+        plan = plan_for(m, recipe)
+    report = remap_file(source, out, plan, force=force)
+    if as_json:
+        return emit_json(report.to_dict())
+    blended = f"; blended blocks: {', '.join(map(str, report.blended))}" if report.blended else ""
+    out_console.print(f"Wrote {report.out}: {report.entries_out} entries for {report.output_blocks} blocks "
+                      f"(from {report.entries_in} for {report.source_blocks}; {report.source_format} format in){blended}")
