@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
 from gguf_surgeon.errors import ModelError
+from gguf_surgeon.llama_server import LlamaServer
 from gguf_surgeon.quantize import DEFAULT_LADDER, default_name, quant_types, quantize_ladder, resolve_types
 from gguf_surgeon.reader import Model
 from gguf_surgeon.tools import ENV_VAR, HOW_TO_GET
 
 # ChatML as SmolLM2's chat template renders one user turn (with its default system prompt)
-SMOLLM2_PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-                  "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+SMOLLM2_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture
@@ -216,11 +216,9 @@ def test_allow_requantize_warns(make_model, tmp_path: Path, llama_bin: Path):
 # --- the real model -----------------------------------------------------------------------
 
 def complete(llama_bin: Path, model: Path, prompt: str) -> str:
-    out = subprocess.run([str(llama_bin / "llama-completion"), "-m", str(model), "-p", prompt, "-n", "24", "--temp", "0",
-                          "-no-cnv", "--no-display-prompt", "-t", "2"],
-                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
+    # llama-server, not llama-completion: the latter's asynchronous log thread can drop output at exit
+    with LlamaServer(llama_bin, model, ctx_size=512, threads=2) as server:
+        return server.completion(prompt, n_predict=24)["content"]
 
 
 @pytest.mark.slow
