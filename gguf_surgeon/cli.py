@@ -11,17 +11,15 @@ from typing import Any, Callable
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from . import __version__
-from .diff import diff_models
-from .edit import EditOptions, check_outputs, edit, plan_for, prepare, report
 from .errors import SurgeonError
-from .inspection import layer_table, metadata_table, summarize, tensor_table
 from .operations import REGISTRY
 from .reader import Model
-from .verify import verify
+
+# Command modules (edit, diff, verify, inspection, quantize) are imported inside the commands
+# that use them: `inspect` on a full-size model must stay well under a third of a second.
 
 out_console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -93,6 +91,8 @@ WRITER_OPTIONS = ("dry_run", "force", "name", "split_max_size", "split_max_tenso
 def run_edit(source: Path, out: Path | None, recipe: str, *, dry_run: bool, force: bool, name: str | None,
              split_max_size: str | None, split_max_tensors: int | None, as_json: bool, quantize_types: str | None = None,
              allow_requantize: bool = False, llama_bin: Path | None = None) -> None:
+    from .edit import EditOptions, check_outputs, edit, prepare, report
+
     options = EditOptions(name, force, parse_size(split_max_size), split_max_tensors)
     if quantize_types and (split_max_size or split_max_tensors):
         raise click.UsageError("--quantize needs a single-file output; drop --split-max-size/--split-max-tensors")
@@ -132,6 +132,8 @@ class byte_progress:
     """A rich progress bar on stderr for a (done, total) byte callback; silent off a terminal."""
 
     def __init__(self, label: str, enabled: bool = True):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
         self.label = label
         self.enabled = enabled and err_console.is_terminal
         self.bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -201,6 +203,8 @@ def inspect(model: Path, layers: bool, tensors: bool, meta: bool, as_json: bool)
     Example:
       gguf-surgeon inspect model.gguf --layers
     """
+    from .inspection import layer_table, metadata_table, summarize, tensor_table
+
     with Model(model) as m:
         s = summarize(m)
         data: dict[str, Any] = s.to_dict()
@@ -265,6 +269,8 @@ def diff(a: Path, b: Path, as_json: bool) -> None:
     Example:
       gguf-surgeon diff base.gguf edited.gguf
     """
+    from .diff import diff_models
+
     with Model(a) as ma, Model(b) as mb:
         d = diff_models(ma, mb)
     if as_json:
@@ -301,6 +307,9 @@ def verify_cmd(model: Path, against: Path | None, recipe: str | None, as_json: b
     Example:
       gguf-surgeon verify out.gguf --against in.gguf --recipe "delete 10; swap 11 12"
     """
+    from .edit import plan_for
+    from .verify import verify
+
     with Model(model) as m:
         if against is not None:
             recipe = recipe or m.value("surgery.recipe")

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .cli import IN_ARG, emit_json, err_console, human_size, main, out_console
-from .edit import plan_for
-from .imatrix import remap_file
-from .quantize import DEFAULT_LADDER, QuantProgress, quantize_ladder
 from .reader import Model
-from .tools import ENV_VAR, HOW_TO_GET, doctor
+from .tools import DEFAULT_LADDER, ENV_VAR, HOW_TO_GET, doctor
+
+if TYPE_CHECKING:
+    from .quantize import QuantProgress
 
 LLAMA_BIN_OPTION = click.option(
     "--llama-bin", type=click.Path(path_type=Path, file_okay=False),
@@ -65,6 +64,8 @@ class type_progress:
     """One rich progress bar per type on stderr, counting tensors; silent off a terminal."""
 
     def __init__(self, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         self.enabled = enabled and err_console.is_terminal
         self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("tensors"), TimeElapsedColumn(), console=err_console, disable=not self.enabled)
@@ -111,6 +112,8 @@ def quantize_cmd(source: Path, extra: tuple[str, ...], types: tuple[str, ...], o
     Example:
       gguf-surgeon quantize out.gguf --types Q8_0,Q4_K_M --out-dir quants -- --leave-output-tensor
     """
+    from .quantize import quantize_ladder
+
     with type_progress(enabled=not as_json) as progress:
         report = quantize_ladder(source, split_types(types) or DEFAULT_LADDER, out_dir, name=name, imatrix=imatrix,
                                  recipe=recipe, allow_requantize=allow_requantize, force=force, llama_bin=llama_bin,
@@ -150,6 +153,9 @@ def imatrix_remap_cmd(recipe: str, source: Path, out: Path, model: Path, force: 
     Example:
       gguf-surgeon imatrix-remap "delete 10; swap 11 12" base.imatrix out.imatrix --model base.gguf
     """
+    from .edit import plan_for
+    from .imatrix import remap_file
+
     with Model(model) as m:
         plan = plan_for(m, recipe)
     report = remap_file(source, out, plan, force=force)

@@ -1,4 +1,4 @@
-"""Compare two models: metadata differences, and B's blocks expressed in A's by tensor hashes."""
+"""Compare two models: metadata differences, and B's blocks expressed in A's by comparing tensor bytes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from gguf import GGUFValueType
 
 from .errors import SurgeonError
@@ -40,26 +41,54 @@ class ModelDiff:
         }
 
 
-def _hash_tensor(model: Model, t: TensorInfo, h: "hashlib._Hash") -> None:
-    h.update(f"{t.block_suffix or t.name}|{t.shape}|{int(t.ggml_type)}|".encode())
-    for chunk in model.tensor_chunks(t):
-        h.update(chunk)
+SAMPLE = 4096  # bytes hashed at the start, middle and end of each tensor for a block's signature
+COMPARE_CHUNK = 16 << 20
 
 
-def tensor_digest(model: Model, t: TensorInfo) -> str:
+def tensors_equal(a: Model, ta: TensorInfo, b: Model, tb: TensorInfo) -> bool:
+    """Same shape, type and bytes; compared in chunks (bounded memory, memcmp speed)."""
+    if (ta.shape, ta.ggml_type) != (tb.shape, tb.ggml_type):
+        return False
+    for start in range(0, ta.n_bytes, COMPARE_CHUNK):
+        stop = min(ta.n_bytes, start + COMPARE_CHUNK)
+        if not np.array_equal(a.tensor_bytes(ta, start, stop), b.tensor_bytes(tb, start, stop)):
+            return False
+    return True
+
+
+def block_signature(model: Model, block: list[TensorInfo]) -> str:
+    """A cheap fingerprint of a block (names, shapes, types, sampled bytes): equal blocks have
+    equal signatures; equal signatures are confirmed byte by byte with `blocks_equal`."""
     h = hashlib.blake2b(digest_size=16)
-    _hash_tensor(model, t, h)
+    for t in sorted(block, key=lambda t: t.block_suffix or ""):
+        h.update(f"{t.block_suffix}|{t.shape}|{int(t.ggml_type)}|".encode())
+        for start in sorted({0, max(0, t.n_bytes // 2 - SAMPLE // 2), max(0, t.n_bytes - SAMPLE)}):
+            h.update(model.tensor_bytes(t, start, min(t.n_bytes, start + SAMPLE)))
     return h.hexdigest()
 
 
-def block_hashes(model: Model) -> list[str]:
+def blocks_equal(a: Model, block_a: list[TensorInfo], b: Model, block_b: list[TensorInfo]) -> bool:
+    by_suffix = {t.block_suffix: t for t in block_b}
+    if set(by_suffix) != {t.block_suffix for t in block_a}:
+        return False
+    return all(tensors_equal(a, t, b, by_suffix[t.block_suffix]) for t in block_a)
+
+
+def match_blocks(a: Model, b: Model) -> tuple[int | None, ...]:
+    """For each block of B, the first block of A with identical tensors (None when none is)."""
+    blocks_a, blocks_b = a.blocks(), b.blocks()
+    candidates: dict[str, list[int]] = {}
+    for i, block in enumerate(blocks_a):
+        candidates.setdefault(block_signature(a, block), []).append(i)
     out = []
-    for block in model.blocks():
-        h = hashlib.blake2b(digest_size=16)
-        for t in sorted(block, key=lambda t: t.block_suffix or ""):
-            _hash_tensor(model, t, h)
-        out.append(h.hexdigest())
-    return out
+    for block in blocks_b:
+        found = None
+        for i in candidates.get(block_signature(b, block), []):
+            if blocks_equal(a, blocks_a[i], b, block):
+                found = i
+                break
+        out.append(found)
+    return tuple(out)
 
 
 def _shown(model: Model, key: str) -> Any:
@@ -120,11 +149,7 @@ def diff_models(a: Model, b: Model) -> ModelDiff:
             meta.append(KeyDiff(key, _shown(a, key), _shown(b, key)))
     meta += [KeyDiff(k, None, _shown(b, k)) for k in b.fields if k not in a.fields]
 
-    ha = block_hashes(a)
-    index = {}
-    for i, h in enumerate(ha):
-        index.setdefault(h, i)
-    block_map = tuple(index.get(h) for h in block_hashes(b))
+    block_map = match_blocks(a, b)
 
     globals_changed = []
     ga = {t.name: t for t in a.tensors if t.block_index is None}
@@ -133,11 +158,10 @@ def diff_models(a: Model, b: Model) -> ModelDiff:
         if name not in ga or name not in gb:
             globals_changed.append(name)
             continue
-        x, y = ga[name], gb[name]
-        if (x.shape, x.ggml_type) != (y.shape, y.ggml_type) or tensor_digest(a, x) != tensor_digest(b, y):
+        if not tensors_equal(a, ga[name], b, gb[name]):
             globals_changed.append(name)
 
     recipe = None
     if all(i is not None for i in block_map):
-        recipe = derive_recipe([i for i in block_map if i is not None], len(ha))
+        recipe = derive_recipe([i for i in block_map if i is not None], len(a.blocks()))
     return ModelDiff(tuple(meta), block_map, tuple(globals_changed), recipe)

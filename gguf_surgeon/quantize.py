@@ -27,11 +27,9 @@ from .metadata import RECIPE_KEY
 from .plan import build_plan
 from .reader import Model
 from .recipe import load_recipe
-from .tools import find_tool, run_tool
+from .tools import DEFAULT_LADDER, find_tool, run_tool
 
 QUANTIZE_TOOL = "llama-quantize"
-# the seed model card's ladder, highest quality first
-DEFAULT_LADDER = ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K")
 UNQUANTIZED = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
 
 QuantProgress = Callable[[str, int, int], None]  # (type, tensors done, tensors total)

@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 from .errors import ToolError
 
 ENV_VAR = "GGUF_SURGEON_LLAMA_BIN"
+# the quantization ladder of a typical release (the seed model card's)
+DEFAULT_LADDER = ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K")
 BUILD_SCRIPT = "bash scripts/build-llama-cpp.sh"
 RELEASES_URL = "https://github.com/ggml-org/llama.cpp/releases"
 

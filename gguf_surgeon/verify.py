@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from gguf import GGUFValueType, Keys
 
-from .diff import tensor_digest
+from .diff import tensors_equal
 from .metadata import INDEX_HAZARDS
 from .plan import LayerPlan
 from .reader import Model, align
@@ -91,7 +91,7 @@ def check_against(model: Model, source: Model, plan: LayerPlan) -> list[Finding]
         got = model.tensor(t.name)
         if t.is_copy:
             copies += 1
-            same = got.ggml_type == t.ggml_type and got.shape == t.shape and tensor_digest(model, got) == tensor_digest(source, t.sources[0][0])
+            same = got.shape == t.shape and tensors_equal(model, got, source, t.sources[0][0])
         else:
             blends += 1
             h = hashlib.blake2b(digest_size=16)
