@@ -135,7 +135,8 @@ def derive_recipe(order: list[int], n_source: int) -> str:
         plan = build_plan(parse_recipe(text), n_source)
     except SurgeonError:
         return keep
-    if [l.parts[0][0] for l in plan.layers] != order or len(text) > len(keep):
+    # a few named steps read better than a layer spec; a long chain does not
+    if [l.parts[0][0] for l in plan.layers] != order or (len(steps) > 4 and len(text) > len(keep)):
         return keep
     return text
 
