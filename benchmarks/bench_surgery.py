@@ -189,6 +189,12 @@ def run(cmd: list[str]) -> tuple[float, float]:
     return wall, int(peak.split()[1]) / 1024
 
 
+def settle(work: Path) -> None:
+    """Remove the last output and flush dirty pages, so no run pays for the previous one's writeback."""
+    (work / "out.gguf").unlink(missing_ok=True)
+    subprocess.run(["sync"], check=True)
+
+
 def cases(model: Path, work: Path, s: Shape, llama_bin: Path | None) -> dict[str, list[str]]:
     gs = [sys.executable, "-m", "gguf_surgeon"]
     out = str(work / "out.gguf")
@@ -230,7 +236,9 @@ def bench(size: str, work: Path, repeat: int, llama_bin: Path | None, skip: set[
         base_cmd = read_both if name == "diff" else cp
         walls, bases, rss = [], [], []
         for _ in range(repeat):
+            settle(work)
             bw, _ = run(base_cmd)
+            settle(work)
             w, r = run(cmd)
             bases.append(bw)
             walls.append(w)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGUFValueType
+from .gguf_names import GGUFValueType
 
 from .errors import SurgeonError
 from .plan import build_plan
@@ -42,16 +42,22 @@ class ModelDiff:
 
 
 SAMPLE = 4096  # bytes hashed at the start, middle and end of each tensor for a block's signature
-COMPARE_CHUNK = 16 << 20
+COMPARE_CHUNK = 2 << 20  # small enough that both pieces stay in the CPU cache while compared
+_buffers: list[np.ndarray] = []  # two reusable read buffers: fresh allocations would fault in new pages
 
 
 def tensors_equal(a: Model, ta: TensorInfo, b: Model, tb: TensorInfo) -> bool:
     """Same shape, type and bytes; compared in chunks (bounded memory, memcmp speed)."""
     if (ta.shape, ta.ggml_type) != (tb.shape, tb.ggml_type):
         return False
+    if not _buffers:
+        _buffers.extend(np.empty(COMPARE_CHUNK, dtype=np.uint8) for _ in range(2))
     for start in range(0, ta.n_bytes, COMPARE_CHUNK):
         stop = min(ta.n_bytes, start + COMPARE_CHUNK)
-        if not np.array_equal(a.tensor_bytes(ta, start, stop), b.tensor_bytes(tb, start, stop)):
+        x = a.tensor_bytes(ta, start, stop, _buffers[0])
+        y = b.tensor_bytes(tb, start, stop, _buffers[1])
+        words = (stop - start) // 8 * 8  # compare 8 bytes at a time, then the tail
+        if not (np.array_equal(x[:words].view(np.uint64), y[:words].view(np.uint64)) and np.array_equal(x[words:], y[words:])):
             return False
     return True
 

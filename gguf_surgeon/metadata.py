@@ -9,9 +9,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from gguf import GGUFValueType, Keys
 
 from .errors import PlanError
+from .gguf_names import GGUFValueType, Keys
 from .plan import LayerPlan
 from .reader import SCALAR_FORMATS, SPLIT_KEYS, Model
 

@@ -13,11 +13,12 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
-from gguf.constants import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC
+if TYPE_CHECKING:
+    import numpy as np
+
+from .gguf_names import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 
 from .errors import FormatError, ModelError
 
@@ -304,6 +305,8 @@ def field_value(buf: Any, field: Field, path: Path = Path("?")) -> Any:
         assert field.item_type is not None
         if field.item_type == GGUFValueType.STRING:
             return [cur.string(field.key) for _ in range(field.count)]
+        import numpy as np  # here, not at the top: a byte-copying surgery never needs numpy
+
         arr = np.frombuffer(buf, dtype=NUMPY_TYPES[field.item_type], count=field.count, offset=cur.pos)
         if field.item_type == GGUFValueType.BOOL:
             return [bool(x) for x in arr]
@@ -434,8 +437,8 @@ class Model:
     def tensor(self, name: str) -> TensorInfo:
         return self._by_name[name]
 
-    def tensor_bytes(self, t: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """The tensor's bytes [start, stop) as a fresh uint8 array.
+    def tensor_bytes(self, t: TensorInfo, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor's bytes [start, stop) as a uint8 array (in `out`, a reusable buffer, when given).
 
         Read with pread rather than through the memory map, so the pages do not count toward
         this process's resident memory: peak RSS stays flat however much a caller reads.
@@ -444,7 +447,9 @@ class Model:
         fd = self._fds.get(t.path)
         if fd is None:
             fd = self._fds[t.path] = os.open(t.path, os.O_RDONLY)
-        out = np.empty(stop - start, dtype=np.uint8)
+        import numpy as np
+
+        out = np.empty(stop - start, dtype=np.uint8) if out is None else out[: stop - start]
         view = memoryview(out)
         done = 0
         while done < len(out):

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import PlanError
+from .gguf_names import GGML_QUANT_SIZES, GGMLQuantizationType
 from .metadata import MetadataChange, OutputField, check_hazards, plan_metadata
 from .plan import LayerPlan
 from .reader import Model, TensorInfo

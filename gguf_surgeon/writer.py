@@ -15,12 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
-from gguf import GGUFValueType, Keys
-from gguf.constants import GGUF_MAGIC
-from gguf.quants import dequantize, quantize
 
 from .errors import OutputError
+from .gguf_names import GGUF_MAGIC, GGUFValueType, Keys
 from .metadata import OutputField, encode_field, encode_string
 from .reader import Model, align
 from .surgery import OutputTensor, Surgery
@@ -161,6 +158,9 @@ def _pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
 
 def blend_rows(model: Model, t: OutputTensor) -> Iterable[bytes]:
     """Yield the blended tensor's bytes in row chunks (bounded memory)."""
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
     ne0 = t.shape[0]
     n_rows = 1
     for d in t.shape[1:]:
