@@ -74,6 +74,9 @@ def writer_options(f: Callable) -> Callable:
         click.option("--split-max-size", help="Split the output llama-gguf-split style, at most this much tensor data per shard (e.g. 2G)."),
         click.option("--split-max-tensors", type=click.IntRange(min=1), help="Split the output, at most this many tensors per shard."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+        click.option("--align", "alignment", type=int, metavar="BYTES",
+                     help="Data alignment of the output (default: the source's). 4096 lets later surgeries on a "
+                          "reflink filesystem (XFS, btrfs) share extents instead of copying."),
         click.option("--quantize", "quantize_types", metavar="TYPES",
                      help="After writing OUT, quantize it with llama-quantize into OUT's folder, e.g. Q8_0,Q4_K_M."),
         click.option("--allow-requantize", is_flag=True, help="With --quantize: allow a quantized source (quality compounds)."),
@@ -84,16 +87,17 @@ def writer_options(f: Callable) -> Callable:
     return f
 
 
-WRITER_OPTIONS = ("dry_run", "force", "name", "split_max_size", "split_max_tensors", "as_json", "quantize_types",
-                  "allow_requantize", "llama_bin")
+WRITER_OPTIONS = ("dry_run", "force", "name", "split_max_size", "split_max_tensors", "as_json", "alignment",
+                  "quantize_types", "allow_requantize", "llama_bin")
 
 
 def run_edit(source: Path, out: Path | None, recipe: str, *, dry_run: bool, force: bool, name: str | None,
-             split_max_size: str | None, split_max_tensors: int | None, as_json: bool, quantize_types: str | None = None,
+             split_max_size: str | None, split_max_tensors: int | None, as_json: bool, alignment: int | None = None,
+             quantize_types: str | None = None,
              allow_requantize: bool = False, llama_bin: Path | None = None) -> None:
     from .edit import EditOptions, check_outputs, edit, prepare, report
 
-    options = EditOptions(name, force, parse_size(split_max_size), split_max_tensors)
+    options = EditOptions(name, force, parse_size(split_max_size), split_max_tensors, alignment)
     if quantize_types and (split_max_size or split_max_tensors):
         raise click.UsageError("--quantize needs a single-file output; drop --split-max-size/--split-max-tensors")
     if dry_run or out is None:

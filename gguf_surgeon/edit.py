@@ -20,6 +20,7 @@ class EditOptions:
     force: bool = False  # overwrite OUT; write blocks into positions whose tensor set differs
     split_max_size: int | None = None  # bytes of tensor data per shard
     split_max_tensors: int | None = None
+    alignment: int | None = None  # general.alignment of the output; default: the source's
 
 
 def plan_for(model: Model, recipe: str | tuple[Step, ...]) -> LayerPlan:
@@ -32,7 +33,7 @@ def plan_for(model: Model, recipe: str | tuple[Step, ...]) -> LayerPlan:
 
 def prepare(model: Model, recipe: str | tuple[Step, ...], options: EditOptions = EditOptions()) -> Surgery:
     """Parse and check the recipe against the model; nothing is written."""
-    return plan_surgery(model, plan_for(model, recipe), options.name, options.force)
+    return plan_surgery(model, plan_for(model, recipe), options.name, options.force, options.alignment)
 
 
 def check_outputs(model: Model, surgery: Surgery, out: Path, options: EditOptions = EditOptions()) -> None:

@@ -74,8 +74,12 @@ def default_name(model: Model, plan: LayerPlan) -> str:
     return f"{base} (gguf-surgeon: {plan.recipe})"
 
 
-def plan_metadata(model: Model, plan: LayerPlan, name: str | None = None) -> tuple[list[OutputField], list[MetadataChange], list[str]]:
-    """The output's key-value list, the changes made, and warnings about per-layer values."""
+def plan_metadata(model: Model, plan: LayerPlan, name: str | None = None, alignment: int | None = None,
+                  ) -> tuple[list[OutputField], list[MetadataChange], list[str]]:
+    """The output's key-value list, the changes made, and warnings about per-layer values.
+
+    `alignment` sets general.alignment (e.g. 4096, so a reflink filesystem can share extents).
+    """
     warnings: list[str] = []
     new_values: dict[str, tuple[GGUFValueType, Any, GGUFValueType | None]] = {}
     bc = model.block_count_key
@@ -106,6 +110,8 @@ def plan_metadata(model: Model, plan: LayerPlan, name: str | None = None) -> tup
             provenance[template.format(id=0)] = (GGUFValueType.STRING, v, None)
     provenance[RECIPE_KEY] = (GGUFValueType.STRING, plan.recipe, None)
     new_values.update(provenance)
+    if alignment is not None and alignment != model.file.alignment:
+        new_values[Keys.General.ALIGNMENT] = (GGUFValueType.UINT32, alignment, None)
 
     fields: list[OutputField] = []
     changes: list[MetadataChange] = []

@@ -71,7 +71,8 @@ def _blend_type(parts: list[TensorInfo]) -> GGMLQuantizationType:
     return GGMLQuantizationType.F16
 
 
-def plan_surgery(model: Model, plan: LayerPlan, name: str | None = None, force: bool = False) -> Surgery:
+def plan_surgery(model: Model, plan: LayerPlan, name: str | None = None, force: bool = False,
+                 alignment: int | None = None) -> Surgery:
     """Check `plan` against `model` and describe the output; raises PlanError when it cannot fit."""
     blocks = model.blocks()
     n = len(blocks)
@@ -82,7 +83,9 @@ def plan_surgery(model: Model, plan: LayerPlan, name: str | None = None, force: 
         raise PlanError(f"{model.path}: {model.block_count_key} is {declared} but the tensors hold blocks 0-{n - 1}")
     suffixes = block_suffix_sets(blocks)
     warnings = check_hazards(model, plan, suffixes, force)
-    fields, changes, meta_warnings = plan_metadata(model, plan, name)
+    if alignment is not None and (alignment < 8 or alignment & (alignment - 1)):
+        raise PlanError(f"alignment {alignment} is not a power of two of at least 8")
+    fields, changes, meta_warnings = plan_metadata(model, plan, name, alignment)
     warnings += meta_warnings
 
     by_suffix = [{t.block_suffix: t for t in b} for b in blocks]
@@ -114,5 +117,5 @@ def plan_surgery(model: Model, plan: LayerPlan, name: str | None = None, force: 
     tail = [t for t in model.tensors[first_block:] if t.block_index is None]
     as_copy = lambda t: OutputTensor(t.name, t.shape, t.ggml_type, ((t, 1.0),))  # noqa: E731
     tensors = [as_copy(t) for t in head] + block_tensors + [as_copy(t) for t in tail]
-    return Surgery(model.path, plan, model.file.alignment, tuple(fields), tuple(tensors), tuple(changes),
+    return Surgery(model.path, plan, alignment or model.file.alignment, tuple(fields), tuple(tensors), tuple(changes),
                    tuple(warnings), tuple(conversions))
