@@ -19,7 +19,6 @@ Both are held here as sums and counts whose ratio is the mean, so legacy entries
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ from .errors import FormatError, OutputError, PlanError
 from .metadata import RECIPE_KEY
 from .plan import LayerPlan
 from .reader import BLOCK_NAME, Model
+from .writer import reserve_temp
 
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"
@@ -243,17 +243,6 @@ def _blend(name: str, parts: list[tuple[ImatrixEntry, float]], where: str) -> Im
 
 # writing -----------------------------------------------------------------------------
 
-def _reserve_temp(out: Path) -> Path:
-    """Create an empty, uniquely named temp file next to `out` (mode from the umask, like any output)."""
-    while True:
-        tmp = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-
-
 class _ImatrixWriter(gguf.GGUFWriter):
     def add_architecture(self) -> None:
         pass  # imatrix files carry no general.architecture
@@ -272,7 +261,7 @@ def write_imatrix(imatrix: Imatrix, out: str | Path, *, force: bool = False, rec
         raise OutputError(f"{out}: folder {out.parent} does not exist")
     if imatrix.path is not None and out.exists() and out.resolve() == imatrix.path.resolve():
         raise OutputError(f"{out}: is the input imatrix; write to another file")
-    tmp = _reserve_temp(out)
+    tmp = reserve_temp(out)
     try:
         w = _ImatrixWriter(tmp, "")
         w.add_type(gguf.GGUFType.IMATRIX)

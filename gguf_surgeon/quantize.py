@@ -8,7 +8,6 @@ report measures bits per weight from the written file (tensor bytes * 8 / parame
 from __future__ import annotations
 
 import os
-import secrets
 import re
 import subprocess
 import tempfile
@@ -28,6 +27,7 @@ from .plan import build_plan
 from .reader import Model
 from .recipe import load_recipe
 from .tools import DEFAULT_LADDER, find_tool, run_tool
+from .writer import reserve_temp
 
 QUANTIZE_TOOL = "llama-quantize"
 UNQUANTIZED = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
@@ -228,21 +228,10 @@ def quantize_ladder(source: str | Path, types: Sequence[str] = DEFAULT_LADDER, o
                           recipe if remapped is not None else None, extra_args)
 
 
-def _reserve_temp(out: Path) -> Path:
-    """Create an empty, uniquely named temp file next to `out` (mode from the umask, like any output)."""
-    while True:
-        tmp = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-
-
 def _quantize_one(tool: Path, source: Path, out: Path, qtype: str, allow_requantize: bool, imatrix: str | None,
                   extra_args: tuple[str, ...], threads: int | None, progress: QuantProgress | None,
                   cwd: Path | None) -> QuantResult:
-    tmp = _reserve_temp(out)
+    tmp = reserve_temp(out)
     args: list[str] = []
     if allow_requantize:
         args.append("--allow-requantize")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import struct
 import time
 from dataclasses import dataclass
@@ -106,6 +107,17 @@ def layout(surgery: Surgery, out: Path, split_max_size: int | None = None, split
     return shards
 
 
+def reserve_temp(out: Path) -> Path:
+    """Create an empty, uniquely named temp file next to `out` (mode from the umask, like any output)."""
+    while True:
+        tmp = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def check_output(out: Path, inputs: list[Path], force: bool) -> None:
     """Refuse a missing folder, an output that is an input (also via links), an existing file."""
     parent = out.parent
@@ -193,9 +205,9 @@ def write_surgery(model: Model, surgery: Surgery, out: Path, *, force: bool = Fa
         for p in inputs:
             src_fds[p] = os.open(p, os.O_RDONLY)
         for shard in shards:
-            tmp = shard.path.with_name(f".{shard.path.name}.{os.getpid()}.tmp")
+            tmp = reserve_temp(shard.path)
             temps.append((tmp, shard.path))
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY)
             try:
                 _pwrite_all(fd, shard.header, 0)
                 base = len(shard.header)
