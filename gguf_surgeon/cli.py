@@ -471,3 +471,4 @@ def plan_cmd(recipe: str, source: Path, as_json: bool) -> None:
 
 
 from . import cli_tools  # noqa: E402,F401  (registers doctor, quantize, imatrix-remap)
+from . import cli_search  # noqa: E402,F401  (registers rank, search, release, card, modelfile)

@@ -1,0 +1,363 @@
+"""Releases: Ollama Modelfile (TEMPLATE from the chat template, never executed), model card,
+release folder whose files llama.cpp loads.
+
+The Modelfile's TEMPLATE is checked by rendering its Go text/template structure here (a small
+interpreter for the subset Ollama templates use) for sample conversations, with Ollama's
+variables (.System collects the system messages, .Messages holds every turn), and comparing
+with the ChatML text the model was trained on, and with llama.cpp's own rendering of the
+GGUF's Jinja template.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import gguf
+import pytest
+from click.testing import CliRunner
+from make_fixtures import build_model  # fixtures/ is on sys.path via conftest
+
+import gguf_surgeon.cli_search  # noqa: F401  (registers rank, search, release, card, modelfile)
+from gguf_surgeon.cli import main
+from gguf_surgeon.edit import edit
+from gguf_surgeon.llama_server import LlamaServer
+from gguf_surgeon.reader import Model
+from gguf_surgeon.release import (CHATML_GO_TEMPLATE, DEFAULT_PARAMETERS, CardOptions, QuantFile, ReleaseError,
+                                  build_modelfile, model_card, parse_parameters, recognize_chat_template)
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Qwen-style: the role in a Jinja expression, escapes written as \\n, a thinking switch, tools
+QWEN_STYLE_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
+LLAMA3_TEMPLATE = ("{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+                   " + message['content'] + '<|eot_id|>' }}{% endfor %}")
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Capital of France?"},
+]
+CHATML_EXPECTED = ("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                   "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
+                   "<|im_start|>assistant\n")
+
+
+# a Go text/template interpreter for the subset Ollama templates use ------------------------------
+
+_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.DOTALL)
+
+
+def _lex(template: str) -> list[tuple[str, str]]:
+    """[('text', s) | ('action', body)] with Go's trim markers applied ({{- and -}} eat white space)."""
+    parts: list[list[str]] = []
+    pos = 0
+    trim_next = False
+    for m in _ACTION.finditer(template):
+        text = template[pos:m.start()]
+        if trim_next:
+            text = text.lstrip()
+        if m.group(1):
+            text = text.rstrip()
+        parts += [["text", text], ["action", m.group(2)]]
+        trim_next = bool(m.group(3))
+        pos = m.end()
+    tail = template[pos:]
+    parts.append(["text", tail.lstrip() if trim_next else tail])
+    return [(k, v) for k, v in parts]
+
+
+def _parse(tokens: list[tuple[str, str]], i: int = 0, stops: tuple[str, ...] = ()) -> tuple[list, int, str | None]:
+    nodes: list = []
+    while i < len(tokens):
+        kind, val = tokens[i]
+        if kind == "text":
+            nodes.append(("text", val))
+            i += 1
+            continue
+        word = val.split(" ", 1)[0]
+        if word in ("end", "else") and stops:
+            return nodes, i, val
+        if word == "if":
+            branches, else_body = [], []
+            cond = val[3:]
+            while True:
+                body, i, stop = _parse(tokens, i + 1, ("end", "else"))
+                branches.append((cond, body))
+                if stop == "end":
+                    break
+                if stop.startswith("else if "):
+                    cond = stop[len("else if "):]
+                    continue
+                else_body, i, stop = _parse(tokens, i + 1, ("end",))
+                break
+            nodes.append(("if", branches, else_body))
+            i += 1
+        elif word == "range":
+            body, i, _ = _parse(tokens, i + 1, ("end",))
+            nodes.append(("range", val[len("range "):], body))
+            i += 1
+        else:
+            nodes.append(("expr", val))
+            i += 1
+    return nodes, i, None
+
+
+def _value(expr: str, data: dict, dot: dict) -> object:
+    expr = expr.strip()
+    if expr.startswith("eq "):
+        a, b = re.fullmatch(r'eq (\.\w+) "([^"]*)"', expr).groups()
+        return _value(a, data, dot) == b
+    if expr.startswith('"'):
+        return expr.strip('"')
+    assert re.fullmatch(r"\.\w+", expr), f"unsupported expression {expr!r}"
+    name = expr[1:]
+    return dot[name] if name in dot else data[name]
+
+
+def _exec(nodes: list, data: dict, dot: dict) -> str:
+    out = []
+    for node in nodes:
+        if node[0] == "text":
+            out.append(node[1])
+        elif node[0] == "expr":
+            out.append(str(_value(node[1], data, dot)))
+        elif node[0] == "if":
+            for cond, body in node[1]:
+                if _value(cond, data, dot):
+                    out.append(_exec(body, data, dot))
+                    break
+            else:
+                out.append(_exec(node[2], data, dot))
+        elif node[0] == "range":
+            for item in _value(node[1], data, dot):
+                out.append(_exec(node[2], data, item))
+    return "".join(out)
+
+
+def render_ollama(template: str, messages: list[dict], default_system: str | None = None) -> str:
+    """What Ollama sends to the model: .System holds the system messages (else the Modelfile's
+    SYSTEM, which Ollama then also prepends as a message), .Messages every message."""
+    if not any(m["role"] == "system" for m in messages) and default_system:
+        messages = [{"role": "system", "content": default_system}] + messages
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    data = {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+    nodes, _, _ = _parse(_lex(template))
+    return _exec(nodes, data, {})
+
+
+def modelfile_template(text: str) -> str:
+    return re.search(r'^TEMPLATE """(.*?)"""$', text, re.DOTALL | re.MULTILINE).group(1)
+
+
+def write_gguf(path: Path, chat_template: str | None, name: str = "Tiny") -> Path:
+    """A minimal GGUF whose metadata is all the Modelfile builder reads."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_block_count(1)
+    w.add_context_length(2048)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+    import numpy as np
+
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# the TEMPLATE --------------------------------------------------------------------------------
+
+def test_the_interpreter_reads_go_trim_markers():
+    assert render_ollama("a  {{- .System -}}  b\n{{ .System }}", [{"role": "system", "content": "S"}]) == "aSb\nS"
+
+
+@pytest.mark.parametrize("jinja", [SMOLLM2_TEMPLATE, QWEN_STYLE_TEMPLATE], ids=["smollm2", "qwen-style"])
+def test_chatml_template_renders_the_turns(jinja: str):
+    t = recognize_chat_template(jinja)
+    assert t is not None and t.format == "chatml"
+    assert render_ollama(t.template, CONVERSATION) == CHATML_EXPECTED
+    # no system message: the Modelfile's SYSTEM fills .System
+    assert render_ollama(t.template, CONVERSATION[1:2], "Be kind.") == (
+        "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    # and with no system prompt at all, none is written
+    assert render_ollama(t.template, CONVERSATION[1:2]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_features_and_default_system_come_from_the_template_text():
+    smol = recognize_chat_template(SMOLLM2_TEMPLATE)
+    assert smol.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert smol.notes == ()
+    qwen = recognize_chat_template(QWEN_STYLE_TEMPLATE)
+    assert qwen.default_system is None  # "+ messages[0].content +" is computed, not a literal
+    assert any("enable_thinking" in n for n in qwen.notes) and any("tool" in n for n in qwen.notes)
+    assert recognize_chat_template(LLAMA3_TEMPLATE) is None
+    assert recognize_chat_template(None) is None
+
+
+def test_the_chat_template_is_never_executed(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    hostile = (SMOLLM2_TEMPLATE.replace("You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+                                        'Hi"""\nFROM /etc/passwd')
+               + "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}")
+    model = write_gguf(tmp_path / "hostile.gguf", hostile)
+    mf = build_modelfile(model)
+    assert not marker.exists()
+    assert modelfile_template(mf.text) == CHATML_GO_TEMPLATE  # the fixed template, nothing copied
+    assert "passwd" not in mf.text and "cycler" not in mf.text and "os.system" not in mf.text
+    assert mf.text.count("FROM ") == 1 and mf.system == "You are a helpful assistant."
+    card = model_card(model)
+    assert not marker.exists() and "cycler" not in card and "passwd" not in card
+
+
+def test_modelfile_layout_defaults_and_overrides(tiny: Path):
+    mf = build_modelfile(tiny, "./tiny-Q8_0.gguf", parameters={"temperature": "0.7"}, system="Be brief.")
+    lines = mf.text.splitlines()
+    assert lines[0] == "FROM ./tiny-Q8_0.gguf"
+    params = [l.split(" ", 2)[1:] for l in lines if l.startswith("PARAMETER ")]
+    expected = dict(DEFAULT_PARAMETERS, temperature="0.7", num_ctx="256", repeat_last_n="256")  # capped: 256-token model
+    assert params[:len(expected)] == [[k, v] for k, v in expected.items()]
+    assert params[len(expected):] == [["stop", '"<|im_start|>"'], ["stop", '"<|im_end|>"']]
+    assert lines[-1] == 'SYSTEM "Be brief."'
+    assert "# not carried into TEMPLATE: the chat template's enable_thinking switch" in mf.text
+
+
+def test_unrecognized_template_gets_no_template_line(tmp_path: Path):
+    mf = build_modelfile(write_gguf(tmp_path / "l3.gguf", LLAMA3_TEMPLATE))
+    assert "TEMPLATE" not in mf.text.replace("# no TEMPLATE", "")
+    assert "# no TEMPLATE: l3.gguf has a chat template that is not ChatML" in mf.text
+
+
+def test_modelfile_cli_and_bad_parameters(tiny: Path, tmp_path: Path):
+    runner = CliRunner()
+    out = tmp_path / "Modelfile"
+    r = runner.invoke(main, ["modelfile", str(tiny), "--param", "top_k=20", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "PARAMETER top_k 20" in out.read_text()
+    r = runner.invoke(main, ["modelfile", str(tiny), "--out", str(out)])
+    assert r.exit_code == 1 and r.output == f"Error: {out}: exists; pass --force to overwrite\n"
+    r = runner.invoke(main, ["modelfile", str(tiny), "--param", "temprature=1"])
+    assert r.exit_code == 1 and r.output.startswith("Error: --param 'temprature=1': Ollama has no parameter 'temprature'")
+    with pytest.raises(ReleaseError, match="expected NAME=VALUE"):
+        parse_parameters(["temperature"])
+    r = runner.invoke(main, ["modelfile", str(tiny), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["format"] == "chatml"
+
+
+# the card ------------------------------------------------------------------------------------
+
+SECTIONS = ["## Available Quantizations", "## Model Details", "## Surgery Operations", "## Benchmark Results",
+            "## Features", "## Usage", "### With Ollama", "### With llama.cpp", "### With Python (llama-cpp-python)",
+            "## System Requirements", "## Credits", "## License"]
+
+
+def front_matter(card: str) -> dict:
+    """The YAML front matter, read as the flat key/list form the card writes."""
+    head = card.split("---\n")[1]
+    data: dict = {}
+    key = None
+    for line in head.splitlines():
+        if line.startswith("- "):
+            data[key].append(json.loads(line[2:]) if line[2:].startswith('"') else line[2:])
+        else:
+            key, _, value = line.partition(": ")
+            key = key.rstrip(":")
+            data[key] = (json.loads(value) if value.startswith('"') else value) if value else []
+    return data
+
+
+def test_card_layout_from_metadata(tmp_path: Path):
+    src = build_model(tmp_path / "src.gguf", name='Tiny | "Qwen3" <b>')
+    edited = tmp_path / "tiny-edited.gguf"
+    edit(src, edited, "delete 2; swap 3 4")
+    bench = "| Metric | base | edited |\n|:---|:---:|:---:|\n| Overall | 80.0 | 81.0 |"
+    quants = (QuantFile("Q8_0", "tiny-edited-Q8_0.gguf", 8.5, 123456),)
+    card = model_card(edited, CardOptions(quants=quants, benchmarks=bench, author="me"))
+    fm = front_matter(card)
+    # general.name as the editor wrote it, quoted for YAML; no base_model: not a Hugging Face id
+    assert fm["license"] == "apache-2.0" and fm["model_name"] == 'Tiny | "Qwen3" <b> (gguf-surgeon: delete 2; swap 3 4)'
+    assert "base_model" not in fm
+    assert card.split("---\n", 2)[2].startswith('# Tiny \\| "Qwen3" \\<b\\> (gguf-surgeon: delete 2; swap 3 4) — GGUF\n')
+    assert fm["tags"] == ["qwen3", "gguf", "layer-surgery", "gguf-surgeon", "pruned", "thinking", "text-generation"]
+    assert fm["library_name"] == "llama.cpp" and fm["quantized_by"] == "me"
+    positions = [card.index(s + "\n") for s in SECTIONS]
+    assert positions == sorted(positions)
+    assert "| **Q8_0** | 8.50 | 123.46 KB | Highest quality, virtually lossless (recommended) |" in card
+    size = edited.stat().st_size / 1e3
+    assert f"| **F32** | 32.00 | {size:.2f} KB | Full precision, largest; the edited model as written by the surgery |" in card
+    assert "| Layers | **5** (6 original, 1 deleted) |" in card
+    assert "| Attention Heads | 4 query / 2 key-value (GQA) |" in card
+    assert "1. **Delete layer 2**\n2. **Swap layers 3 ↔ 4** (indices after the previous step)" in card
+    assert "Resulting layer order, by original layer: `0-1,3,5,4`." in card
+    assert bench in card
+    assert "FROM ./tiny-edited-Q8_0.gguf" in card and 'llama-cli -m tiny-edited-Q8_0.gguf --jinja -cnv' in card
+    assert "<b>" not in card.split("---\n", 2)[2]  # metadata text is escaped in the Markdown body
+    fm = front_matter(model_card(edited, CardOptions(base_model="Org/Tiny-Qwen3")))
+    assert fm["base_model"] == "Org/Tiny-Qwen3" and fm["model_name"].startswith("Tiny")
+
+
+def test_card_cli_lists_and_measures_the_ladder(make_model, tmp_path: Path):
+    src = make_model("src.gguf")
+    edited = tmp_path / "m.gguf"
+    edit(src, edited, "duplicate 1")
+    # a stand-in ladder file: any GGUF named NAME-TYPE.gguf is measured from its tensors
+    edit(src, tmp_path / "m-Q8_0.gguf", "duplicate 1")
+    out = tmp_path / "README.md"
+    r = CliRunner().invoke(main, ["card", str(edited), "--quants", str(tmp_path), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    card = out.read_text()
+    assert "| **Q8_0** | 32.00 |" in card  # F32 tensors: 32 bits per weight, measured
+    assert "**Duplicate layer 1**" in card and "| Layers | **7** (6 original, 1 added) |" in card
+
+
+# the release folder ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_release_files_load_in_llama_cpp(smollm2: Path, tmp_path: Path, llama_bin: Path):
+    out = tmp_path / "release"
+    bench = tmp_path / "bench.md"
+    bench.write_text("| Metric | base | edited |\n|:---|:---:|:---:|\n| KLD | — | 0.23 |\n")
+    r = CliRunner().invoke(main, ["release", str(smollm2), "--recipe", "delete 25", "--out", str(out), "--name",
+                                  "SmolLM2-edited", "--types", "Q8_0,Q4_K_M", "--allow-requantize", "--benchmarks",
+                                  str(bench), "--llama-bin", str(llama_bin), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    names = [f["file"] for f in report["files"]]
+    # the edited file itself is listed last, in the base's own type, measured too
+    assert re.search(r"\| \*\*Q4_1\*\* \| \d\.\d\d \| [\d.]+ MB \| Legacy 4-bit; the edited model", (out / "README.md").read_text())
+    assert names == ["SmolLM2-edited.gguf", "SmolLM2-edited-Q8_0.gguf", "SmolLM2-edited-Q4_K_M.gguf", "Modelfile",
+                     "README.md"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    card = (out / "README.md").read_text()
+    for q in report["quantized"]["results"]:
+        name = Path(q["path"]).name
+        assert f"| **{q['type']}** | {q['bits_per_weight']:.2f} |" in card and f"[{name}](./{name})" in card
+    assert "| Layers | **29** (30 original, 1 deleted) |" in card and "| KLD | — | 0.23 |" in card
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./SmolLM2-edited-Q8_0.gguf\n")
+    with Model(out / "SmolLM2-edited.gguf") as m:
+        assert m.value("surgery.recipe") == "delete 25" and len(m.blocks()) == 29
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    for name in names[:3]:
+        with LlamaServer(llama_bin, out / name, ctx_size=256, threads=1) as server:  # 1: no spinning threads
+            assert int(server.completion(prompt, n_predict=4)["tokens_predicted"]) >= 1, name
+            if name.endswith("Q8_0.gguf"):
+                # llama.cpp renders the GGUF's own Jinja template; the Modelfile's TEMPLATE must agree
+                from gguf_surgeon.evaluate import apply_chat_template
+
+                template = modelfile_template(modelfile)
+                system = re.search(r'^SYSTEM "(.*)"$', modelfile, re.MULTILINE).group(1)
+                assert apply_chat_template(server.url, CONVERSATION, None) == render_ollama(template, CONVERSATION)
+                assert apply_chat_template(server.url, CONVERSATION[1:], None) == render_ollama(
+                    template, CONVERSATION[1:], system)

@@ -1,0 +1,206 @@
+"""search: spaces, rank guidance, the Optuna study (brute force, TPE, beams), resuming, workers.
+
+Scoring runs the real llama-perplexity KL divergence through gguf_surgeon.evaluate, with the
+eval cache in tmp_path so nothing is reused from other runs. Budgets and texts are small.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import gguf_surgeon.cli_search  # noqa: F401  (registers rank, search, release, card, modelfile)
+from gguf_surgeon.cli import main
+from gguf_surgeon.edit import edit
+from gguf_surgeon.rank import rank_model
+from gguf_surgeon.search import (PRESETS, CandidateScorer, Move, SearchError, SearchOptions, compose, load_space,
+                                 ordered_moves, run_search, search_status)
+
+TINY_CTX, TINY_CHARS = 32, 700  # the tiny vocabulary spells ~1 token per 2 characters: 5+ chunks
+# one llama.cpp thread: ggml's worker threads spin while waiting, and on a busy 2-core machine two
+# spinning threads make a 0.05 s run take 1.5 s
+THREADS = 1
+
+
+def tiny_options(tmp_path: Path, **kw) -> SearchOptions:
+    kw.setdefault("threads", THREADS)
+    return SearchOptions(work_dir=tmp_path / "work", ctx=TINY_CTX, short_chars=TINY_CHARS, leaders=0,
+                         cache_dir=tmp_path / "cache", **kw)
+
+
+class CountingScorer(CandidateScorer):
+    """The real scorer, recording every stage-1 evaluation; optionally Ctrl-C at call N."""
+
+    def __init__(self, *args, interrupt_at: int | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.calls: list[str] = []
+        self.interrupt_at = interrupt_at
+
+    def short(self, recipe: str, tag: str):
+        self.calls.append(recipe)
+        if len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        return super().short(recipe, tag)
+
+
+def scorer_for(base: Path, tmp_path: Path, **kw) -> CountingScorer:
+    return CountingScorer(base, tmp_path / "work", ctx=TINY_CTX, short_chars=TINY_CHARS, cache_dir=tmp_path / "cache",
+                          threads=THREADS, **kw)
+
+
+# spaces and moves (no llama.cpp) -------------------------------------------------------------
+
+def test_moves_compose_in_post_edit_indices():
+    # the reference card: delete layer 10, then swap original 12 and 13 = "swap 11 12" after the deletion
+    c = compose([Move("delete", (10,)), Move("swap", (12, 13))], 28)
+    assert c.recipe == "delete 10; swap 11 12" and c.blocks == 27
+    assert c.key.split(",")[10:13] == ["11", "13", "12"]
+    assert compose([Move("delete", (10,)), Move("swap", (10, 11))], 28) is None  # block 10 is gone
+    assert compose([Move("repeat-window", (3, 4))], 6).recipe == "keep 0-4,3-5"
+    assert compose([Move("delete-window", (2, 3, 4))], 6).recipe == "delete 2-4"
+    assert compose([Move("bridge", (2, 3), 0.5)], 6).recipe == "bridge 2 --t 0.5"
+    assert compose([Move("interpolate", (2, 3), 0.25)], 6).recipe == "interpolate 2 3 --t 0.25 --replace 2"
+    assert compose([Move("swap", (1, 2)), Move("swap", (1, 2))], 6) is None  # back to the base: no candidate
+    for m in (Move("swap", (1, 2)), Move("bridge", (4, 5), 0.5), Move("delete-window", (2, 3))):
+        assert Move.from_label(m.label) == m
+
+
+def test_spaces_presets_and_toml(tmp_path: Path):
+    assert {f.op for f in PRESETS["phase1"].families} == {"delete", "swap", "duplicate", "bridge", "interpolate"}
+    # the card's phase-1 sweep on a 28-block model: 150+ configurations with the combinations
+    assert len(ordered_moves(PRESETS["phase1"], 28, None)) == 28 + 27 + 28 + 27 + 27
+    space = tmp_path / "s.toml"
+    space.write_text('name = "mine"\nprune = 0.5\nleaders = 1\n[[family]]\nop = "delete"\nblocks = "2-5"\n'
+                     '[[family]]\nop = "delete-window"\nsizes = [2]\n[beam]\nwidth = 1\ndepth = 3\n')
+    s = load_space(str(space))
+    assert (s.name, s.prune, s.leaders, s.beam_width, s.beam_depth) == ("mine", 0.5, 1, 1, 3)
+    assert s.families[0].blocks == (2, 3, 4, 5) and s.families[1].sizes == (2,)
+    for text, message in (('[[family]]\nop = "explode"\n', "'op' must be one of"),
+                          ('colour = 1\n[[family]]\nop = "delete"\n', "unknown key(s) colour"),
+                          ('name = "x"\n', "needs at least one [[family]]"),
+                          ('[[family]]\nop = "bridge"\nt = [1.5]\n', "strictly between 0 and 1")):
+        space.write_text(text)
+        with pytest.raises(SearchError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            load_space(str(space))
+    with pytest.raises(SearchError, match="neither a preset"):
+        load_space("nonsense")
+
+
+def test_rank_orders_and_prunes(tiny: Path):
+    ranking = rank_model(tiny, tokens=[9, 150, 23, 260, 77, 4, 199, 42])
+    by_bi = [b.index for b in sorted(ranking.blocks, key=lambda b: b.block_influence)]
+    moves = ordered_moves(load_space("deletions"), 6, ranking)
+    assert [m.blocks[0] for m in moves] == by_bi
+    pruned = ordered_moves(PRESETS["deletions"].__class__("d", PRESETS["deletions"].families, prune=0.5), 6, ranking)
+    assert [m.blocks[0] for m in pruned] == by_bi[:3]
+    mixed = ordered_moves(load_space("windows"), 6, ranking)  # families interleave: best of each first
+    assert [m.op for m in mixed[:2]] == ["delete-window", "repeat-window"]
+
+
+# the study (real llama.cpp) --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_search_finds_the_brute_force_best_deletion(smollm2: Path, tmp_path: Path, llama_bin: Path):
+    """On SmolLM2, search over single deletions (blocks 25-28, budget = the whole space) picks
+    the deletion with the lowest KL divergence, the one a brute-force loop finds by editing
+    each model and measuring it against the base with the eval suite's KLD."""
+    space = tmp_path / "late.toml"
+    space.write_text('name = "late-deletions"\nleaders = 0\n[[family]]\nop = "delete"\nblocks = "25-28"\n')
+    options = SearchOptions(budget=4, work_dir=tmp_path / "work", ctx=64, short_chars=900, llama_bin=llama_bin,
+                            cache_dir=tmp_path / "cache", threads=THREADS)
+    result = run_search(smollm2, load_space(str(space)), options)
+    assert result.evaluated == 4 and result.candidates == 4
+    assert not list((tmp_path / "work" / "candidates").glob("*.gguf"))  # deleted after scoring
+
+    # brute force: a separate cache, every deletion written and measured
+    brute = CandidateScorer(smollm2, tmp_path / "brute", llama_bin=llama_bin, ctx=64, short_chars=900,
+                            cache_dir=tmp_path / "brute-cache", threads=THREADS)
+    kld = {}
+    for block in range(25, 29):
+        path = tmp_path / f"delete-{block}.gguf"
+        edit(smollm2, path, f"delete {block}")
+        kld[f"delete {block}"] = brute._kld(path).kld
+        path.unlink()
+    best = min(kld, key=kld.get)
+    assert result.champion.recipe == best
+    assert {e.recipe: e.kld for e in result.leaderboard} == pytest.approx(kld)
+    assert "no verdict" in result.verdict
+
+
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_reevaluating(tiny: Path, tmp_path: Path, llama_bin: Path):
+    options = tiny_options(tmp_path, llama_bin=llama_bin)
+    first = scorer_for(tiny, tmp_path, llama_bin=llama_bin, interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(tiny, load_space("deletions"), options, scorer=first)
+    done_before = first.calls[:2]
+    assert not list((tmp_path / "work" / "candidates").glob("*.gguf"))
+    again = scorer_for(tiny, tmp_path, llama_bin=llama_bin)
+    result = run_search(tiny, load_space("deletions"), options, scorer=again)
+    assert not set(again.calls) & set(done_before)  # finished candidates were not evaluated again
+    assert sorted(again.calls + done_before) == sorted(f"delete {i}" for i in range(6))
+    assert (result.evaluated, result.evaluated_now) == (6, 4), [(e.number, e.recipe) for e in result.leaderboard]
+    # a third run has nothing left to do
+    third = scorer_for(tiny, tmp_path, llama_bin=llama_bin)
+    assert run_search(tiny, load_space("deletions"), options, scorer=third).evaluated_now == 0 and not third.calls
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_study(tiny: Path, tmp_path: Path, llama_bin: Path):
+    space = tmp_path / "s.toml"
+    space.write_text('name = "del-swap"\nleaders = 0\n[[family]]\nop = "delete"\n[[family]]\nop = "swap"\n')
+    result = run_search(tiny, load_space(str(space)), tiny_options(tmp_path, jobs=2, llama_bin=llama_bin))
+    assert result.evaluated == result.candidates == 11
+    recipes = [e.recipe for e in result.leaderboard]
+    assert len(recipes) == len(set(recipes)) == 11  # each candidate scored exactly once
+    assert len({e.worker for e in result.leaderboard}) == 2  # by both workers
+    db = tmp_path / "work" / "search.db"
+    (studies,) = sqlite3.connect(db).execute("select count(*) from studies").fetchone()
+    assert studies == 1 and result.storage == f"sqlite:///{db}"
+    assert [e.recipe for e in search_status(result.storage, result.study_name)] == recipes
+
+
+@pytest.mark.slow
+def test_large_spaces_are_sampled_with_tpe_and_beams_combine_the_best(tiny: Path, tmp_path: Path, llama_bin: Path):
+    space = tmp_path / "pairs.toml"
+    space.write_text('name = "pairs"\nmax_steps = 2\nexhaustive_limit = 10\nleaders = 0\n'
+                     '[[family]]\nop = "delete"\n[[family]]\nop = "swap"\n')
+    result = run_search(tiny, load_space(str(space)), tiny_options(tmp_path, budget=6, llama_bin=llama_bin))
+    assert result.candidates is None and result.evaluated == 6  # 66 combinations > 10: sampled, to the budget
+    assert {e.phase for e in result.leaderboard} == {"tpe"}
+    greedy = tmp_path / "greedy.toml"
+    greedy.write_text('name = "greedy"\nleaders = 0\n[[family]]\nop = "delete"\nblocks = "3-5"\n'
+                      '[beam]\nwidth = 1\ndepth = 2\ntop = 3\n')
+    result = run_search(tiny, load_space(str(greedy)), tiny_options(tmp_path, llama_bin=llama_bin))
+    singles = sorted((e for e in result.leaderboard if e.phase == "singles"), key=lambda e: e.kld)
+    pairs = [e for e in result.leaderboard if e.phase == "beam2"]
+    assert len(singles) == 3 and len(pairs) == 2  # greedy: the best single, extended by each other one
+    best = int(singles[0].recipe.split()[1])
+    for e in pairs:
+        assert e.recipe.startswith(f"delete {best}; delete ")
+
+
+@pytest.mark.slow
+def test_search_cli_json_and_a_study_of_another_base(tiny: Path, make_model, tmp_path: Path, llama_bin: Path):
+    runner = CliRunner()
+    args = ["--space", "swaps", "--work-dir", str(tmp_path / "work"), "--ctx", str(TINY_CTX), "--short-chars",
+            str(TINY_CHARS), "--leaders", "0", "--threads", "1", "--budget", "2", "--llama-bin", str(llama_bin)]
+    r = runner.invoke(main, ["search", str(tiny), *args, "--json"], env={"GGUF_SURGEON_CACHE": str(tmp_path / "c")})
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["evaluated"] == 2 and data["budget"] == 2 and data["champion"]["recipe"].startswith("swap ")
+    assert np.isfinite(data["champion"]["kld"])
+    # a larger budget continues the same study: only the difference is scored
+    r = runner.invoke(main, ["search", str(tiny), *args[:-4], "--budget", "4", "--llama-bin", str(llama_bin), "--json"],
+                      env={"GGUF_SURGEON_CACHE": str(tmp_path / "c")})
+    assert r.exit_code == 0, r.output
+    assert (json.loads(r.output)["evaluated"], json.loads(r.output)["evaluated_now"]) == (4, 2)
+    other = make_model("tiny.gguf", seed=1, n_blocks=5)  # same file name, other model
+    r = runner.invoke(main, ["search", str(other), *args], env={"GGUF_SURGEON_CACHE": str(tmp_path / "c")})
+    assert r.exit_code == 1
+    assert r.output.startswith("Error: study 'tiny:swaps' in sqlite:///") and "made for another base or space" in r.output
