@@ -470,5 +470,6 @@ def plan_cmd(recipe: str, source: Path, as_json: bool) -> None:
              as_json=as_json)
 
 
+from . import cli_eval  # noqa: E402,F401  (registers eval, compare)
 from . import cli_tools  # noqa: E402,F401  (registers doctor, quantize, imatrix-remap)
 from . import cli_search  # noqa: E402,F401  (registers rank, search, release, card, modelfile)

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,8 +36,9 @@ import time
 import unicodedata
 import urllib.error
 import urllib.request
+import zlib
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -305,6 +305,8 @@ def thinking_check(mode: str, prompt: str, reply: str) -> bool:
 # --- records --------------------------------------------------------------------------
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Record) and type(value).to_dict is not Record.to_dict:
+        return value.to_dict()
     if is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, (list, tuple)):
@@ -322,7 +324,7 @@ class Record:
     """Mixin: to_dict() gives JSON-able nested dicts (paths as strings, non-finite as None)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -421,6 +423,9 @@ class ThinkingResult(Record):
     def non_thinking_ok(self) -> bool | None:
         return None if not self.supported else self.non_thinking_passed == self.per_mode
 
+    def to_dict(self) -> dict[str, Any]:
+        return {**Record.to_dict(self), "thinking_ok": self.thinking_ok, "non_thinking_ok": self.non_thinking_ok}
+
 
 @dataclass(frozen=True)
 class KldResult(Record):
@@ -453,7 +458,7 @@ class Timings(Record):
         return max(0.0, self.total - self.llama)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_plain(self), "llama": self.llama, "overhead": self.overhead}
+        return {**Record.to_dict(self), "llama": self.llama, "overhead": self.overhead}
 
 
 @dataclass(frozen=True)
@@ -500,12 +505,14 @@ class EvalCache:
 
     Layout: hashes.json (path, size, mtime -> sha256), <sha256>/<kind>-<key>.json, and
     logits/<base sha256>-<key>.bin (llama-perplexity --kl-divergence-base files, large:
-    vocabulary x scored tokens x 2 bytes). Disabled: nothing is read or kept.
+    vocabulary x scored tokens x 2 bytes). Disabled: results and logits live in memory and a
+    temporary folder for one call and nothing is read from earlier runs.
     """
 
     def __init__(self, root: Path | None, enabled: bool = True):
         self.enabled = enabled
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._memory: dict[Path, Any] = {}  # disabled: results live for this call only
         if enabled:
             self.root = Path(root) if root else default_cache_dir()
         else:
@@ -522,14 +529,16 @@ class EvalCache:
 
     def load(self, sha: str, kind: str, key: str) -> Any:
         if not self.enabled:
-            return None
+            return self._memory.get(self.path(sha, kind, key))
         try:
             return json.loads(self.path(sha, kind, key).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
 
     def save(self, sha: str, kind: str, key: str, data: Any) -> None:
-        if self.enabled:
+        if not self.enabled:
+            self._memory[self.path(sha, kind, key)] = data
+        else:
             try:
                 _write_json_atomic(self.path(sha, kind, key), data)
             except OSError:
@@ -576,6 +585,11 @@ class _Clock:
         self.ran = False  # anything had to be computed
 
 
+# llama.cpp's logger thread is not flushed at exit (llama.cpp issue 22142), so the last lines
+# of a run are sometimes lost: often for millisecond runs on a loaded machine, rarely for
+# real models (0 in 10 SmolLM2 runs at load 5). Such a run is repeated, after a short pause.
+OUTPUT_ATTEMPTS = 6
+_CHUNKS_LINE = re.compile(r"over (\d+) chunks")
 _ERROR_LINE = re.compile(r"error|failed|invalid|cannot|unable|abort|exception|what\(\)|not enough|you need", re.IGNORECASE)
 _LOADED_LINE = re.compile(r"calculating perplexity over|computing over \d+ chunks")
 
@@ -680,7 +694,7 @@ def parse_kld_output(lines: Iterable[str]) -> dict[str, Any]:
         for name, rx in _KLD_STAT.items():
             s = rx.match(line.strip())
             if s:
-                stats[name] = float(s.group(1))
+                stats[name] = float(s.group(1)) + 0.0  # "-0.000000" -> 0.0
     nll = _per_chunk([math.log(p) if p > 0 else float("nan") for p in ppl])
     return {"chunk_nll": nll, "chunk_kld": [max(0.0, v) for v in _per_chunk(kld)],
             "chunk_same_top": [min(1.0, max(0.0, v)) for v in _per_chunk(top)], **stats}
@@ -740,8 +754,8 @@ def complete(base_url: str, prompt: str, n_predict: int, seed: int, timeout: flo
     stop = str(ans.get("stop_type") or ("eos" if ans.get("stopped_eos") else "limit"))
     probs = ans.get("completion_probabilities") or []
     lps = [float("-inf") if p.get("logprob") is None else float(p["logprob"]) for p in probs]
-    if stop == "eos" and len(lps) > int(ans.get("tokens_predicted", len(lps))) - 1 and lps:
-        lps = lps[:-1]  # the end-of-generation token itself
+    if stop == "eos" and lps:
+        lps = lps[:-1]  # the end-of-generation token itself is listed last
     return Completion(str(ans.get("content", "")), stop, tuple(lps))
 
 
@@ -803,21 +817,39 @@ class _Evaluator:
         o = self.options
         return ["-c", str(o.ctx), "-b", str(o.batch), "-t", str(o.threads), "--seed", str(o.seed), *extra]
 
-    def _run_ppl(self, target: _Target, args: list[str], step: str, count_lines: re.Pattern) -> list[str]:
-        done = 0
+    def _run_ppl(self, target: _Target, args: list[str], step: str, count_lines: re.Pattern,
+                 needs_stats: bool = False) -> list[str]:
+        """Run llama-perplexity until its output is complete: llama.cpp's logger may drop the
+        last lines at exit (its queue is not flushed), so a run whose chunk lines (or, with
+        `needs_stats`, KLD statistics) fall short of what it announced is repeated."""
+        for attempt in range(1, OUTPUT_ATTEMPTS + 1):
+            if attempt > 1:
+                time.sleep(0.1 * attempt)
+            done, total = 0, None
 
-        def on_line(line: str) -> None:
-            nonlocal done
-            if count_lines.match(line):
-                done += 1
-                self.progress(step, done, None)
+            def on_line(line: str) -> None:
+                nonlocal done, total
+                if total is None and (m := _CHUNKS_LINE.search(line)):
+                    total = int(m.group(1))
+                if count_lines.match(line):
+                    done += 1
+                self.progress(step, done, total)
 
-        self.progress(step, 0, None)
-        rc, lines, errors = _run_perplexity_tool(self.perplexity_bin, ["-m", str(target.info.path), *args],
-                                                 self.clock, self.options.timeout, on_line)
-        if rc != 0 or done == 0:
+            self.progress(step, 0, None)
+            rc, lines, errors = _run_perplexity_tool(self.perplexity_bin, ["-m", str(target.info.path), *args],
+                                                     self.clock, self.options.timeout, on_line)
+            if (rc != 0 and (errors or attempt == OUTPUT_ATTEMPTS)) or (done == 0 and errors):
+                raise _tool_failure(self.perplexity_bin, target.info.path, rc, errors, lines)
+            if rc != 0:
+                continue  # failed, and the reason was among the lost lines: run again to get it
+            if total is not None and done == total:
+                scored = total * (self.options.ctx - 1 - self.options.ctx // 2)
+                if not needs_stats or scored < 100 or any(_KLD_STAT["median"].match(l.strip()) for l in lines):
+                    return lines
+        if done == 0:
             raise _tool_failure(self.perplexity_bin, target.info.path, rc, errors, lines)
-        return lines
+        raise ToolError(f"{self.perplexity_bin.name} output for {target.info.path.name} was cut short "
+                        f"{OUTPUT_ATTEMPTS} times ({done} of {total} chunk lines)")
 
     def perplexity(self, target: _Target, save_logits: bool = False) -> list[float]:
         """Per-chunk NLL of the text; with save_logits also writes the base logits file."""
@@ -853,7 +885,7 @@ class _Evaluator:
             return cached
         logits = self.cache.logits(base.info.sha256, self.text_key)
         args = self._perplexity_args("--kl-divergence-base", str(logits), "--kl-divergence")
-        lines = self._run_ppl(target, args, f"{target.label}: KL divergence vs base", _KLD_LINE)
+        lines = self._run_ppl(target, args, f"{target.label}: KL divergence vs base", _KLD_LINE, needs_stats=True)
         out = parse_kld_output(lines)
         _finite(out["chunk_nll"], "perplexity", target.info.path)
         _finite(out["chunk_kld"], "KL divergence", target.info.path)
@@ -863,7 +895,7 @@ class _Evaluator:
         return out
 
     # generation
-    def _items(self, target: _Target) -> list[tuple[str, str, dict[str, Any]]]:
+    def generation_items(self, target: _Target) -> list[tuple[str, str, dict[str, Any]]]:
         """(step, item key, request) for every generation the suite asks of this model."""
         items = []
         for q in self.suite.questions:
@@ -882,6 +914,16 @@ class _Evaluator:
                     items.append((f"{mode} mode", _key("chat", req), req))
         return items
 
+    @staticmethod
+    def _score_own(replies: dict[str, Any], forced: Sequence[tuple[str, str]], scores: dict[str, Any]) -> None:
+        """A text the model itself generated after the same raw prompt needs no forced run:
+        its generation log-probabilities are the ones forcing would give."""
+        own = {_key(r["prompt"], r["text"]): r["logprobs"] for r in replies.values() if "logprobs" in r}
+        for p, t in forced:
+            k = _key(p, t)
+            if k not in scores and k in own:
+                scores[k] = own[k]
+
     def generations(self, target: _Target, forced: Sequence[tuple[str, str]] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
         """The model's replies to every item (key -> {prompt, text, stop, logprobs}), and for
         each (prompt, text) in `forced` the model's log-probabilities of `text` after `prompt`
@@ -889,7 +931,8 @@ class _Evaluator:
         sha = target.info.sha256
         replies: dict[str, Any] = self.cache.load(sha, "gen", self.gen_key) or {}
         scores: dict[str, Any] = self.cache.load(sha, "forced", self.gen_key) or {}
-        todo = [it for it in self._items(target) if it[1] not in replies]
+        todo = [it for it in self.generation_items(target) if it[1] not in replies]
+        self._score_own(replies, forced, scores)
         todo_forced = [(p, t) for p, t in forced if _key(p, t) not in scores and t]
         if not todo and not todo_forced:
             return replies, scores
@@ -922,6 +965,8 @@ class _Evaluator:
                 replies[key] = {"prompt": prompt, "text": c.text, "stop": c.stop, "logprobs": list(c.logprobs)}
                 done[step] += 1
                 self.progress(label, done[step], totals[step])
+            self._score_own(replies, forced, scores)
+            todo_forced = [(p, t) for p, t in forced if _key(p, t) not in scores and t]
             for i, (prompt, text) in enumerate(todo_forced):
                 self.progress(f"{target.label}: scoring continuations", i, len(todo_forced))
                 t0 = time.perf_counter()
@@ -958,16 +1003,18 @@ class _Raw:
 
 
 class _Draws:
-    """Bootstrap index draws per item kind, shared by a model and its base (paired)."""
+    """Bootstrap index draws per item kind, shared by a model and its base (paired); each
+    kind's draws depend only on (seed, kind, item count), not on the order of use."""
 
     def __init__(self, seed: int, samples: int):
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.samples = samples
         self._by_kind: dict[tuple[str, int], np.ndarray] = {}
 
     def __call__(self, kind: str, n: int) -> np.ndarray:
         if (kind, n) not in self._by_kind:
-            self._by_kind[(kind, n)] = self.rng.integers(0, n, size=(self.samples, n)) if n else np.zeros((self.samples, 0), int)
+            rng = np.random.default_rng([self.seed, zlib.crc32(kind.encode()), n])
+            self._by_kind[(kind, n)] = rng.integers(0, n, size=(self.samples, n)) if n else np.zeros((self.samples, 0), int)
         return self._by_kind[(kind, n)]
 
 
@@ -1082,7 +1129,7 @@ def _mean_nll(lps: Sequence[float] | None) -> float | None:
 def _raw(ev: _Evaluator, target: _Target, chunk_nll: Sequence[float], replies: dict[str, Any],
          base_scores: dict[str, Any] | None) -> _Raw:
     suite = ev.suite
-    items = ev._items(target)
+    items = ev.generation_items(target)
     by_step: dict[str, list[dict[str, Any]]] = {}
     for step, key, _ in items:
         by_step.setdefault(step, []).append(replies[key])
@@ -1108,9 +1155,11 @@ def _nll_estimate(values: Sequence[float | None], draws: _Draws) -> tuple[float,
     arr = np.array([np.nan if v is None else v for v in values], float)
     if not np.isfinite(arr).any():
         return None
-    idx = draws("prompt", arr.size)
-    reps = np.nanmean(np.where(np.isfinite(arr[idx]), arr[idx], np.nan), axis=1)
-    return math.exp(float(np.nanmean(arr))), np.exp(reps)
+    vals = arr[draws("prompt", arr.size)]
+    ok = np.isfinite(vals)
+    counts = ok.sum(axis=1)
+    reps = np.where(counts > 0, np.where(ok, vals, 0.0).sum(axis=1) / np.maximum(counts, 1), np.nan)
+    return math.exp(float(arr[np.isfinite(arr)].mean())), np.exp(reps)
 
 
 def evaluate(model: str | Path, base: str | Path | None = None, options: EvalOptions = EvalOptions(),
@@ -1135,9 +1184,7 @@ def evaluate(model: str | Path, base: str | Path | None = None, options: EvalOpt
             base_target = _Target(identify(Path(base), cache), f"base {Path(base).name}")
             if progress:
                 progress(step, 2, 2)
-            if base_target.info.vocab_size != target.info.vocab_size:
-                raise EvalError(f"{Path(model).name} has {target.info.vocab_size} tokens and base {Path(base).name} "
-                                f"{base_target.info.vocab_size}: KL divergence needs the same vocabulary")
+            _check_vocab(target, base_target)
         elif progress:
             progress(step, 1, 1)
         ev = _Evaluator(suite, options, cache, progress)
@@ -1155,26 +1202,16 @@ def evaluate(model: str | Path, base: str | Path | None = None, options: EvalOpt
         kld = ev.kld(target, base_target)
         model_nll = ev.perplexity(target)  # cached by the KLD run
         replies, _ = ev.generations(target)
-        conts = [(r["prompt"], r["text"]) for step, key, r2 in ev._items(target) if step == "open continuations"
-                 for r in [replies[key]]]
-        base_replies, base_scores = ev.generations(base_target)
-        own = [(r["prompt"], r["text"]) for step, key, _ in ev._items(base_target) if step == "open continuations"
-               for r in [base_replies[key]]]
-        base_replies, base_scores = ev.generations(base_target, forced=conts + own)
+        conts = [(replies[key]["prompt"], replies[key]["text"]) for step, key, _ in ev.generation_items(target)
+                 if step == "open continuations"]
+        base_replies, base_scores = ev.generations(base_target, forced=conts)
         raw = _raw(ev, target, model_nll, replies, base_scores)
         base_raw = _raw(ev, base_target, base_nll, base_replies, base_scores)
 
         draws = _Draws(options.seed, options.bootstrap_samples)
         scored, base_scored = _score(raw, draws), _score(base_raw, draws)
-        if len(kld["chunk_kld"]) != raw.chunk_nll.size:
-            raise EvalError(f"{Path(model).name}: {len(kld['chunk_kld'])} KLD chunks for {raw.chunk_nll.size} text chunks")
-        kld_point, kld_reps = _mean_reps(np.array(kld["chunk_kld"]), draws, "chunk")
-        top_point, top_reps = _mean_reps(np.array(kld["chunk_same_top"]) * 100, draws, "chunk")
+        kld_result = _kld_result(Path(model), kld, raw.chunk_nll, base_raw.chunk_nll, draws)
         m, b = scored.metrics, base_scored.metrics
-        kld_result = KldResult(_interval(kld_point, kld_reps), kld.get("median"), kld.get("p99"), kld.get("maximum"),
-                               _interval(top_point, top_reps),
-                               _interval(m["perplexity"][0] - b["perplexity"][0], m["perplexity"][1] - b["perplexity"][1]),
-                               tuple(kld["chunk_kld"]), tuple(kld["chunk_same_top"]))
         diffs = [_difference("overall score", True, scored.overall, base_scored.overall),
                  _difference("factual accuracy", True, m["factual"], b["factual"]),
                  _difference("perplexity", False, m["perplexity"], b["perplexity"]),
@@ -1183,7 +1220,7 @@ def evaluate(model: str | Path, base: str | Path | None = None, options: EvalOpt
         if "thinking" in m and "thinking" in b:
             diffs.append(_difference("thinking checks", True, m["thinking"], b["thinking"]))
         cont = _nll_estimate(raw.continuation_nll, draws)
-        base_cont = _nll_estimate(base_raw.continuation_nll, draws)
+        base_cont = _nll_estimate(base_raw.self_nll, draws)
         if cont and base_cont:
             diffs.append(_difference("continuation perplexity under base", False, cont, base_cont))
         timings = _timings(ev.clock, t_start)
@@ -1193,6 +1230,48 @@ def evaluate(model: str | Path, base: str | Path | None = None, options: EvalOpt
         return _report(raw, scored, options, suite, timings, not ev.clock.ran, versus)
     finally:
         cache.close()
+
+
+def _kld_result(model: Path, kld: dict[str, Any], model_nll: np.ndarray, base_nll: np.ndarray,
+                draws: _Draws) -> KldResult:
+    if not (len(kld["chunk_kld"]) == model_nll.size == base_nll.size):
+        raise EvalError(f"{model.name}: {len(kld['chunk_kld'])} KLD chunks for {model_nll.size} text chunks "
+                        f"({base_nll.size} for the base)")
+    kld_point, kld_reps = _mean_reps(np.array(kld["chunk_kld"]), draws, "chunk")
+    top_point, top_reps = _mean_reps(np.array(kld["chunk_same_top"]) * 100, draws, "chunk")
+    m_point, m_reps = _mean_reps(model_nll, draws, "chunk")
+    b_point, b_reps = _mean_reps(base_nll, draws, "chunk")
+    return KldResult(_interval(kld_point, kld_reps), kld.get("median"), kld.get("p99"), kld.get("maximum"),
+                     _interval(top_point, top_reps),
+                     _interval(math.exp(m_point) - math.exp(b_point), np.exp(m_reps) - np.exp(b_reps)),
+                     tuple(kld["chunk_kld"]), tuple(kld["chunk_same_top"]))
+
+
+def kl_divergence(model: str | Path, base: str | Path, options: EvalOptions = EvalOptions(),
+                  progress: Progress | None = None) -> KldResult:
+    """Only the KL divergence of `model` to `base` on the options' text (no generation): the
+    quick measure for searches over many edits. Shares evaluate()'s cache: the base logits are
+    computed once per (base, text, settings), a model's result once per file hash."""
+    suite = load_suite(options)
+    cache = EvalCache(options.cache_dir, options.use_cache)
+    try:
+        target = _Target(identify(Path(model), cache), Path(model).name)
+        base_target = _Target(identify(Path(base), cache), f"base {Path(base).name}")
+        _check_vocab(target, base_target)
+        ev = _Evaluator(suite, options, cache, progress)
+        base_nll = ev.perplexity(base_target, save_logits=True)
+        kld = ev.kld(target, base_target)
+        model_nll = ev.perplexity(target)  # cached by the KLD run
+        return _kld_result(Path(model), kld, np.array(model_nll, float), np.array(base_nll, float),
+                           _Draws(options.seed, options.bootstrap_samples))
+    finally:
+        cache.close()
+
+
+def _check_vocab(target: _Target, base: _Target) -> None:
+    if base.info.vocab_size != target.info.vocab_size:
+        raise EvalError(f"{target.info.path.name} has {target.info.vocab_size} tokens and base {base.info.path.name} "
+                        f"{base.info.vocab_size}: KL divergence needs the same vocabulary")
 
 
 def _timings(clock: _Clock, t_start: float) -> Timings:
@@ -1261,4 +1340,4 @@ def comparison_table(reports: Sequence[EvalReport]) -> tuple[list[str], list[lis
 
 
 def _num(v: float | None, digits: int) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
+    return "—" if v is None else f"{v + 0.0:.{digits}f}"  # no "-0.0000"

@@ -449,31 +449,16 @@ class CandidateScorer:
         return path
 
     def prepare(self) -> None:
-        """Compute (or find cached) the base logits of the short text."""
-        self._kld(self.base, base_only=True)
+        """Compute (or find cached) the base logits of the short text before workers start."""
+        self._kld(self.base)
 
-    def _kld(self, candidate: Path, base_only: bool = False) -> ShortScore:
-        from .evaluate import (EvalCache, _Draws, _Evaluator, _interval, _mean_reps, _Target, identify, load_suite)
-        import numpy as np
+    def _kld(self, candidate: Path) -> ShortScore:
+        from .evaluate import kl_divergence
 
         start = time.monotonic()
-        options = self._options(self.text_file())
-        suite = load_suite(options)
-        cache = EvalCache(options.cache_dir, options.use_cache)
-        try:
-            ev = _Evaluator(suite, options, cache, None)
-            base = _Target(identify(self.base, cache), f"base {self.base.name}")
-            ev.perplexity(base, save_logits=True)
-            if base_only:
-                return ShortScore(0.0, 0.0, 0.0, 100.0, time.monotonic() - start)
-            target = _Target(identify(candidate, cache), candidate.name)
-            out = ev.kld(target, base)
-        finally:
-            cache.close()
-        draws = _Draws(options.seed, options.bootstrap_samples)
-        kld = _interval(*_mean_reps(np.array(out["chunk_kld"], float), draws, "chunk"))
-        top = _mean_reps(np.array(out["chunk_same_top"], float) * 100, draws, "chunk")[0]
-        return ShortScore(kld.value, kld.low, kld.high, top, time.monotonic() - start)
+        result = kl_divergence(candidate, self.base, self._options(self.text_file()))
+        return ShortScore(result.mean.value, result.mean.low, result.mean.high, result.same_top.value,
+                          time.monotonic() - start)
 
     def build(self, recipe: str, tag: str) -> Path:
         from .edit import EditOptions, edit

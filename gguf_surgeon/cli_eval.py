@@ -1,0 +1,177 @@
+"""`gguf-surgeon eval` and `gguf-surgeon compare`: parse options, call evaluate.py, render."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import click
+
+from .cli import emit_json, err_console, main, out_console
+from .errors import OutputError
+
+# evaluate (numpy) and rich.progress are imported inside the commands: registering these
+# commands must not slow down every other gguf-surgeon command.
+if TYPE_CHECKING:
+    from .evaluate import EvalOptions, EvalReport
+
+
+class step_progress:
+    """Rich bars on stderr, one per evaluation step, for evaluate()'s progress callback;
+    silent off a terminal or with --json."""
+
+    def __init__(self, enabled: bool = True):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.enabled = enabled and err_console.is_terminal
+        self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=err_console, transient=True, disable=not self.enabled)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> Callable[[str, int, "int | None"], None]:
+        self.bar.__enter__()
+
+        def update(step: str, done: int, total: int | None) -> None:
+            if step not in self.tasks:
+                self.tasks[step] = self.bar.add_task(step, total=total)
+            self.bar.update(self.tasks[step], completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+
+def eval_options(f: Callable) -> Callable:
+    """Options eval and compare share."""
+    for opt in reversed([
+        click.option("--text", type=click.Path(path_type=Path, dir_okay=False),
+                     help="Perplexity/KLD text file (default: the bundled evaluation text)."),
+        click.option("--questions", type=click.IntRange(min=1),
+                     help="Ask only the first N factual questions (quick runs; scores differ from full runs)."),
+        click.option("--threads", type=click.IntRange(min=1),
+                     help="llama.cpp threads (default: min(4, CPUs)); results are cached per thread count."),
+        click.option("--no-cache", is_flag=True, help="Recompute everything and keep nothing."),
+        click.option("--llama-bin", type=click.Path(path_type=Path, file_okay=False),
+                     help="Folder holding llama-perplexity and llama-server."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def make_options(text: Path | None, questions: int | None, threads: int | None, no_cache: bool,
+                 llama_bin: Path | None) -> "EvalOptions":
+    from .evaluate import EvalOptions, default_threads
+
+    return EvalOptions(llama_bin=llama_bin, text=text, questions=questions, threads=threads or default_threads(),
+                       use_cache=not no_cache)
+
+
+def useful_rows(rows: list[list[str]]) -> list[list[str]]:
+    """Rows with something to show (a lone model has no KLD or verdict)."""
+    return [r for r in rows if any(c != "—" for c in r[1:])]
+
+
+def render_table(header: list[str], rows: list[list[str]]) -> None:
+    from rich.table import Table
+
+    t = Table(*header, box=None, pad_edge=False)
+    for r in useful_rows(rows):
+        t.add_row(f"[bold]{r[0]}[/]", *r[1:])
+    out_console.print(t)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    def esc(cell: str) -> str:
+        return cell.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |",
+             "|:---|" + ":---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def footer(reports: Sequence["EvalReport"]) -> None:
+    r = reports[-1]
+    s = r.settings
+    out_console.print(f"{s['questions']} questions, {r.perplexity.chunks} chunks of {s['ctx']} tokens of {s['text']}, "
+                      f"{len(r.generation.continuations)} open prompts; {s['threads']} threads, seed {s['seed']}; "
+                      f"intervals: {s['confidence']:.0%} bootstrap ({s['bootstrap_samples']} draws)")
+    t = r.timings
+    out_console.print(f"Time: {t.total:.1f} s" + (" (all from cache)" if all(x.cached for x in reports) else
+                      f" (llama.cpp {t.llama:.1f} s, gguf-surgeon {t.overhead:.1f} s)"))
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--base", type=click.Path(path_type=Path, dir_okay=False),
+              help="The model MODEL was made from: adds KL divergence and differences with intervals.")
+@eval_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Also write the JSON report to this file.")
+def eval_cmd(model: Path, base: Path | None, text: Path | None, questions: int | None, threads: int | None,
+             no_cache: bool, llama_bin: Path | None, as_json: bool, out: Path | None) -> None:
+    """Score MODEL 0-100 (factual questions, perplexity, coherence, repetition, thinking modes),
+    each with a 95% bootstrap interval; with --base also KL divergence, same-top-token rate,
+    differences to the base and a verdict: better, worse or not distinguishable.
+
+    Runs llama-perplexity and llama-server (temperature 0, fixed seed and threads). Results
+    are cached by file hash in ~/.cache/gguf-surgeon/eval, so a rerun is instant.
+
+    \b
+    Example:
+      gguf-surgeon eval edited.gguf --base original.gguf
+    """
+    from .evaluate import comparison_table, evaluate
+
+    options = make_options(text, questions, threads, no_cache, llama_bin)
+    with step_progress(enabled=not as_json) as progress:
+        report = evaluate(model, base, options, progress)
+    data = report.to_dict()
+    if out is not None:
+        try:
+            out.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise OutputError(f"--out {out}: cannot write: {e.strerror}") from None
+    if as_json:
+        return emit_json(data)
+    reports = [report.versus_base.base, report] if report.versus_base else [report]
+    render_table(*comparison_table(reports))
+    if report.versus_base:
+        d = report.versus_base.differences[0].delta
+        out_console.print(f"Verdict: [bold]{report.versus_base.verdict}[/] than the base"
+                          if report.versus_base.verdict != "not distinguishable" else
+                          "Verdict: [bold]not distinguishable[/] from the base", end="")
+        out_console.print(f" (overall Δ {d.value:+.1f}, 95% interval [{d.low:+.1f}, {d.high:+.1f}])")
+    footer(reports)
+
+
+@main.command("compare")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@eval_options
+@click.option("--markdown", is_flag=True, help="Print the table as Markdown, for a model card.")
+@click.option("--json", "as_json", is_flag=True, help="Print every report as JSON.")
+def compare_cmd(models: tuple[Path, ...], text: Path | None, questions: int | None, threads: int | None,
+                no_cache: bool, llama_bin: Path | None, markdown: bool, as_json: bool) -> None:
+    """Evaluate models side by side, each against the first: overall score, factual accuracy,
+    perplexity, KLD vs the first, thinking and non-thinking checks, deltas with 95% intervals.
+
+    \b
+    Example:
+      gguf-surgeon compare original.gguf edited-a.gguf edited-b.gguf --markdown
+    """
+    if len(models) < 2:
+        raise click.UsageError("compare needs at least two models")
+    from .evaluate import compare, comparison_table
+
+    options = make_options(text, questions, threads, no_cache, llama_bin)
+    with step_progress(enabled=not (as_json or markdown)) as progress:
+        reports = compare(models, options, progress)
+    if as_json:
+        return emit_json([r.to_dict() for r in reports])
+    header, rows = comparison_table(reports)
+    if markdown:
+        return click.echo(markdown_table(header, rows))
+    render_table(header, rows)
+    footer(reports)

@@ -1,0 +1,246 @@
+"""gguf-surgeon eval / compare: matching, parsing and statistics in plain Python; the
+plumbing on tiny fixtures through the real llama.cpp tools; the claims on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import gguf_surgeon.cli_eval  # noqa: F401  (registers eval and compare)
+from gguf_surgeon.cli import main
+from gguf_surgeon.edit import edit
+from gguf_surgeon.errors import SurgeonError, ToolError
+from gguf_surgeon.evaluate import (EVAL_TEXT_FILE, EvalError, EvalOptions, Question, _difference, _Draws, _mean_reps,
+                                   answer_tokens, apply_chat_template, coherence_of, evaluate, is_correct, kl_divergence,
+                                   load_questions, parse_kld_output, parse_perplexity_output, parse_thinking,
+                                   repetition_of, thinking_check)
+from gguf_surgeon.llama_server import LlamaServer
+
+SHORT_TEXT = EVAL_TEXT_FILE.read_text(encoding="utf-8")[:1600]  # 4 chunks of 256 for the byte-level tiny vocab
+
+
+# --- matching, parsing, statistics (no llama.cpp) ---------------------------------------
+
+def test_bundled_suite_is_large_enough_and_well_formed():
+    qs = load_questions()
+    assert len(qs) >= 40
+    assert len({q.id for q in qs}) == len(qs)
+    assert len(EVAL_TEXT_FILE.read_text(encoding="utf-8")) > 8000
+
+
+@pytest.mark.parametrize("reply, ok", [
+    ("The capital of Japan is Tokyo.", True),
+    ("TOKYO", True),
+    ("Tokyoite cuisine is famous.", False),  # whole words only
+    ("It is Kyoto.", False),
+])
+def test_answers_match_whole_words_after_normalization(reply, ok):
+    assert is_correct(reply, Question("q", "What is the capital of Japan?", ("Tokyo",))) is ok
+
+
+def test_normalization_handles_numbers_accents_and_hedges():
+    legs = Question("q", "How many legs does a spider have?", ("8", "eight"))
+    assert is_correct("A spider has eight legs.", legs)
+    assert is_correct("8.0 legs", legs)
+    assert not is_correct("A spider has 18 legs.", legs)
+    assert answer_tokens("J.K. Rowling") == answer_tokens("J K Rowling")
+    assert answer_tokens("Bogotá, 1,000 people") == ["bogota", "1000", "people"]
+    canberra = Question("q", "Capital of Australia?", ("Canberra",), reject=("Sydney",))
+    assert is_correct("Canberra.", canberra)
+    assert not is_correct("Either Sydney or Canberra.", canberra)
+    assert not is_correct("<think>Canberra?</think>Sydney", Question("q", "?", ("Canberra",)))
+
+
+def test_thinking_parse():
+    p = parse_thinking("<|im_start|>assistant\n", "<think>\n12 + 7 = 19\n</think>\n\n19")
+    assert p.well_formed and p.thinking == "12 + 7 = 19" and p.answer == "19"
+    # a template that opens the block itself: the reply starts inside it
+    assert parse_thinking("assistant\n<think>\n", "12 + 7 = 19</think> 19").well_formed
+    assert thinking_check("thinking", "", "<think>ok</think>19")
+    assert not thinking_check("thinking", "", "<think>never closed 19")
+    assert not thinking_check("thinking", "", "<think>a</think><think>b</think>19")
+    assert not thinking_check("thinking", "", "<think>only thoughts</think>")
+    # non-thinking: the template already wrote the empty block; the reply must hold none
+    prompt = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert thinking_check("non-thinking", prompt, "19")
+    assert not thinking_check("non-thinking", prompt, "<think>hmm</think>19")
+    assert not thinking_check("non-thinking", prompt, "   ")
+
+
+def test_repetition_and_coherence():
+    loop = "He was a man. " * 20
+    prose = ("The keeper lit the lamp, wound the clockwork and watched the beam sweep across the dark water "
+             "while a fishing boat crept toward the harbour, its crew counting the flashes to find their way home "
+             "before the storm arrived from the west and the waves began to break over the rocks below the tower.")
+    assert repetition_of(loop) > 0.8 > 0.05 > repetition_of(prose)
+    assert coherence_of(prose) > 0.9 > 0.3 > coherence_of(loop)
+    assert coherence_of("") == 0 and repetition_of("") == 0
+
+
+def test_parse_llama_perplexity_output():
+    # --ppl-output-type 1: position, running PPL, running mean NLL, its uncertainty
+    lines = ["0.00.001 I perplexity: calculating perplexity over 3 chunks", "       0  10.0000  2.000000  0.1",
+             "       0  12.0000  2.500000  0.1", "     512  11.0000  2.400000  0.1"]
+    assert np.allclose(parse_perplexity_output(lines), [2.0, 3.0, 2.2])
+    kld_lines = [
+        "chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence              Δp RMS            Same top p",
+        f"   1    {math.exp(2):9.4f} ±    0.5000    0.01000 ±    0.00100    0.10000 ±    0.01000     5.000 ±  0.500 %    90.000 ±  1.000 %",
+        f"   2    {math.exp(2.5):9.4f} ±    0.5000    0.01000 ±    0.00100    0.20000 ±    0.01000     5.000 ±  0.500 %    95.000 ±  1.000 %",
+        "Median  KLD:   -0.000000", "99.0%   KLD:   0.500000", "Maximum KLD:   1.250000",
+    ]
+    out = parse_kld_output(kld_lines)
+    assert np.allclose(out["chunk_kld"], [0.1, 0.3]) and np.allclose(out["chunk_same_top"], [0.9, 1.0])
+    assert np.allclose(out["chunk_nll"], [2.0, 3.0], atol=1e-4)
+    assert out["median"] == 0.0 and math.copysign(1, out["median"]) == 1 and out["p99"] == 0.5
+
+
+def test_five_points_from_seventeen_questions_is_within_noise():
+    """The model card's +12% factual (15/17 -> 17/17) and a one-question change are noise."""
+    draws = _Draws(42, 2000)
+    base = np.array([1] * 15 + [0] * 2, float)
+    model = np.ones(17)
+    d = _difference("factual accuracy", True, _mean_reps(model, draws, "question"), _mean_reps(base, draws, "question"))
+    assert d.delta.value == pytest.approx(2 / 17)
+    assert d.verdict == "not distinguishable" and d.delta.low <= 0
+    # the same gain over 170 questions is not
+    big = _difference("factual accuracy", True, _mean_reps(np.ones(170), draws, "question"),
+                      _mean_reps(np.array([1] * 150 + [0] * 20, float), draws, "question"))
+    assert big.verdict == "better"
+
+
+# --- tiny fixtures through llama.cpp ------------------------------------------------------
+
+@pytest.fixture
+def tiny_options(llama_bin: Path, tmp_path: Path) -> EvalOptions:
+    text = tmp_path / "short.txt"
+    text.write_text(SHORT_TEXT, encoding="utf-8")
+    return EvalOptions(llama_bin=llama_bin, text=text, questions=2, threads=1, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_template_thinking_switch_reaches_the_template(llama_bin: Path, tiny: Path):
+    with LlamaServer(llama_bin, tiny, ctx_size=256, threads=1, extra_args=("--jinja",)) as server:
+        msgs = [{"role": "user", "content": "hi"}]
+        off = apply_chat_template(server.url, msgs, enable_thinking=False)
+        on = apply_chat_template(server.url, msgs, enable_thinking=True)
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert on.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_tiny_eval_runs_every_part_and_caches(tiny: Path, tiny_options: EvalOptions):
+    steps: list[str] = []
+    r = evaluate(tiny, options=tiny_options, progress=lambda s, d, t: steps.append(s))
+    assert r.model.thinking_switch and r.thinking.supported and r.thinking.per_mode == 2
+    assert {s.mode for s in r.thinking.samples} == {"thinking", "non-thinking"} and len(r.thinking.samples) == 4
+    for s in r.thinking.samples:  # random weights: whatever came out, the check is the parser's verdict
+        assert s.passed == thinking_check(s.mode, "", s.reply) or "<think>" in s.reply
+    assert r.factual.total == 2 and r.perplexity.chunks >= 4 and r.perplexity.ppl.value > 1
+    assert r.score.low <= r.score.value <= r.score.high and 0 <= r.score.value <= 100
+    assert set(r.parts) == {"factual", "perplexity", "coherence", "repetition", "thinking"}
+    assert any("perplexity" in s for s in steps) and any("factual" in s for s in steps)
+    json.dumps(r.to_dict())
+    again = evaluate(tiny, options=tiny_options)
+    assert again.cached and again.score == r.score and again.timings.llama == 0
+
+
+@pytest.mark.slow
+def test_tiny_against_edited_copy_and_cli(tiny: Path, tiny_options: EvalOptions, tmp_path: Path, monkeypatch):
+    edited = tmp_path / "edited.gguf"
+    edit(tiny, edited, "delete 2-3")
+    r = evaluate(edited, base=tiny, options=tiny_options)
+    v = r.versus_base
+    assert v is not None and v.kld.mean.value > 0.01 and v.kld.median is not None and v.kld.p99 is not None
+    assert v.differences[0].metric == "overall score" and v.verdict == v.differences[0].verdict
+    assert v.base.model.sha256 != r.model.sha256 and len(v.kld.chunk_kld) == r.perplexity.chunks
+    assert kl_divergence(edited, tiny, tiny_options) == v.kld  # the quick path for searches, same cache
+
+    monkeypatch.setenv("GGUF_SURGEON_CACHE", str(tmp_path / "cli-cache"))
+    common = ["--text", str(tiny_options.text), "--questions", "2", "--threads", "1", "--llama-bin", str(tiny_options.llama_bin)]
+    res = CliRunner().invoke(main, ["eval", str(edited), "--base", str(tiny), "--json", "--out", str(tmp_path / "r.json"), *common])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["versus_base"]["kld"]["mean"]["value"] == pytest.approx(v.kld.mean.value)
+    assert json.loads((tmp_path / "r.json").read_text()) == data
+    res = CliRunner().invoke(main, ["compare", str(tiny), str(edited), "--markdown", *common])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == "| Metric | tiny.gguf | edited.gguf |" and lines[1] == "|:---|:---:|:---:|"
+    assert any(l.startswith("| KLD vs first (mean) | — | ") for l in lines)
+
+
+@pytest.mark.slow
+def test_errors_name_the_cause(tiny: Path, make_model, smollm2: Path, tiny_options: EvalOptions, tmp_path: Path):
+    with pytest.raises(EvalError, match="same vocabulary"):
+        evaluate(tiny, base=smollm2, options=tiny_options)
+    unknown = make_model("unknown.gguf", arch="notanarch")
+    with pytest.raises(ToolError, match="notanarch"):
+        evaluate(unknown, options=tiny_options)
+    short = tmp_path / "tiny.txt"
+    short.write_text("Too short.", encoding="utf-8")
+    with pytest.raises(EvalError, match="too short"):
+        evaluate(tiny, options=replace(tiny_options, text=short))
+    with pytest.raises(SurgeonError):
+        evaluate(tmp_path / "missing.gguf", options=tiny_options)
+    res = CliRunner().invoke(main, ["eval", str(tiny), "--text", str(tmp_path / "nope.txt")])
+    assert res.exit_code == 1 and res.output.startswith("Error: --text ") and "no such file" in res.output
+
+
+# --- SmolLM2-135M-Instruct: the claims -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol_options(llama_bin: Path, tmp_path_factory) -> EvalOptions:
+    # one thread: on a shared 2-core machine two OpenMP threads wait on each other whenever
+    # another process takes a core (this file: 2:12 with one thread, 4:48 with two, same load)
+    return EvalOptions(llama_bin=llama_bin, threads=1, cache_dir=tmp_path_factory.mktemp("eval-cache"))
+
+
+@pytest.fixture(scope="module")
+def smol_report(smollm2: Path, smol_options: EvalOptions):
+    return evaluate(smollm2, options=smol_options)
+
+
+@pytest.mark.slow
+def test_smollm2_answers_most_bundled_questions(smollm2: Path, smol_report, smol_options: EvalOptions):
+    r = smol_report
+    assert r.factual.total == len(load_questions()) >= 40
+    assert r.factual.correct > r.factual.total / 2, [a.reply for a in r.factual.answers if not a.correct]
+    assert 5 < r.perplexity.ppl.value < 60 and r.perplexity.chunks >= 10
+    assert not r.thinking.supported and "thinking" not in r.parts
+    assert r.score.low < r.score.value < r.score.high
+    assert len(r.generation.continuations) >= 2 and all(c.words > 10 for c in r.generation.continuations)
+    again = evaluate(smollm2, options=smol_options)
+    assert again.cached and again.score == r.score
+
+
+@pytest.mark.slow
+def test_smollm2_identical_copy_is_not_distinguishable(smollm2: Path, smol_report, smol_options: EvalOptions,
+                                                       tmp_path: Path):
+    copy = tmp_path / "copy.gguf"
+    shutil.copyfile(smollm2, copy)
+    r = evaluate(copy, base=smollm2, options=smol_options)
+    v = r.versus_base
+    assert v.kld.mean.value < 1e-3 and v.kld.same_top.value > 99.9
+    assert r.score.value == v.base.score.value == smol_report.score.value
+    assert v.verdict == "not distinguishable"
+    assert all(d.verdict == "not distinguishable" for d in v.differences)
+
+
+@pytest.mark.slow
+def test_smollm2_without_middle_blocks_is_worse(smollm2: Path, smol_report, smol_options: EvalOptions, tmp_path: Path):
+    deleted = tmp_path / "deleted.gguf"
+    edit(smollm2, deleted, "delete 12-16")
+    quick = replace(smol_options, questions=10)  # the base's replies come from the cache
+    r = evaluate(deleted, base=smollm2, options=quick)
+    v = r.versus_base
+    assert v.kld.mean.value > 0.05 and v.kld.p99 > v.kld.median > 0
+    assert v.kld.delta_ppl.low > 0
+    assert r.score.value < v.base.score.value
+    assert v.verdict == "worse"
