@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import SurgeonError
+from .errors import RecipeError, SurgeonError
+from .metadata import RECIPE_KEY
 from .operations import REGISTRY
 from .reader import Model
 
@@ -316,9 +317,9 @@ def verify_cmd(model: Path, against: Path | None, recipe: str | None, as_json: b
 
     with Model(model) as m:
         if against is not None:
-            recipe = recipe or m.value("surgery.recipe")
+            recipe = recipe or m.value(RECIPE_KEY)
             if not recipe:
-                raise SurgeonError(f"{model}: no surgery.recipe key; pass --recipe")
+                raise RecipeError(f"{model}: no {RECIPE_KEY} key; pass --recipe")
             with Model(against) as src:
                 v = verify(m, src, plan_for(src, recipe))
         else:

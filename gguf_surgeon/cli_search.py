@@ -97,6 +97,8 @@ def rank_cmd(model: Path, text_file: Path | None, max_tokens: int, ablation: boo
 
     from .rank import RankError, plot_ranking, rank_model
 
+    if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise RankError(f"--plot {plot}: write a .png, .svg or .pdf file")  # before the forward pass, not after
     text = None
     if text_file is not None:
         try:

@@ -17,10 +17,20 @@ from .writer import Progress, WriteResult, check_output, layout, write_surgery
 @dataclass(frozen=True)
 class EditOptions:
     name: str | None = None  # general.name of the output; default: source name + recipe
-    force: bool = False  # overwrite OUT; write blocks into positions whose tensor set differs
+    force: bool = False  # both of the next two (the CLI's --force)
     split_max_size: int | None = None  # bytes of tensor data per shard
     split_max_tensors: int | None = None
     alignment: int | None = None  # general.alignment of the output; default: the source's
+    overwrite: bool = False  # replace an existing OUT
+    allow_mismatch: bool = False  # write blocks into positions whose tensor set differs (dense <-> MoE)
+
+    @property
+    def may_overwrite(self) -> bool:
+        return self.force or self.overwrite
+
+    @property
+    def may_mismatch(self) -> bool:
+        return self.force or self.allow_mismatch
 
 
 def plan_for(model: Model, recipe: str | tuple[Step, ...]) -> LayerPlan:
@@ -33,13 +43,13 @@ def plan_for(model: Model, recipe: str | tuple[Step, ...]) -> LayerPlan:
 
 def prepare(model: Model, recipe: str | tuple[Step, ...], options: EditOptions = EditOptions()) -> Surgery:
     """Parse and check the recipe against the model; nothing is written."""
-    return plan_surgery(model, plan_for(model, recipe), options.name, options.force, options.alignment)
+    return plan_surgery(model, plan_for(model, recipe), options.name, options.may_mismatch, options.alignment)
 
 
 def check_outputs(model: Model, surgery: Surgery, out: Path, options: EditOptions = EditOptions()) -> None:
     """What the writer would refuse (folder missing, OUT is IN, OUT exists), checked without writing."""
     for shard in layout(surgery, out, options.split_max_size, options.split_max_tensors):
-        check_output(shard.path, [s.path for s in model.shards], options.force)
+        check_output(shard.path, [s.path for s in model.shards], options.may_overwrite)
 
 
 def report(surgery: Surgery, out: Path | None = None, options: EditOptions = EditOptions(),
@@ -69,6 +79,6 @@ def edit(source: Path, out: Path, recipe: str | tuple[Step, ...], options: EditO
     """Apply `recipe` to `source` and write `out` in one streaming pass."""
     with Model(source) as model:
         surgery = prepare(model, recipe, options)
-        result = write_surgery(model, surgery, out, force=options.force, split_max_size=options.split_max_size,
+        result = write_surgery(model, surgery, out, force=options.may_overwrite, split_max_size=options.split_max_size,
                                split_max_tensors=options.split_max_tensors, progress=progress)
     return surgery, result

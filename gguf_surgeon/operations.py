@@ -51,6 +51,12 @@ def _fraction(tok: str) -> float:
     return v
 
 
+def format_fraction(t: float) -> str:
+    """Shortest text that parses back to exactly `t` (0.5, 0.123456789, 0), for canonical recipes."""
+    text = repr(float(t))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def parse_layer_spec(spec: str) -> tuple[int, ...]:
     """'0-9,11,13,12' -> (0, ..., 9, 11, 13, 12); a descending range counts down."""
     out: list[int] = []
@@ -225,7 +231,7 @@ def _apply_interpolate(args: tuple, layers: Layers) -> Layers:
 
 def _canon_interpolate(args: tuple) -> str:
     a, b, t, mode, where = args
-    return f"{a} {b} --t {t:g} --{mode} {where}"
+    return f"{a} {b} --t {format_fraction(t)} --{mode} {where}"
 
 
 def _parse_bridge(tokens: list[str]) -> tuple:
@@ -256,7 +262,7 @@ REGISTRY: dict[str, Operation] = {
                   "a new block (1-t)*A + t*B (default: inserted after A)", _parse_interpolate, _apply_interpolate,
                   _canon_interpolate),
         Operation("bridge", "bridge I [--t 0.5]", "interpolate I and I+1, inserted between them", _parse_bridge,
-                  _apply_bridge, lambda a: f"{a[0]} --t {a[1]:g}"),
+                  _apply_bridge, lambda a: f"{a[0]} --t {format_fraction(a[1])}"),
     )
 }
 

@@ -366,6 +366,8 @@ def plot_ranking(ranking: Ranking, out: str | Path) -> Path:
         fig.savefig(out, dpi=100)
     except OSError as e:
         raise RankError(f"{out}: cannot write the plot: {e.strerror or e}") from None
+    except ValueError as e:  # matplotlib's answer to an unknown file suffix
+        raise RankError(f"{out}: cannot write the plot: {e}") from None
     finally:
         plt.close(fig)
     return out

@@ -670,7 +670,7 @@ def release(base: str | Path, recipe: str, out_dir: str | Path, options: Release
 
     edited = out_dir / f"{name}.gguf"
     step("editing")
-    edit(base, edited, recipe, EditOptions(name=name, force=options.force))
+    edit(base, edited, recipe, EditOptions(name=name, overwrite=options.force))
     quants = None
     if options.types:
         step("quantizing")

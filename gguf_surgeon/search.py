@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SurgeonError, ToolError
-from .operations import format_layer_spec, parse_layer_spec
+from .operations import format_fraction, format_layer_spec, parse_layer_spec
 from .plan import LayerPlan, LayerSource
 from .reader import Model
 from .recipe import parse_recipe
@@ -119,9 +119,9 @@ class Move:
         if self.op == "duplicate":
             return f"duplicate {pos[0]}"
         if self.op == "bridge":
-            return f"bridge {pos[0]} --t {self.t:g}" if pos[1] == pos[0] + 1 else None
+            return f"bridge {pos[0]} --t {format_fraction(self.t)}" if pos[1] == pos[0] + 1 else None
         if self.op == "interpolate":
-            return f"interpolate {pos[0]} {pos[1]} --t {self.t:g} --replace {pos[0]}"
+            return f"interpolate {pos[0]} {pos[1]} --t {format_fraction(self.t)} --replace {pos[0]}"
         contiguous = pos == list(range(pos[0], pos[0] + len(pos)))
         if self.op == "delete-window":
             return f"delete {format_layer_spec(tuple(sorted(pos))).replace(',', ' ')}"
@@ -465,7 +465,7 @@ class CandidateScorer:
 
         self.candidates_dir.mkdir(parents=True, exist_ok=True)
         path = self.candidates_dir / f"candidate-{tag}.gguf"
-        edit(self.base, path, recipe, EditOptions(force=True))
+        edit(self.base, path, recipe, EditOptions(overwrite=True))
         return path
 
     def short(self, recipe: str, tag: str) -> ShortScore:

@@ -116,6 +116,8 @@ def reserve_temp(out: Path) -> Path:
             return tmp
         except FileExistsError:
             continue
+        except OSError as e:
+            raise OutputError(f"{out}: cannot create a file in {out.parent}: {e.strerror}") from None
 
 
 def check_output(out: Path, inputs: list[Path], force: bool) -> None:
@@ -201,6 +203,7 @@ def write_surgery(model: Model, surgery: Surgery, out: Path, *, force: bool = Fa
     copier = _Copier()
     src_fds: dict[Path, int] = {}
     temps: list[tuple[Path, Path]] = []
+    placed: list[Path] = []  # outputs that did not exist before this call, removed again on failure
     try:
         for p in inputs:
             src_fds[p] = os.open(p, os.O_RDONLY)
@@ -229,8 +232,22 @@ def write_surgery(model: Model, surgery: Surgery, out: Path, *, force: bool = Fa
             finally:
                 os.close(fd)
         for tmp, final in temps:
-            os.replace(tmp, final)
+            if force:
+                os.replace(tmp, final)
+            else:
+                try:
+                    os.link(tmp, final)  # fails, unlike a rename, if OUT appeared while writing
+                except FileExistsError:
+                    raise OutputError(f"{final}: appeared while writing; use --force to overwrite") from None
+                except OSError:
+                    if final.exists():
+                        raise
+                    os.replace(tmp, final)  # a filesystem without hard links
+                else:
+                    tmp.unlink()
+                placed.append(final)
         temps.clear()
+        placed.clear()
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OutputError(f"{out}: disk full after writing {done} of {total} bytes; nothing was kept") from None
@@ -238,6 +255,8 @@ def write_surgery(model: Model, surgery: Surgery, out: Path, *, force: bool = Fa
     finally:
         for fd in src_fds.values():
             os.close(fd)
+        for p in placed:
+            p.unlink(missing_ok=True)
         for tmp, _ in temps:
             try:
                 tmp.unlink()
