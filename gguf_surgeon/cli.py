@@ -59,7 +59,10 @@ def parse_size(value: str | None) -> int | None:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
     if not m:
         raise click.BadParameter(f"{value!r} is not a size like 500M or 2G", param_hint="--split-max-size")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+    size = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+    if size <= 0:
+        raise click.BadParameter(f"{value!r} is not a positive size", param_hint="--split-max-size")
+    return size
 
 
 IN_ARG = click.argument("source", metavar="IN", type=click.Path(path_type=Path, dir_okay=False))
@@ -315,6 +318,8 @@ def verify_cmd(model: Path, against: Path | None, recipe: str | None, as_json: b
     from .edit import plan_for
     from .verify import verify
 
+    if recipe is not None and against is None:
+        raise click.UsageError("--recipe needs --against (the source the recipe was applied to)")
     with Model(model) as m:
         if against is not None:
             recipe = recipe or m.value(RECIPE_KEY)
