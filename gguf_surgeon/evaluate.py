@@ -806,7 +806,7 @@ class _Evaluator:
         self.progress = progress or (lambda step, done, total: None)
         self.clock = _Clock()
         self.perplexity_bin = find_tool("llama-perplexity", options.llama_bin)
-        self.server_dir = find_tool("llama-server", options.llama_bin).parent
+        self.llama_bin = options.llama_bin
         o = options
         self.text_key = _key(SUITE_VERSION, suite.text_sha256, o.ctx, o.batch, o.threads)
         self.gen_key = _key(SUITE_VERSION, o.seed, o.threads, SERVER_CTX, FACTUAL_N_PREDICT, COHERENCE_N_PREDICT,
@@ -942,7 +942,8 @@ class _Evaluator:
             totals[step] = totals.get(step, 0) + 1
         done = {s: 0 for s in totals}
         start = time.perf_counter()
-        server = LlamaServer(self.server_dir, target.info.path, ctx_size=SERVER_CTX, threads=o.threads,
+        server_dir = find_tool("llama-server", self.llama_bin).parent  # only generation needs it
+        server = LlamaServer(server_dir, target.info.path, ctx_size=SERVER_CTX, threads=o.threads,
                              extra_args=("--jinja", "--seed", str(o.seed), "-b", str(o.batch)),
                              request_timeout=o.request_timeout)
         self.clock.ran = True

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SurgeonError, ToolError
+from .errors import OutputError, SurgeonError, ToolError
 from .operations import format_fraction, format_layer_spec, parse_layer_spec
 from .plan import LayerPlan, LayerSource
 from .reader import Model
@@ -950,8 +950,8 @@ class _Worker:
             # the file name is unique per candidate: evaluate memoizes hashes by path, size and mtime
             s = self.scorer.short(cand.recipe, f"{trial.number}-{hashlib.sha256(cand.key.encode()).hexdigest()[:12]}")
         except SurgeonError as e:
-            if isinstance(e, ToolError) and "not found" in str(e):
-                raise
+            if isinstance(e, OutputError) or (isinstance(e, ToolError) and "not found" in str(e)):
+                raise  # the machine's fault (disk full, missing tool), not the candidate's: a rerun retries it
             trial.set_user_attr("error", str(e))  # this candidate is broken (NaN logits): never retried
             raise self.optuna.TrialPruned(str(e)) from None
         for k, v in (("kld_low", s.low), ("kld_high", s.high), ("same_top", s.same_top), ("seconds", s.seconds),

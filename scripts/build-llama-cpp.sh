@@ -36,6 +36,12 @@ if [ ! -d "$ROOT/src/vendor/llama.cpp" ]; then
   tar -xzf "$tmp"/llama_cpp_python-"$VERSION".tar.gz -C "$ROOT/src" --strip-components=1
 fi
 
+if ! command -v cmake >/dev/null 2>&1; then
+  # no system cmake: PyPI's cmake wheel carries the binary
+  python3 -m pip install --quiet --target "$CACHE/cmake" cmake >&2
+  export PATH="$(dirname "$(find "$CACHE/cmake" -path '*/bin/cmake' -type f | head -n 1)"):$PATH"
+fi
+
 cmake -S "$ROOT/src/vendor/llama.cpp" -B "$ROOT/build" \
   -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF "${CPU_FLAGS[@]}" >&2
