@@ -178,6 +178,30 @@ def align(n: int, alignment: int) -> int:
     return n + (-n % alignment)
 
 
+def _skip_strings(cur: _Cursor, count: int, what: str) -> int:
+    """The offset after `count` length-prefixed strings from cur.pos (a vocab: the hot loop)."""
+    buf, start, size = cur.buf, cur.pos, cur.size
+    unpack = struct.Struct("<Q").unpack_from
+    pos, limit = start, size - 8
+    for _ in range(count):  # fast path: one comparison per string
+        if pos > limit:
+            break
+        pos += 8 + unpack(buf, pos)[0]
+    else:
+        if pos <= size:
+            return pos
+    pos = start  # something is off: walk again, checking each string, to say exactly where
+    for k in range(count):
+        if pos + 8 > size:
+            raise FormatError(f"{cur.path}: truncated at offset {pos} while reading string #{k} of array {what!r}")
+        n = unpack(buf, pos)[0]
+        if n > size - pos - 8:
+            raise FormatError(f"{cur.path}: string #{k} of array {what!r} at offset {pos} claims {n} bytes, "
+                              "more than the file holds (truncated or corrupt)")
+        pos += 8 + n
+    raise AssertionError("unreachable: the fast path found a problem the checked walk did not")
+
+
 def _skip_value(cur: _Cursor, vtype: GGUFValueType, what: str) -> tuple[GGUFValueType | None, int]:
     """Advance past one value; return (item type, count) for arrays, (None, 1) for scalars."""
     if vtype == GGUFValueType.STRING:
@@ -193,17 +217,7 @@ def _skip_value(cur: _Cursor, vtype: GGUFValueType, what: str) -> tuple[GGUFValu
             # each string needs at least its 8-byte length: refuse absurd counts before looping
             if count * 8 > cur.size - cur.pos:
                 raise FormatError(f"{cur.path}: array {what!r} at offset {at} claims {count} strings, more than the file holds (truncated or corrupt)")
-            buf, pos, size = cur.buf, cur.pos, cur.size
-            unpack = struct.Struct("<Q").unpack_from
-            for k in range(count):
-                if pos + 8 > size:
-                    raise FormatError(f"{cur.path}: truncated at offset {pos} while reading string #{k} of array {what!r}")
-                n = unpack(buf, pos)[0]
-                if n > size - pos - 8:
-                    raise FormatError(f"{cur.path}: string #{k} of array {what!r} at offset {pos} claims {n} bytes, "
-                                      "more than the file holds (truncated or corrupt)")
-                pos += 8 + n
-            cur.pos = pos
+            cur.pos = _skip_strings(cur, count, what)
         else:
             nbytes = struct.calcsize(SCALAR_FORMATS[item]) * count
             if nbytes > cur.size - cur.pos:
