@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -290,7 +289,6 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| {r['size']} | {r['file_bytes'] / 1e9:.2f} GB | {r['command']} | {med} | {base} | "
                      f"x{r['ratio']:.2f} | {r['peak_rss_mib']:.1f} MiB |")
     return "\n".join(lines) + "\n"
-    shutil.rmtree(args.work / "__none__", ignore_errors=True)
 
 
 if __name__ == "__main__":

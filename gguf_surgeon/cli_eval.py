@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import click
 
 from .cli import emit_json, err_console, main, out_console
-from .errors import OutputError
 
 # evaluate (numpy) and rich.progress are imported inside the commands: registering these
 # commands must not slow down every other gguf-surgeon command.
@@ -130,10 +129,9 @@ def eval_cmd(model: Path, base: Path | None, text: Path | None, questions: int |
         report = evaluate(model, base, options, progress)
     data = report.to_dict()
     if out is not None:
-        try:
-            out.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise OutputError(f"--out {out}: cannot write: {e.strerror}") from None
+        from .writer import write_text_atomic
+
+        write_text_atomic(out, json.dumps(data, indent=2, default=str) + "\n", force=True)
     if as_json:
         return emit_json(data)
     reports = [report.versus_base.base, report] if report.versus_base else [report]

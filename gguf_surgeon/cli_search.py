@@ -112,10 +112,9 @@ def rank_cmd(model: Path, text_file: Path | None, max_tokens: int, ablation: boo
     if plot is not None:
         data["plot"] = str(plot_ranking(ranking, plot))
     if save is not None:
-        try:
-            save.write_text(json.dumps(data, indent=2), encoding="utf-8")
-        except OSError as e:
-            raise RankError(f"--save {save}: cannot write: {e.strerror or e}") from None
+        from .writer import write_text_atomic
+
+        write_text_atomic(save, json.dumps(data, indent=2), force=True)
     if as_json:
         return emit_json(data)
     render_ranking(ranking, plot)

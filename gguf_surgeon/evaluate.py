@@ -45,10 +45,11 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from gguf import Keys
 
-from .errors import SurgeonError, ToolError
+from .errors import OutputError, SurgeonError, ToolError
 from .llama_server import LlamaServer
 from .reader import Model
 from .tools import find_tool
+from .writer import write_text_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -494,10 +495,11 @@ def _key(*parts: Any) -> str:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{path.parent}: cannot create the cache folder: {e.strerror}") from None
+    write_text_atomic(path, json.dumps(data), force=True)
 
 
 class EvalCache:

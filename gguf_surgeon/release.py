@@ -16,9 +16,7 @@ measured from the files or read from their metadata.
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from .plan import LayerPlan, build_plan
 from .quantize import DEFAULT_LADDER, QuantizeReport, QuantProgress, QuantResult, default_name, measure, quantize_ladder
 from .reader import Model
 from .recipe import parse_recipe
+from .writer import write_text_atomic
 
 MODELFILE = "Modelfile"
 README = "README.md"
@@ -567,22 +566,6 @@ def scan_quants(folder: Path, name: str) -> tuple[QuantFile, ...]:
             found.append(QuantFile.of(measure(p, qtype, 0.0)))
     order = {t: i for i, t in enumerate(DEFAULT_LADDER)}
     return tuple(sorted(found, key=lambda q: (order.get(q.type, len(order)), q.type)))
-
-
-def write_text_atomic(path: Path, text: str, force: bool = False) -> Path:
-    """Write `text` to `path` through a temp file in the same folder (OutputError when it
-    exists without `force`, or cannot be written)."""
-    if path.exists() and not force:
-        raise OutputError(f"{path}: exists; pass --force to overwrite")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # --- release folder -------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from .operations import format_fraction, format_layer_spec, parse_layer_spec
 from .plan import LayerPlan, LayerSource
 from .reader import Model
 from .recipe import parse_recipe
+from .writer import write_text_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -442,10 +443,11 @@ class CandidateScorer:
         path = self.work_dir / f"short-text-{self.short_chars}.txt"
         text = short_text(self.short_chars)
         if not path.exists() or path.read_text(encoding="utf-8") != text:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+            try:
+                self.work_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"{self.work_dir}: cannot create the work folder: {e.strerror}") from None
+            write_text_atomic(path, text, force=True)
         return path
 
     def prepare(self) -> None:

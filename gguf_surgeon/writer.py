@@ -120,6 +120,24 @@ def reserve_temp(out: Path) -> Path:
             raise OutputError(f"{out}: cannot create a file in {out.parent}: {e.strerror}") from None
 
 
+def write_text_atomic(path: Path, text: str, force: bool = False) -> Path:
+    """Write a small text file through a temp file in the same folder and a rename.
+
+    OutputError when `path` exists without `force`, or cannot be written; nothing is left behind.
+    """
+    if path.exists() and not force:
+        raise OutputError(f"{path}: exists; pass --force to overwrite")
+    tmp = reserve_temp(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def check_output(out: Path, inputs: list[Path], force: bool) -> None:
     """Refuse a missing folder, an output that is an input (also via links), an existing file."""
     parent = out.parent
