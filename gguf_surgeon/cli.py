@@ -161,6 +161,32 @@ class byte_progress:
         self.bar.__exit__(*exc)
 
 
+class step_progress:
+    """A rich progress bar per step on stderr for a (step, done, total) callback; silent off a terminal."""
+
+    def __init__(self, enabled: bool = True, label: Callable[[str], str] = str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.label = label
+        self.enabled = enabled and err_console.is_terminal
+        self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=err_console, transient=True, disable=not self.enabled)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> Callable[[str, int, "int | None"], None]:
+        self.bar.__enter__()
+
+        def update(step: str, done: int, total: int | None) -> None:
+            if step not in self.tasks:
+                self.tasks[step] = self.bar.add_task(self.label(step), total=total)
+            self.bar.update(self.tasks[step], completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+
 def render_plan(data: dict, dry_run: bool) -> None:
     out_console.print(f"Plan: {data['recipe']}  ({data['source_blocks']} -> {data['output_blocks']} blocks)")
     table = Table("output block", "source", box=None, pad_edge=False)

@@ -4,42 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import click
 
-from .cli import emit_json, err_console, main, out_console
+from .cli import emit_json, main, out_console, step_progress
 
 # evaluate (numpy) and rich.progress are imported inside the commands: registering these
 # commands must not slow down every other gguf-surgeon command.
 if TYPE_CHECKING:
     from .evaluate import EvalOptions, EvalReport
-
-
-class step_progress:
-    """Rich bars on stderr, one per evaluation step, for evaluate()'s progress callback;
-    silent off a terminal or with --json."""
-
-    def __init__(self, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.enabled = enabled and err_console.is_terminal
-        self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=err_console, transient=True, disable=not self.enabled)
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> Callable[[str, int, "int | None"], None]:
-        self.bar.__enter__()
-
-        def update(step: str, done: int, total: int | None) -> None:
-            if step not in self.tasks:
-                self.tasks[step] = self.bar.add_task(step, total=total)
-            self.bar.update(self.tasks[step], completed=done, total=total)
-
-        return update
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
 
 
 def eval_options(f: Callable) -> Callable:

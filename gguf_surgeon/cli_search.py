@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli import emit_json, err_console, human_size, main, out_console
+from .cli import emit_json, err_console, human_size, main, out_console, step_progress
 from .errors import SurgeonError
 
 LLAMA_BIN_OPTION = click.option("--llama-bin", type=click.Path(path_type=Path, file_okay=False),
@@ -39,29 +38,6 @@ def bar_scale(values: Sequence[float]) -> float:
         return 0.0
     median = vals[len(vals) // 2]
     return min(vals[-1], 4 * median) if median > 0 else vals[-1]
-
-
-class step_progress:
-    """A rich progress bar per phase on stderr for a (phase, done, total) callback; silent off a terminal."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled and err_console.is_terminal
-        self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=err_console, transient=True, disable=not self.enabled)
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self):
-        self.bar.__enter__()
-
-        def update(phase: str, done: int, total: int | None) -> None:
-            if phase not in self.tasks:
-                self.tasks[phase] = self.bar.add_task(phase, total=total)
-            self.bar.update(self.tasks[phase], completed=done, total=total)
-
-        return update
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
 
 
 # --- rank ---------------------------------------------------------------------------------

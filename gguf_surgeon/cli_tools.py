@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 from rich.table import Table
 
-from .cli import IN_ARG, emit_json, err_console, human_size, main, out_console
+from .cli import IN_ARG, emit_json, err_console, human_size, main, out_console, step_progress
 from .reader import Model
 from .tools import DEFAULT_LADDER, ENV_VAR, HOW_TO_GET, doctor
-
-if TYPE_CHECKING:
-    from .quantize import QuantProgress
 
 LLAMA_BIN_OPTION = click.option(
     "--llama-bin", type=click.Path(path_type=Path, file_okay=False),
@@ -60,29 +57,9 @@ def split_types(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(t for v in values for t in re.split(r"[,\s]+", v) if t)
 
 
-class type_progress:
-    """One rich progress bar per type on stderr, counting tensors; silent off a terminal."""
-
-    def __init__(self, enabled: bool = True):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.enabled = enabled and err_console.is_terminal
-        self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("tensors"), TimeElapsedColumn(), console=err_console, disable=not self.enabled)
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> QuantProgress:
-        self.bar.__enter__()
-
-        def update(qtype: str, done: int, total: int) -> None:
-            if qtype not in self.tasks:
-                self.tasks[qtype] = self.bar.add_task(f"quantizing {qtype}", total=total)
-            self.bar.update(self.tasks[qtype], completed=done, total=total)
-
-        return update
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
+def type_progress(enabled: bool = True) -> step_progress:
+    """One bar per quantization type, counting tensors."""
+    return step_progress(enabled, label=lambda qtype: f"quantizing {qtype} (tensors)")
 
 
 @main.command("quantize")

@@ -31,7 +31,7 @@ from gguf.constants import GGUF_MAGIC
 from .errors import FormatError, OutputError, PlanError
 from .metadata import RECIPE_KEY
 from .plan import LayerPlan
-from .reader import BLOCK_NAME, Model
+from .reader import BlockNamed, Model
 from .writer import reserve_temp
 
 SUMS_SUFFIX = ".in_sum2"
@@ -40,7 +40,7 @@ UNKNOWN_DATASET = "unknown"  # gguf's writer refuses empty arrays; llama-quantiz
 
 
 @dataclass(frozen=True)
-class ImatrixEntry:
+class ImatrixEntry(BlockNamed):
     """The statistics of one weight tensor."""
 
     name: str  # the weight's tensor name, e.g. "blk.3.ffn_down.weight"
@@ -52,16 +52,6 @@ class ImatrixEntry:
         """sums / counts per expert; 1 where an expert saw no data (as llama-quantize does)."""
         c = self.counts[:, None]
         return np.where(c > 0, self.sums / np.where(c > 0, c, 1), 1.0).astype(np.float32)
-
-    @property
-    def block_index(self) -> int | None:
-        m = BLOCK_NAME.match(self.name)
-        return int(m.group(1)) if m else None
-
-    @property
-    def block_suffix(self) -> str | None:
-        m = BLOCK_NAME.match(self.name)
-        return m.group(2) if m else None
 
 
 @dataclass(frozen=True)

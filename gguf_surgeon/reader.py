@@ -70,8 +70,24 @@ class Field:
     end: int
 
 
+class BlockNamed:
+    """`blk.N.suffix` parsing for records with a `name` (tensors, imatrix entries)."""
+
+    name: str
+
+    @property
+    def block_index(self) -> int | None:
+        m = BLOCK_NAME.match(self.name)
+        return int(m.group(1)) if m else None
+
+    @property
+    def block_suffix(self) -> str | None:
+        m = BLOCK_NAME.match(self.name)
+        return m.group(2) if m else None
+
+
 @dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(BlockNamed):
     """One tensor: its name, shape and type, and where its bytes lie."""
 
     name: str
@@ -92,16 +108,6 @@ class TensorInfo:
     def row_bytes(self) -> int:
         block, size = GGML_QUANT_SIZES[self.ggml_type]
         return self.shape[0] // block * size
-
-    @property
-    def block_index(self) -> int | None:
-        m = BLOCK_NAME.match(self.name)
-        return int(m.group(1)) if m else None
-
-    @property
-    def block_suffix(self) -> str | None:
-        m = BLOCK_NAME.match(self.name)
-        return m.group(2) if m else None
 
 
 @dataclass(frozen=True)
