@@ -26,7 +26,7 @@ from .surgery import OutputTensor, Surgery
 GGUF_WRITE_VERSION = 3
 COPY_CHUNK = 64 << 20  # bytes per copy_file_range call
 BUFFER_CHUNK = 8 << 20  # bytes per read/write when copying without copy_file_range
-BLEND_CHUNK = 4 << 20  # float32 bytes per blended row chunk (dequantize temporaries are a few times this)
+BLEND_CHUNK = 2 << 20  # float32 bytes per blended row chunk (dequantize temporaries are a few times this)
 
 Progress = Callable[[int, int], None]  # (bytes written, total bytes)
 
@@ -188,24 +188,47 @@ def _pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
         off += done
 
 
-def blend_rows(model: Model, t: OutputTensor) -> Iterable[bytes]:
-    """Yield the blended tensor's bytes in row chunks (bounded memory)."""
+BLEND_WORKERS = min(2, os.cpu_count() or 1)  # numpy releases the GIL: row chunks blend in parallel
+
+
+def _blend_chunk(model: Model, t: OutputTensor, r0: int, r1: int) -> bytes:
+    """Rows [r0, r1) of the blend: dequantize each source, mix in float32, quantize to t's type."""
     import numpy as np
     from gguf.quants import dequantize, quantize
 
     ne0 = t.shape[0]
+    acc = np.zeros((r1 - r0, ne0), dtype=np.float32)
+    for src, w in t.sources:
+        rb = src.row_bytes
+        raw = model.tensor_bytes(src, r0 * rb, r1 * rb).reshape(r1 - r0, rb)
+        acc += np.float32(w) * dequantize(raw, src.ggml_type).reshape(r1 - r0, ne0)
+    return np.ascontiguousarray(quantize(acc, t.ggml_type)).tobytes()
+
+
+def blend_rows(model: Model, t: OutputTensor, workers: int = BLEND_WORKERS) -> Iterable[bytes]:
+    """Yield the blended tensor's bytes in row chunks, in order; at most workers+1 chunks in flight."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     n_rows = 1
     for d in t.shape[1:]:
         n_rows *= d
-    step = max(1, BLEND_CHUNK // (4 * ne0))
-    for r0 in range(0, n_rows, step):
-        r1 = min(n_rows, r0 + step)
-        acc = np.zeros((r1 - r0, ne0), dtype=np.float32)
-        for src, w in t.sources:
-            rb = src.row_bytes
-            raw = model.tensor_bytes(src, r0 * rb, r1 * rb).reshape(r1 - r0, rb)
-            acc += np.float32(w) * dequantize(raw, src.ggml_type).reshape(r1 - r0, ne0)
-        yield np.ascontiguousarray(quantize(acc, t.ggml_type)).tobytes()
+    step = max(1, BLEND_CHUNK // (4 * t.shape[0]))
+    ranges = [(r0, min(n_rows, r0 + step)) for r0 in range(0, n_rows, step)]
+    if workers <= 1 or len(ranges) == 1:
+        for r0, r1 in ranges:
+            yield _blend_chunk(model, t, r0, r1)
+        return
+    for src, _ in t.sources:
+        model.tensor_bytes(src, 0, 0)  # open each source file here, not racily in the workers
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for r0, r1 in ranges:
+            pending.append(pool.submit(_blend_chunk, model, t, r0, r1))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def write_surgery(model: Model, surgery: Surgery, out: Path, *, force: bool = False, split_max_size: int | None = None,
