@@ -18,7 +18,6 @@ Both are held here as sums and counts whose ratio is the mean, so legacy entries
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from .errors import FormatError, OutputError, PlanError
 from .metadata import RECIPE_KEY
 from .plan import LayerPlan
 from .reader import BlockNamed, Model
-from .writer import reserve_temp
+from .writer import atomic_output
 
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"
@@ -251,8 +250,7 @@ def write_imatrix(imatrix: Imatrix, out: str | Path, *, force: bool = False, rec
         raise OutputError(f"{out}: folder {out.parent} does not exist")
     if imatrix.path is not None and out.exists() and out.resolve() == imatrix.path.resolve():
         raise OutputError(f"{out}: is the input imatrix; write to another file")
-    tmp = reserve_temp(out)
-    try:
+    with atomic_output(out) as tmp:
         w = _ImatrixWriter(tmp, "")
         w.add_type(gguf.GGUFType.IMATRIX)
         w.add_array(Keys.IMatrix.DATASETS, list(imatrix.datasets) or [UNKNOWN_DATASET])
@@ -267,12 +265,6 @@ def write_imatrix(imatrix: Imatrix, out: str | Path, *, force: bool = False, rec
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 

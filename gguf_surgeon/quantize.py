@@ -7,7 +7,6 @@ report measures bits per weight from the written file (tensor bytes * 8 / parame
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import tempfile
@@ -27,7 +26,7 @@ from .plan import build_plan
 from .reader import Model
 from .recipe import load_recipe
 from .tools import DEFAULT_LADDER, find_tool, run_tool
-from .writer import reserve_temp
+from .writer import atomic_output
 
 QUANTIZE_TOOL = "llama-quantize"
 UNQUANTIZED = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
@@ -231,22 +230,21 @@ def quantize_ladder(source: str | Path, types: Sequence[str] = DEFAULT_LADDER, o
 def _quantize_one(tool: Path, source: Path, out: Path, qtype: str, allow_requantize: bool, imatrix: str | None,
                   extra_args: tuple[str, ...], threads: int | None, progress: QuantProgress | None,
                   cwd: Path | None) -> QuantResult:
-    tmp = reserve_temp(out)
-    args: list[str] = []
-    if allow_requantize:
-        args.append("--allow-requantize")
-    if imatrix is not None:
-        args += ["--imatrix", imatrix]
-    args += [*extra_args, str(source.resolve()), str(tmp.resolve()), qtype]
-    if threads is not None:
-        args.append(str(threads))
+    with atomic_output(out) as tmp:
+        args: list[str] = []
+        if allow_requantize:
+            args.append("--allow-requantize")
+        if imatrix is not None:
+            args += ["--imatrix", imatrix]
+        args += [*extra_args, str(source.resolve()), str(tmp.resolve()), qtype]
+        if threads is not None:
+            args.append(str(threads))
 
-    def on_line(line: str) -> None:
-        m = _PROGRESS_LINE.match(line)
-        if m and progress is not None:
-            progress(qtype, int(m.group(1)), int(m.group(2)))
+        def on_line(line: str) -> None:
+            m = _PROGRESS_LINE.match(line)
+            if m and progress is not None:
+                progress(qtype, int(m.group(1)), int(m.group(2)))
 
-    try:
         start = time.monotonic()
         run = run_tool(tool, args, on_line, cwd=cwd)
         seconds = time.monotonic() - start
@@ -257,11 +255,5 @@ def _quantize_one(tool: Path, source: Path, out: Path, qtype: str, allow_requant
         if not tmp.exists() or tmp.stat().st_size == 0:
             raise ToolError(f"{QUANTIZE_TOOL} wrote nothing for {qtype} of {source}: " + " | ".join(run.error_lines))
         result = measure(tmp, qtype, seconds)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return QuantResult(result.type, out, result.size, result.parameters, result.bits_per_weight, result.seconds,
                        result.tensor_types)

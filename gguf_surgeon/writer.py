@@ -14,7 +14,8 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 
 from .errors import OutputError
@@ -120,6 +121,20 @@ def reserve_temp(out: Path) -> Path:
             raise OutputError(f"{out}: cannot create a file in {out.parent}: {e.strerror}") from None
 
 
+@contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """A fresh temp file next to `out` for the block to fill; renamed onto `out` when the block
+    succeeds, removed whatever happens. An OSError becomes OutputError naming `out`."""
+    tmp = reserve_temp(out)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str, force: bool = False) -> Path:
     """Write a small text file through a temp file in the same folder and a rename.
 
@@ -127,14 +142,8 @@ def write_text_atomic(path: Path, text: str, force: bool = False) -> Path:
     """
     if path.exists() and not force:
         raise OutputError(f"{path}: exists; pass --force to overwrite")
-    tmp = reserve_temp(path)
-    try:
+    with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
