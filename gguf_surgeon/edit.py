@@ -55,7 +55,11 @@ def check_outputs(model: Model, surgery: Surgery, out: Path, options: EditOption
 def report(surgery: Surgery, out: Path | None = None, options: EditOptions = EditOptions(),
            result: WriteResult | None = None) -> dict[str, Any]:
     """The JSON-able description of a surgery (the --dry-run and --json output)."""
-    shards = layout(surgery, out or Path("out.gguf"), options.split_max_size, options.split_max_tensors)
+    if result is not None:  # written: the writer already laid the output out
+        size, files = result.size, [str(p) for p in result.paths]
+    else:
+        shards = layout(surgery, out or Path("out.gguf"), options.split_max_size, options.split_max_tensors)
+        size, files = sum(s.size for s in shards), [str(s.path) for s in shards] if out else []
     data: dict[str, Any] = {
         "source": str(surgery.source),
         "recipe": surgery.plan.recipe,
@@ -66,8 +70,8 @@ def report(surgery: Surgery, out: Path | None = None, options: EditOptions = Edi
         "metadata_changes": [{"key": c.key, "old": c.old, "new": c.new} for c in surgery.changes],
         "warnings": list(surgery.warnings),
         "conversions": list(surgery.conversions),
-        "output_size": sum(s.size for s in shards),
-        "files": [str(s.path) for s in shards] if out else [],
+        "output_size": size,
+        "files": files,
     }
     if result is not None:
         data.update(written=True, copy_method=result.copy_method, seconds=round(result.seconds, 3))
