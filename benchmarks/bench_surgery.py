@@ -11,6 +11,7 @@ tiny size to keep it working.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import statistics
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+
+import gguf_surgeon
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB_FULL = 151_936
@@ -219,6 +222,9 @@ def cases(model: Path, work: Path, s: Shape, llama_bin: Path | None) -> dict[str
 def bench(size: str, work: Path, repeat: int, llama_bin: Path | None, skip: set[str]) -> list[dict]:
     s = SHAPES[size]
     work.mkdir(parents=True, exist_ok=True)
+    # bytecode as an installed package has it (pip compiles at install time); an editable
+    # install under PYTHONDONTWRITEBYTECODE would otherwise recompile every module per run
+    compileall.compile_dir(Path(gguf_surgeon.__file__).parent, quiet=1)
     model = generate(work / f"synthetic-{size}.gguf", s)
     subprocess.run([sys.executable, "-m", "gguf_surgeon", "apply", f"delete {s.blocks // 2}", str(model),
                     str(work / "edited.gguf"), "--force"], check=True, stdout=subprocess.DEVNULL)
@@ -234,14 +240,18 @@ def bench(size: str, work: Path, repeat: int, llama_bin: Path | None, skip: set[
             continue
         base_cmd = read_both if name == "diff" else cp
         walls, bases, rss = [], [], []
-        for _ in range(repeat):
-            settle(work)
-            bw, _ = run(base_cmd)
-            settle(work)
-            w, r = run(cmd)
-            bases.append(bw)
-            walls.append(w)
-            rss.append(r)
+        for i in range(repeat + 1):  # pair 0 warms up (first-touch costs) and is not counted
+            # ABBA order: the baseline runs first in even pairs, second in odd ones, so a drift
+            # of the machine within a pair (cache, writeback) does not favour either side
+            pair = {}
+            for which in (("base", "cmd") if i % 2 == 0 else ("cmd", "base")):
+                settle(work)
+                pair[which] = run(base_cmd if which == "base" else cmd)
+            if i == 0:
+                continue
+            bases.append(pair["base"][0])
+            walls.append(pair["cmd"][0])
+            rss.append(pair["cmd"][1])
         med, base = statistics.median(walls), statistics.median(bases)
         ratio = statistics.median(w / b for w, b in zip(walls, bases))  # per pair: drift in the machine cancels
         rows.append({"size": size, "file_bytes": file_size, "command": name, "median_s": round(med, 3),

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from . import __version__
 from .errors import RecipeError, SurgeonError
@@ -19,15 +19,58 @@ from .metadata import RECIPE_KEY
 from .operations import REGISTRY
 from .reader import Model
 
-# Command modules (edit, diff, verify, inspection, quantize) are imported inside the commands
-# that use them: `inspect` on a full-size model must stay well under a third of a second.
+# Command modules (edit, diff, verify, inspection, quantize), the commands of cli_eval,
+# cli_tools and cli_search, and rich itself are imported only where they are used: a surgery
+# or `inspect` pays for nothing else at start-up (a surgery should cost what `cp` costs).
+LAZY_COMMANDS = {
+    "eval": "cli_eval", "compare": "cli_eval",
+    "doctor": "cli_tools", "quantize": "cli_tools", "imatrix-remap": "cli_tools",
+    "rank": "cli_search", "search": "cli_search", "release": "cli_search", "card": "cli_search",
+    "modelfile": "cli_search",
+}
 
-out_console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+class LazyConsole:
+    """A rich Console made on first use (importing rich costs ~20 ms)."""
+
+    def __init__(self, **options: Any):
+        self.options = options
+        self.console: Any = None
+
+    def get(self) -> Any:
+        if self.console is None:
+            from rich.console import Console
+
+            self.console = Console(**self.options)
+        return self.console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+out_console = LazyConsole(highlight=False, soft_wrap=True)
+err_console = LazyConsole(stderr=True, highlight=False, soft_wrap=True)
+
+
+def live_terminal() -> bool:
+    """Whether progress bars and live views may show: stderr is a terminal (as rich judges it,
+    FORCE_TERMINAL included), checked without importing rich when stderr is plainly not one."""
+    if not sys.stderr.isatty() and not any(os.environ.get(v) for v in ("FORCE_TERMINAL", "TTY_INTERACTIVE")):
+        return False
+    return bool(err_console.is_terminal)
 
 
 class SurgeonGroup(click.Group):
-    """Turns SurgeonError into `Error: ...` and exit 1; Ctrl-C into exit 130; no tracebacks."""
+    """Turns SurgeonError into `Error: ...` and exit 1; Ctrl-C into exit 130; no tracebacks.
+    Loads the module of a command in LAZY_COMMANDS when that command is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in LAZY_COMMANDS:
+            importlib.import_module(f"{__package__}.{LAZY_COMMANDS[name]}")  # registers its commands on main
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -130,7 +173,7 @@ def run_edit(source: Path, out: Path | None, recipe: str, *, dry_run: bool, forc
     for c in data["conversions"]:
         err_console.print(f"[yellow]converted:[/] {c}")
     files = ", ".join(data["files"])
-    out_console.print(f"Wrote {files}: {data['output_blocks']} blocks (from {data['source_blocks']}), "
+    click.echo(f"Wrote {files}: {data['output_blocks']} blocks (from {data['source_blocks']}), "
                       f"{human_size(data['output_size'])} in {data['seconds']:.2f} s via {data['copy_method']}")
     if quantized is not None:
         render_quantize(quantized)
@@ -140,15 +183,18 @@ class byte_progress:
     """A rich progress bar on stderr for a (done, total) byte callback; silent off a terminal."""
 
     def __init__(self, label: str, enabled: bool = True):
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
         self.label = label
-        self.enabled = enabled and err_console.is_terminal
-        self.bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            TimeRemainingColumn(), console=err_console, transient=True, disable=not self.enabled)
+        self.enabled = enabled and live_terminal()
+        self.bar: Any = None
         self.task = None
 
-    def __enter__(self) -> Callable[[int, int], None]:
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+        self.bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=err_console.get(), transient=True)
         self.bar.__enter__()
         self.task = self.bar.add_task(self.label, total=None)
 
@@ -158,7 +204,8 @@ class byte_progress:
         return update
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
 
 
 class step_progress:
@@ -168,9 +215,9 @@ class step_progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.label = label
-        self.enabled = enabled and err_console.is_terminal
+        self.enabled = enabled and live_terminal()
         self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=err_console, transient=True, disable=not self.enabled)
+                            TimeElapsedColumn(), console=err_console.get(), transient=True, disable=not self.enabled)
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> Callable[[str, int, "int | None"], None]:
@@ -189,6 +236,8 @@ class step_progress:
 
 def render_plan(data: dict, dry_run: bool) -> None:
     out_console.print(f"Plan: {data['recipe']}  ({data['source_blocks']} -> {data['output_blocks']} blocks)")
+    from rich.table import Table
+
     table = Table("output block", "source", box=None, pad_edge=False)
     for row in data["layers"]:
         moved = row["source"] != str(row["output"])
@@ -250,6 +299,8 @@ def inspect(model: Path, layers: bool, tensors: bool, meta: bool, as_json: bool)
             data["metadata"] = metadata_table(m)
     if as_json:
         return emit_json(data)
+    from rich.table import Table
+
     t = Table(show_header=False, box=None, pad_edge=False)
     tmpl = s.chat_template
     rows = [
@@ -501,7 +552,3 @@ def plan_cmd(recipe: str, source: Path, as_json: bool) -> None:
     run_edit(source, None, recipe, dry_run=True, force=False, name=None, split_max_size=None, split_max_tensors=None,
              as_json=as_json)
 
-
-from . import cli_eval  # noqa: E402,F401  (registers eval, compare)
-from . import cli_tools  # noqa: E402,F401  (registers doctor, quantize, imatrix-remap)
-from . import cli_search  # noqa: E402,F401  (registers rank, search, release, card, modelfile)

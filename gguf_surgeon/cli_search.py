@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import click
 from rich.table import Table
 
-from .cli import emit_json, err_console, human_size, main, out_console, step_progress
+from .cli import emit_json, err_console, human_size, live_terminal, main, out_console, step_progress
 from .errors import SurgeonError
 
 LLAMA_BIN_OPTION = click.option("--llama-bin", type=click.Path(path_type=Path, file_okay=False),
@@ -156,7 +156,7 @@ class live_leaderboard:
 
     def __init__(self, storage: str, study_name: str, enabled: bool = True):
         self.storage, self.study_name = storage, study_name
-        self.enabled = enabled and err_console.is_terminal
+        self.enabled = enabled and live_terminal()
         self.live = None
         self.last = 0.0
 
@@ -166,7 +166,7 @@ class live_leaderboard:
         from rich.live import Live
 
         if self.enabled:
-            self.live = Live(console=err_console, transient=True, refresh_per_second=4)
+            self.live = Live(console=err_console.get(), transient=True, refresh_per_second=4)
             self.live.__enter__()
 
         def update(event: Any) -> None:

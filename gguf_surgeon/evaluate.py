@@ -29,7 +29,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -49,12 +48,9 @@ from .errors import OutputError, SurgeonError, ToolError
 from .llama_server import LlamaServer
 from .reader import Model
 from .tools import find_tool
+from .tomlfile import read_toml
 from .writer import write_text_atomic
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 SUITE_VERSION = 1  # bump when a change alters any score of an unchanged model
 DATA = Path(__file__).resolve().parent / "data"
@@ -155,12 +151,7 @@ class Suite:
 
 def load_questions(path: Path = QUESTIONS_FILE) -> tuple[Question, ...]:
     """The questions of a TOML file of [[question]] tables (id, question, answers, reject)."""
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise EvalError(f"{path}: cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise EvalError(f"{path}: not valid TOML: {e}") from None
+    data = read_toml(Path(path), EvalError)
     out: list[Question] = []
     for i, q in enumerate(data.get("question", [])):
         try:

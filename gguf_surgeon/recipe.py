@@ -12,17 +12,13 @@ Each step's indices refer to the model as the previous step left it.
 from __future__ import annotations
 
 import shlex
-import sys
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 from pathlib import Path
 
 from .errors import RecipeError
 from .operations import make_step
 from .plan import Step
+from .tomlfile import read_toml
 
 
 def parse_recipe(text: str) -> tuple[Step, ...]:
@@ -56,12 +52,7 @@ def _table_to_text(table: dict, where: str) -> str:
 
 
 def parse_recipe_file(path: Path) -> tuple[Step, ...]:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: not a valid TOML recipe: {e}") from None
+    data = read_toml(path, RecipeError, noun="recipe")
     if isinstance(data.get("recipe"), str):
         text = data["recipe"]
     elif isinstance(data.get("steps"), list):

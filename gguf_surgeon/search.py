@@ -33,7 +33,6 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,12 +44,9 @@ from .operations import format_fraction, format_layer_spec, parse_layer_spec
 from .plan import LayerPlan, LayerSource
 from .reader import Model
 from .recipe import parse_recipe
+from .tomlfile import read_toml
 from .writer import write_text_atomic
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DEFAULT_WORK_DIR = Path("gguf-surgeon-search")
 DB_FILE = "search.db"
@@ -279,12 +275,7 @@ def load_space(spec: str) -> SearchSpace:
     path = Path(spec)
     if not path.suffix == ".toml" and not path.exists():
         raise SearchError(f"--space {spec!r}: neither a preset ({', '.join(PRESETS)}) nor a .toml file")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SearchError(f"--space {path}: cannot read: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SearchError(f"--space {path}: not valid TOML: {e}") from None
+    data = read_toml(path, SearchError, label=f"--space {path}")
     return parse_space(data, path.stem, str(path))
 
 

@@ -8,8 +8,8 @@ the output's folder and is renamed at the end: an error or Ctrl-C leaves neither
 from __future__ import annotations
 
 import errno
+import mmap
 import os
-import secrets
 import struct
 import time
 from dataclasses import dataclass
@@ -25,7 +25,12 @@ from .reader import Model, align
 from .surgery import OutputTensor, Surgery
 
 GGUF_WRITE_VERSION = 3
-COPY_CHUNK = 64 << 20  # bytes per copy_file_range call
+COPY_CHUNK = 64 << 20  # bytes per copy_file_range call (a multiple of FOLIO)
+FOLIO = 64 << 10  # the page-cache unit kernel-side copies line up with on the output
+PAGE = mmap.PAGESIZE
+SPLICE_PIPE = 1 << 20  # pipe size for splice copies (the default /proc/sys/fs/pipe-max-size)
+SPLICE_CHUNK = SPLICE_PIPE - FOLIO  # per splice: fits the pipe's pages from any source offset
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), named in the fcntl module only since Python 3.10
 BUFFER_CHUNK = 8 << 20  # bytes per read/write when copying without copy_file_range
 BLEND_CHUNK = 2 << 20  # float32 bytes per blended row chunk (dequantize temporaries are a few times this)
 
@@ -48,7 +53,7 @@ class ShardLayout:
 class WriteResult:
     paths: tuple[Path, ...]
     size: int  # bytes written, all shards
-    copy_method: str  # "copy_file_range" or "buffered"
+    copy_method: str  # what moved the bytes: "copy_file_range", "splice", "buffered", or a "+" list
     seconds: float
 
 
@@ -111,7 +116,7 @@ def layout(surgery: Surgery, out: Path, split_max_size: int | None = None, split
 def reserve_temp(out: Path) -> Path:
     """Create an empty, uniquely named temp file next to `out` (mode from the umask, like any output)."""
     while True:
-        tmp = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        tmp = out.with_name(f".{out.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -160,33 +165,99 @@ def check_output(out: Path, inputs: list[Path], force: bool) -> None:
 
 
 class _Copier:
-    """Copies byte ranges between files, kernel-side when possible."""
+    """Copies byte ranges between files inside the kernel where it can, lined up with the page cache.
+
+    The page cache writes whole 64 KiB folios fastest, so every kernel-side copy is cut to start
+    on a 64 KiB boundary of the output. A range whose output offset is page-congruent with its
+    source goes through copy_file_range (which can also share extents on XFS and btrfs); any
+    other shift goes through splice and a 1 MiB pipe, where copy_file_range would straddle two
+    output folios with every 64 KiB it moves (~15% slower here). A bounded buffer is the
+    fallback where neither call works (another OS, across filesystems for copy_file_range).
+    """
 
     def __init__(self) -> None:
-        self.method = "copy_file_range" if hasattr(os, "copy_file_range") else "buffered"
+        self.used: set[str] = set()  # methods that moved bytes: copy_file_range, splice, buffered
+        self.kernel = hasattr(os, "copy_file_range")
+        self.pipe: tuple[int, int] | None = None
+        self.splice_ok = hasattr(os, "splice")
+
+    @property
+    def method(self) -> str:
+        order = ("copy_file_range", "splice", "buffered")
+        return "+".join(m for m in order if m in self.used) or ("copy_file_range" if self.kernel else "buffered")
+
+    def close(self) -> None:
+        if self.pipe:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
 
     def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:
-        while n > 0 and self.method == "copy_file_range":
+        if n > 0 and (dst_off - src_off) % PAGE and self._pipe():
+            done = self._splice(src_fd, src_off, dst_fd, dst_off, n)
+            src_off, dst_off, n = src_off + done, dst_off + done, n - done
+        while n > 0 and self.kernel:
+            # the first call ends on a folio boundary of the output, every later one starts on one
+            step = min(n, (-dst_off % FOLIO) or COPY_CHUNK)
             try:
-                done = os.copy_file_range(src_fd, dst_fd, min(n, COPY_CHUNK), src_off, dst_off)
+                done = os.copy_file_range(src_fd, dst_fd, step, src_off, dst_off)
             except OSError as e:
                 if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                    self.method = "buffered"
+                    self.kernel = False
                     break
                 raise
             if done == 0:
                 raise OutputError(f"source ended early at offset {src_off} (was the input truncated while writing?)")
-            src_off += done
-            dst_off += done
-            n -= done
+            self.used.add("copy_file_range")
+            src_off, dst_off, n = src_off + done, dst_off + done, n - done
         while n > 0:
             chunk = os.pread(src_fd, min(n, BUFFER_CHUNK), src_off)
             if not chunk:
                 raise OutputError(f"source ended early at offset {src_off} (was the input truncated while writing?)")
             _pwrite_all(dst_fd, chunk, dst_off)
-            src_off += len(chunk)
-            dst_off += len(chunk)
-            n -= len(chunk)
+            self.used.add("buffered")
+            src_off, dst_off, n = src_off + len(chunk), dst_off + len(chunk), n - len(chunk)
+
+    def _pipe(self) -> bool:
+        """A pipe big enough for SPLICE_CHUNK from any source offset, made once; False without one."""
+        if self.pipe is None and self.splice_ok:
+            import fcntl  # POSIX only; os.splice (Linux) implies it
+
+            r, w = os.pipe()
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, SPLICE_PIPE)
+            except OSError:  # above /proc/sys/fs/pipe-max-size
+                os.close(r)
+                os.close(w)
+                self.splice_ok = False
+            else:
+                self.pipe = (r, w)
+        return self.pipe is not None
+
+    def _splice(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> int:
+        """Copy through the pipe in pieces that end on output folio boundaries; bytes done
+        (fewer than n only where splice is refused: the caller copies the rest another way)."""
+        assert self.pipe is not None
+        r, w = self.pipe
+        done = 0
+        while done < n:
+            want = min(n - done, SPLICE_CHUNK - (dst_off + done) % FOLIO)
+            try:
+                got = os.splice(src_fd, w, want, offset_src=src_off + done)
+                if got == 0:
+                    raise OutputError(f"source ended early at offset {src_off + done} (was the input truncated while writing?)")
+                moved = 0
+                while moved < got:  # empty the pipe into the output before the next read
+                    moved += os.splice(r, dst_fd, got - moved, offset_dst=dst_off + done + moved)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self.splice_ok = False  # e.g. a filesystem without splice: drop the pipe and what it holds
+                self.close()
+                return done
+            self.used.add("splice")
+            done += got
+        return done
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
@@ -303,6 +374,7 @@ def write_surgery(model: Model, surgery: Surgery, out: Path, *, force: bool = Fa
             raise OutputError(f"{out}: disk full after writing {done} of {total} bytes; nothing was kept") from None
         raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
     finally:
+        copier.close()
         for fd in src_fds.values():
             os.close(fd)
         for p in placed:
