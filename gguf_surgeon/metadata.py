@@ -16,6 +16,7 @@ from .plan import LayerPlan
 from .reader import SCALAR_FORMATS, SPLIT_KEYS, Model
 
 RECIPE_KEY = "surgery.recipe"
+PADDING_KEY = "surgery.padding"  # zeros the writer adds to line tensor data up with the source's
 BASE_MODEL_PREFIX = "general.base_model."
 
 # Architectures whose blocks behave differently by index: moving blocks changes behaviour.
@@ -30,10 +31,19 @@ INDEX_HAZARDS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class OutputField:
-    """One key-value pair of the output: copied raw from the source, or newly encoded."""
+    """One key-value pair of the output: newly encoded, or copied verbatim from the source.
+
+    A copied pair is only a byte range of the source's first file: the writer copies it inside
+    the kernel, so a 151,936-token vocabulary is never held in memory.
+    """
 
     key: str
-    raw: bytes  # the complete encoded key-value (key, type, value)
+    raw: bytes = b""  # the complete encoded key-value (key, type, value), when newly encoded
+    span: tuple[int, int] | None = None  # [start, end) in the source's first file, when copied
+
+    @property
+    def size(self) -> int:
+        return self.span[1] - self.span[0] if self.span else len(self.raw)
 
 
 @dataclass(frozen=True)
@@ -116,8 +126,8 @@ def plan_metadata(model: Model, plan: LayerPlan, name: str | None = None, alignm
     fields: list[OutputField] = []
     changes: list[MetadataChange] = []
     for key in model.fields:
-        if key in SPLIT_KEYS:
-            continue  # the writer adds split keys again when it splits
+        if key in SPLIT_KEYS or key == PADDING_KEY:
+            continue  # the writer adds split keys and padding again where its layout needs them
         if key.startswith(BASE_MODEL_PREFIX) and key not in new_values:
             changes.append(MetadataChange(key, model.value(key), None))
             continue
@@ -128,7 +138,8 @@ def plan_metadata(model: Model, plan: LayerPlan, name: str | None = None, alignm
                 changes.append(MetadataChange(key, old, value))
             fields.append(encode_field(key, vtype, value, item))
         else:
-            fields.append(OutputField(key, model.raw_field(key)))
+            f = model.fields[key]
+            fields.append(OutputField(key, span=(f.start, f.end)))
     for key, (vtype, value, item) in new_values.items():
         changes.append(MetadataChange(key, None, value))
         fields.append(encode_field(key, vtype, value, item))

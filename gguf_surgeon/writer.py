@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import OutputError
 from .gguf_names import GGUF_MAGIC, GGUFValueType, Keys
-from .metadata import OutputField, encode_field, encode_string
+from .metadata import PADDING_KEY, OutputField, encode_field, encode_string
 from .reader import Model, align
 from .surgery import OutputTensor, Surgery
 
@@ -30,6 +30,7 @@ FOLIO = 64 << 10  # the page-cache unit kernel-side copies line up with on the o
 PAGE = mmap.PAGESIZE
 SPLICE_PIPE = 1 << 20  # pipe size for splice copies (the default /proc/sys/fs/pipe-max-size)
 SPLICE_CHUNK = SPLICE_PIPE - FOLIO  # per splice: fits the pipe's pages from any source offset
+PAD_MIN_BYTES = 64 << 20  # outputs copying less than this get no folio padding (see _folio_padding)
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), named in the fcntl module only since Python 3.10
 BUFFER_CHUNK = 8 << 20  # bytes per read/write when copying without copy_file_range
 BLEND_CHUNK = 2 << 20  # float32 bytes per blended row chunk (dequantize temporaries are a few times this)
@@ -37,14 +38,18 @@ BLEND_CHUNK = 2 << 20  # float32 bytes per blended row chunk (dequantize tempora
 Progress = Callable[[int, int], None]  # (bytes written, total bytes)
 
 
+HeaderPart = bytes | tuple[int, int]  # encoded bytes, or [start, end) of the source's first file
+
+
 @dataclass(frozen=True)
 class ShardLayout:
-    """One output file: its keys, tensors, encoded header and data offsets."""
+    """One output file: its keys, tensors, header and data offsets."""
 
     path: Path
     fields: tuple[OutputField, ...]
     tensors: tuple[OutputTensor, ...]
-    header: bytes  # magic .. tensor infos, padded to the alignment
+    header: tuple[HeaderPart, ...]  # magic .. tensor infos, padded to the alignment
+    header_size: int
     offsets: tuple[int, ...]  # data offset of each tensor, relative to the data section
     size: int  # total file size
 
@@ -63,19 +68,62 @@ def shard_path(out: Path, no: int, count: int) -> Path:
     return out.with_name(f"{stem}-{no:05d}-of-{count:05d}.gguf")
 
 
-def _encode_header(fields: tuple[OutputField, ...], tensors: tuple[OutputTensor, ...], alignment: int) -> tuple[bytes, tuple[int, ...], int]:
-    parts = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_WRITE_VERSION, len(tensors), len(fields))]
-    parts += [f.raw for f in fields]
-    offsets = []
+def _padding_field(n: int) -> OutputField:
+    return OutputField(PADDING_KEY, encode_string(PADDING_KEY) + struct.pack("<IIQ", GGUFValueType.ARRAY, GGUFValueType.UINT8, n)
+                       + bytes(n))
+
+
+def _folio_padding(tensors: tuple[OutputTensor, ...], offsets: tuple[int, ...], head_len: int, alignment: int) -> OutputField | None:
+    """A PADDING_KEY field that starts the data section where most copied bytes keep their
+    source's offset within a 64 KiB folio (the kernel then copies whole folios: ~12% faster on
+    a 3.4 GB swap here); None where that holds already, or the output copies under PAD_MIN_BYTES."""
+    if alignment > FOLIO or FOLIO % alignment:
+        return None
+    weight: dict[int, int] = {}
+    for t, off in zip(tensors, offsets):
+        if t.is_copy:
+            residue = (t.sources[0][0].offset - off) % FOLIO
+            weight[residue] = weight.get(residue, 0) + t.n_bytes
+    if sum(weight.values()) < PAD_MIN_BYTES:
+        return None
+    best = max(weight, key=lambda r: (weight[r], -r))
+    if best % alignment or align(head_len, alignment) % FOLIO == best:
+        return None
+    return _padding_field((best - head_len - _padding_field(0).size) % FOLIO)
+
+
+def _lay_out_file(path: Path, fields: tuple[OutputField, ...], tensors: tuple[OutputTensor, ...], alignment: int) -> ShardLayout:
+    """Encode one output file's header (with folio padding where it pays) and place its tensors."""
+    infos, offsets = [], []
     pos = 0
     for t in tensors:
         offsets.append(pos)
-        parts.append(encode_string(t.name) + struct.pack("<I", len(t.shape)) + struct.pack(f"<{len(t.shape)}Q", *t.shape)
+        infos.append(encode_string(t.name) + struct.pack("<I", len(t.shape)) + struct.pack(f"<{len(t.shape)}Q", *t.shape)
                      + struct.pack("<IQ", t.ggml_type, pos))
         pos = align(pos + t.n_bytes, alignment)
-    header = b"".join(parts)
-    header += b"\0" * (-len(header) % alignment)
-    return header, tuple(offsets), len(header) + pos
+    info_bytes = b"".join(infos)
+    head_len = 24 + sum(f.size for f in fields) + len(info_bytes)
+    padding = _folio_padding(tensors, tuple(offsets), head_len, alignment)
+    if padding is not None:
+        fields += (padding,)
+        head_len += padding.size
+    parts: list[HeaderPart] = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_WRITE_VERSION, len(tensors), len(fields))]
+
+    def add(part: HeaderPart) -> None:  # neighbouring bytes joined, neighbouring source ranges merged
+        last = parts[-1]
+        if isinstance(part, bytes) and isinstance(last, bytes):
+            parts[-1] = last + part
+        elif isinstance(part, tuple) and isinstance(last, tuple) and last[1] == part[0]:
+            parts[-1] = (last[0], part[1])
+        else:
+            parts.append(part)
+
+    for f in fields:
+        add(f.raw if f.span is None else f.span)
+    tail = info_bytes + b"\0" * (-head_len % alignment)
+    add(tail)
+    size = head_len + len(tail) - len(info_bytes)
+    return ShardLayout(path, fields, tensors, tuple(parts), size, tuple(offsets), size + pos)
 
 
 def _split_groups(tensors: tuple[OutputTensor, ...], max_size: int | None, max_tensors: int | None) -> list[tuple[OutputTensor, ...]]:
@@ -94,8 +142,7 @@ def _split_groups(tensors: tuple[OutputTensor, ...], max_size: int | None, max_t
 def layout(surgery: Surgery, out: Path, split_max_size: int | None = None, split_max_tensors: int | None = None) -> list[ShardLayout]:
     """Lay out the output as one file, or as llama-gguf-split shards when a split limit is set."""
     if not split_max_size and not split_max_tensors:
-        header, offsets, size = _encode_header(surgery.fields, surgery.tensors, surgery.alignment)
-        return [ShardLayout(out, surgery.fields, surgery.tensors, header, offsets, size)]
+        return [_lay_out_file(out, surgery.fields, surgery.tensors, surgery.alignment)]
     groups = _split_groups(surgery.tensors, split_max_size, split_max_tensors)
     shards = []
     for no, group in enumerate(groups):
@@ -108,8 +155,7 @@ def layout(surgery: Surgery, out: Path, split_max_size: int | None = None, split
         fields = surgery.fields + split_fields if no == 0 else split_fields
         if no > 0 and any(f.key == Keys.General.ALIGNMENT for f in surgery.fields):
             fields += tuple(f for f in surgery.fields if f.key == Keys.General.ALIGNMENT)
-        header, offsets, size = _encode_header(fields, group, surgery.alignment)
-        shards.append(ShardLayout(shard_path(out, no + 1, len(groups)), fields, group, header, offsets, size))
+        shards.append(_lay_out_file(shard_path(out, no + 1, len(groups)), fields, group, surgery.alignment))
     return shards
 
 
@@ -333,8 +379,15 @@ def write_surgery(model: Model, surgery: Surgery, out: Path, *, force: bool = Fa
             temps.append((tmp, shard.path))
             fd = os.open(tmp, os.O_WRONLY)
             try:
-                _pwrite_all(fd, shard.header, 0)
-                base = len(shard.header)
+                pos = 0
+                for part in shard.header:
+                    if isinstance(part, bytes):
+                        _pwrite_all(fd, part, pos)
+                        pos += len(part)
+                    else:  # keys copied verbatim from the source's first file
+                        copier.copy(src_fds[inputs[0]], part[0], fd, pos, part[1] - part[0])
+                        pos += part[1] - part[0]
+                base = shard.header_size
                 done += base
                 for t, off in zip(shard.tensors, shard.offsets):
                     pos = base + off

@@ -8,6 +8,8 @@ import pytest
 
 from gguf_surgeon.edit import EditOptions, edit
 from gguf_surgeon.llama_server import LlamaServer
+from gguf_surgeon.metadata import PADDING_KEY
+from gguf_surgeon.reader import Model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
@@ -84,5 +86,7 @@ def test_smollm2_edits_still_answer(recipe: str | None, smollm2: Path, tmp_path:
     out = smollm2 if recipe is None else tmp_path / "edited.gguf"
     if recipe is not None:
         edit(smollm2, out, recipe)
+        with Model(out) as m:  # a 92 MiB output: the writer padded it to line its tensor data up
+            assert m.value(PADDING_KEY) == [0] * m.fields[PADDING_KEY].count
     answer, _ = generate(llama_bin, out, CHATML_FRANCE, n=16)
     assert "Paris" in answer, (recipe, answer)
