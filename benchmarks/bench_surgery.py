@@ -275,10 +275,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--markdown", type=Path, help="write the rows as a markdown table here")
     ap.add_argument("--keep-models", action="store_true", help="keep the generated models for the next run")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="before each size, write back and drop the page cache (needs root), so the previous "
+                         "size's files do not crowd this one's out of memory; the model is then read once to warm it")
     args = ap.parse_args()
     print(f"{'size':>5} {'command':<32} {'median':>10}  {'baseline':>10}  {'ratio':>6}  {'peak RSS':>12}")
     rows = []
     for size in args.sizes.split(","):
+        if args.drop_caches:
+            subprocess.run(["sync"], check=True)
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
         rows += bench(size, args.work, args.repeat, args.llama_bin, set(filter(None, args.skip.split(","))))
         if not args.keep_models:
             for p in args.work.glob(f"*{size}*.gguf"):

@@ -8,7 +8,6 @@ the output's folder and is renamed at the end: an error or Ctrl-C leaves neither
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import struct
 import time
@@ -27,11 +26,7 @@ from .surgery import OutputTensor, Surgery
 GGUF_WRITE_VERSION = 3
 COPY_CHUNK = 64 << 20  # bytes per copy_file_range call (a multiple of FOLIO)
 FOLIO = 64 << 10  # the page-cache unit kernel-side copies line up with on the output
-PAGE = mmap.PAGESIZE
-SPLICE_PIPE = 1 << 20  # pipe size for splice copies (the default /proc/sys/fs/pipe-max-size)
-SPLICE_CHUNK = SPLICE_PIPE - FOLIO  # per splice: fits the pipe's pages from any source offset
 PAD_MIN_BYTES = 64 << 20  # outputs copying less than this get no folio padding (see _folio_padding)
-F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), named in the fcntl module only since Python 3.10
 BUFFER_CHUNK = 8 << 20  # bytes per read/write when copying without copy_file_range
 BLEND_CHUNK = 2 << 20  # float32 bytes per blended row chunk (dequantize temporaries are a few times this)
 
@@ -58,7 +53,7 @@ class ShardLayout:
 class WriteResult:
     paths: tuple[Path, ...]
     size: int  # bytes written, all shards
-    copy_method: str  # what moved the bytes: "copy_file_range", "splice", "buffered", or a "+" list
+    copy_method: str  # what moved the bytes: "copy_file_range", "buffered", or both joined by "+"
     seconds: float
 
 
@@ -213,37 +208,24 @@ def check_output(out: Path, inputs: list[Path], force: bool) -> None:
 class _Copier:
     """Copies byte ranges between files inside the kernel where it can, lined up with the page cache.
 
-    The page cache writes whole 64 KiB folios fastest, so every kernel-side copy is cut to start
-    on a 64 KiB boundary of the output. A range whose output offset is page-congruent with its
-    source goes through copy_file_range (which can also share extents on XFS and btrfs); any
-    other shift goes through splice and a 1 MiB pipe, where copy_file_range would straddle two
-    output folios with every 64 KiB it moves (~15% slower here). A bounded buffer is the
-    fallback where neither call works (another OS, across filesystems for copy_file_range).
+    copy_file_range (which also shares extents on XFS and btrfs) is cut so that every call but
+    a range's first starts on a 64 KiB folio boundary of the output: the page cache then fills
+    whole folios. Where the output offset is also page-congruent with the source (see
+    _folio_padding), the copy runs as fast as `cp`. A bounded buffer is the fallback where the
+    call does not work (another OS, across filesystems on older kernels).
     """
 
     def __init__(self) -> None:
-        self.used: set[str] = set()  # methods that moved bytes: copy_file_range, splice, buffered
+        self.used: set[str] = set()  # what moved bytes: copy_file_range, buffered
         self.kernel = hasattr(os, "copy_file_range")
-        self.pipe: tuple[int, int] | None = None
-        self.splice_ok = hasattr(os, "splice")
 
     @property
     def method(self) -> str:
-        order = ("copy_file_range", "splice", "buffered")
-        return "+".join(m for m in order if m in self.used) or ("copy_file_range" if self.kernel else "buffered")
-
-    def close(self) -> None:
-        if self.pipe:
-            for fd in self.pipe:
-                os.close(fd)
-            self.pipe = None
+        return "+".join(m for m in ("copy_file_range", "buffered") if m in self.used) or (
+            "copy_file_range" if self.kernel else "buffered")
 
     def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:
-        if n > 0 and (dst_off - src_off) % PAGE and self._pipe():
-            done = self._splice(src_fd, src_off, dst_fd, dst_off, n)
-            src_off, dst_off, n = src_off + done, dst_off + done, n - done
         while n > 0 and self.kernel:
-            # the first call ends on a folio boundary of the output, every later one starts on one
             step = min(n, (-dst_off % FOLIO) or COPY_CHUNK)
             try:
                 done = os.copy_file_range(src_fd, dst_fd, step, src_off, dst_off)
@@ -263,47 +245,6 @@ class _Copier:
             _pwrite_all(dst_fd, chunk, dst_off)
             self.used.add("buffered")
             src_off, dst_off, n = src_off + len(chunk), dst_off + len(chunk), n - len(chunk)
-
-    def _pipe(self) -> bool:
-        """A pipe big enough for SPLICE_CHUNK from any source offset, made once; False without one."""
-        if self.pipe is None and self.splice_ok:
-            import fcntl  # POSIX only; os.splice (Linux) implies it
-
-            r, w = os.pipe()
-            try:
-                fcntl.fcntl(w, F_SETPIPE_SZ, SPLICE_PIPE)
-            except OSError:  # above /proc/sys/fs/pipe-max-size
-                os.close(r)
-                os.close(w)
-                self.splice_ok = False
-            else:
-                self.pipe = (r, w)
-        return self.pipe is not None
-
-    def _splice(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> int:
-        """Copy through the pipe in pieces that end on output folio boundaries; bytes done
-        (fewer than n only where splice is refused: the caller copies the rest another way)."""
-        assert self.pipe is not None
-        r, w = self.pipe
-        done = 0
-        while done < n:
-            want = min(n - done, SPLICE_CHUNK - (dst_off + done) % FOLIO)
-            try:
-                got = os.splice(src_fd, w, want, offset_src=src_off + done)
-                if got == 0:
-                    raise OutputError(f"source ended early at offset {src_off + done} (was the input truncated while writing?)")
-                moved = 0
-                while moved < got:  # empty the pipe into the output before the next read
-                    moved += os.splice(r, dst_fd, got - moved, offset_dst=dst_off + done + moved)
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                self.splice_ok = False  # e.g. a filesystem without splice: drop the pipe and what it holds
-                self.close()
-                return done
-            self.used.add("splice")
-            done += got
-        return done
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
@@ -427,7 +368,6 @@ def write_surgery(model: Model, surgery: Surgery, out: Path, *, force: bool = Fa
             raise OutputError(f"{out}: disk full after writing {done} of {total} bytes; nothing was kept") from None
         raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
     finally:
-        copier.close()
         for fd in src_fds.values():
             os.close(fd)
         for p in placed:

@@ -550,10 +550,9 @@ def test_existing_split_shard_needs_force(tmp_path: Path, src: Path, out: Path) 
 
 
 def fill_disk_after(monkeypatch: pytest.MonkeyPatch, limit: int, err: int = errno.ENOSPC) -> dict[str, int]:
-    """Make the writer's pwrite, copy_file_range and splice (into a file) fail with `err` once
-    `limit` bytes are written."""
+    """Make the writer's pwrite and copy_file_range fail with `err` once `limit` bytes are written."""
     state = {"written": 0, "failures": 0}
-    real_pwrite, real_copy, real_splice = os.pwrite, os.copy_file_range, os.splice
+    real_pwrite, real_copy = os.pwrite, os.copy_file_range
 
     def check(n: int) -> None:
         if state["written"] + n > limit:
@@ -572,17 +571,8 @@ def fill_disk_after(monkeypatch: pytest.MonkeyPatch, limit: int, err: int = errn
         state["written"] += done
         return done
 
-    def splice(src: int, dst: int, count: int, offset_src=None, offset_dst=None, flags: int = 0) -> int:
-        if offset_dst is None:  # file -> pipe: nothing written yet
-            return real_splice(src, dst, count, offset_src, offset_dst, flags)
-        check(count)
-        done = real_splice(src, dst, count, offset_src, offset_dst, flags)
-        state["written"] += done
-        return done
-
     monkeypatch.setattr(writer_module.os, "pwrite", pwrite)
     monkeypatch.setattr(writer_module.os, "copy_file_range", copy_file_range)
-    monkeypatch.setattr(writer_module.os, "splice", splice)
     return state
 
 
@@ -609,15 +599,10 @@ def test_disk_full_in_second_shard(tmp_path: Path, src: Path, out: Path, monkeyp
 def test_disk_full_on_a_buffered_copy(tmp_path: Path, src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fill_disk_after(monkeypatch, 100_000)
 
-    def no_copy_file_range(*args: object, **kwargs: object) -> int:
+    def no_copy_file_range(*args: object) -> int:
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
     monkeypatch.setattr(writer_module.os, "copy_file_range", no_copy_file_range)
-
-    def no_splice(*args: object, **kwargs: object) -> int:
-        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-
-    monkeypatch.setattr(writer_module.os, "splice", no_splice)
     assert_refused(tmp_path, ["swap", 1, 2, src, out],
                    pattern=rf"Error: {re.escape(str(out))}: disk full after writing \d+ of \d+ bytes; nothing was kept")
 
