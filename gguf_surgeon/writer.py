@@ -10,15 +10,16 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 from .errors import OutputError
-from .gguf_names import GGUF_MAGIC, GGUFValueType, Keys
+from .gguf_names import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 from .metadata import PADDING_KEY, OutputField, encode_field, encode_string
 from .reader import Model, align
 from .surgery import OutputTensor, Surgery
@@ -258,18 +259,82 @@ def _pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
 BLEND_WORKERS = min(2, os.cpu_count() or 1)  # numpy releases the GIL: row chunks blend in parallel
 
 
+_scratch_space = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A buffer of this thread, reused from row chunk to row chunk: fresh memory for every
+    chunk costs a page fault per 4 KiB, which on a virtual machine is most of a blend's time."""
+    import numpy as np
+
+    n = 1
+    for d in shape:
+        n *= d
+    buf = getattr(_scratch_space, name, None)
+    if buf is None or buf.size < n:
+        buf = np.empty(n, dtype)
+        setattr(_scratch_space, name, buf)
+    return buf[:n].reshape(shape)
+
+
+def _rows_f32(raw: Any, ggml_type: GGMLQuantizationType, k: int, ne0: int) -> Any:
+    """k rows of a tensor's bytes as float32: the float types in scratch buffers, the rest by gguf."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    if ggml_type == GGMLQuantizationType.F32:
+        return raw.view(np.float32).reshape(k, ne0)
+    if ggml_type == GGMLQuantizationType.F16:
+        out = _scratch("f32", (k, ne0), np.float32)
+        np.copyto(out, raw.view(np.float16).reshape(k, ne0))
+        return out
+    if ggml_type == GGMLQuantizationType.BF16:  # the high half of a float32
+        bits = _scratch("u32", (k, ne0), np.uint32)
+        np.copyto(bits, raw.view(np.uint16).reshape(k, ne0))
+        bits <<= 16
+        return bits.view(np.float32)
+    return dequantize(raw.reshape(k, -1), ggml_type).reshape(k, ne0)
+
+
+def _encode_rows(acc: Any, ggml_type: GGMLQuantizationType) -> bytes:
+    """float32 rows in ggml_type; the same bytes as gguf.quants.quantize."""
+    import numpy as np
+    from gguf.quants import quantize
+
+    if ggml_type == GGMLQuantizationType.F32:
+        return acc.tobytes()
+    if ggml_type == GGMLQuantizationType.F16:
+        return acc.astype(np.float16).tobytes()
+    if ggml_type == GGMLQuantizationType.BF16:
+        bits = acc.view(np.uint32)
+        tmp = _scratch("u32", acc.shape, np.uint32)
+        np.bitwise_and(bits, 0x7FFFFFFF, out=tmp)
+        if tmp.max(initial=0) <= 0x7F800000:  # no NaN: round to nearest even, as ggml does
+            np.right_shift(bits, 16, out=tmp)
+            tmp &= 1
+            tmp += 0x7FFF
+            tmp += bits
+            tmp >>= 16
+            out = _scratch("u16", acc.shape, np.uint16)
+            np.copyto(out, tmp, casting="unsafe")
+            return out.tobytes()
+    return np.ascontiguousarray(quantize(acc, ggml_type)).tobytes()
+
+
 def _blend_chunk(model: Model, t: OutputTensor, r0: int, r1: int) -> bytes:
     """Rows [r0, r1) of the blend: dequantize each source, mix in float32, quantize to t's type."""
     import numpy as np
-    from gguf.quants import dequantize, quantize
 
-    ne0 = t.shape[0]
-    acc = np.zeros((r1 - r0, ne0), dtype=np.float32)
+    k, ne0 = r1 - r0, t.shape[0]
+    acc = _scratch("acc", (k, ne0), np.float32)
+    acc.fill(0)
     for src, w in t.sources:
         rb = src.row_bytes
-        raw = model.tensor_bytes(src, r0 * rb, r1 * rb).reshape(r1 - r0, rb)
-        acc += np.float32(w) * dequantize(raw, src.ggml_type).reshape(r1 - r0, ne0)
-    return np.ascontiguousarray(quantize(acc, t.ggml_type)).tobytes()
+        raw = model.tensor_bytes(src, r0 * rb, r1 * rb, out=_scratch("raw", (k * rb,), np.uint8))
+        rows = _rows_f32(raw, src.ggml_type, k, ne0)
+        rows *= np.float32(w)  # a scratch buffer or a fresh array: ours to change
+        acc += rows
+    return _encode_rows(acc, t.ggml_type)
 
 
 def blend_rows(model: Model, t: OutputTensor, workers: int = BLEND_WORKERS) -> Iterable[bytes]:

@@ -18,4 +18,4 @@ def test_benchmark_runs_on_tiny_size(tmp_path, llama_bin):
                  "gguf-py delete", "llama-quantize --prune-layers"):
         assert name in rows, name
         assert rows[name]["peak_rss_mib"] > 0
-    assert rows["delete"]["median_s"] > 0 and rows["delete"]["ratio"] > 0
+    assert rows["delete"]["median_s"] > 0 and rows["delete"]["ratio"] > 0 and rows["delete"]["best_ratio"] > 0

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 from gguf_surgeon.cli import main
 from gguf_surgeon.reader import Model, TensorInfo
@@ -668,3 +668,25 @@ def test_block_with_different_tensor_set_needs_force(tmp_path: Path) -> None:
         "warning: forced: block 1 goes to position 2, whose tensor set differs (differs in: ffn_gate_inp.weight)",
     ]
     check_edit(read(src), read(forced), [0, 2, 1, 3], "swap 1 2")
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16, QT.Q8_0])
+def test_blend_conversions_match_gguf(qtype: QT) -> None:
+    """The writer's own float conversions (scratch buffers, no fresh memory per chunk) give
+    exactly gguf.quants' bytes, NaN, infinities, subnormals and rounding ties included."""
+    from gguf_surgeon import writer
+
+    rng = np.random.default_rng(7)
+    rows = rng.normal(0, 3, (64, 256)).astype(np.float32)
+    bits = rows.view(np.uint32)
+    bits[0, :8] = [0x7F800000, 0xFF800000, 0x7FC00000, 0xFFFFFFFF, 0x00000001, 0x80000000, 0x3F808000, 0x3F818000]
+    finite = rows.copy()
+    finite[0, 2:4] = 1.0  # the two NaNs out; infinities, subnormals, -0 and rounding ties stay
+    plain = rows.copy()
+    plain[0, :8] = 1.0  # block quantizers are not asked to carry infinities
+    for data in ((plain,) if qtype == QT.Q8_0 else (rows, finite)):  # with and without NaN (the fast BF16 path needs none)
+        want = np.ascontiguousarray(quantize(data, qtype)).tobytes()
+        assert writer._encode_rows(data.copy(), qtype) == want
+        raw = np.frombuffer(want, dtype=np.uint8).copy()
+        got = writer._rows_f32(raw, qtype, 64, 256)
+        assert got.tobytes() == dequantize(np.frombuffer(want, dtype=np.uint8).reshape(64, -1), qtype).reshape(64, 256).tobytes()
