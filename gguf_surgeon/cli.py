@@ -174,7 +174,7 @@ def run_edit(source: Path, out: Path | None, recipe: str, *, dry_run: bool, forc
         err_console.print(f"[yellow]converted:[/] {c}")
     files = ", ".join(data["files"])
     click.echo(f"Wrote {files}: {data['output_blocks']} blocks (from {data['source_blocks']}), "
-                      f"{human_size(data['output_size'])} in {data['seconds']:.2f} s via {data['copy_method']}")
+               f"{human_size(data['output_size'])} in {data['seconds']:.2f} s via {data['copy_method']}")
     if quantized is not None:
         render_quantize(quantized)
 

@@ -84,3 +84,34 @@ def test_sigint_to_the_cli_leaves_no_output(tmp_path: Path):
     assert proc.returncode == 130, err
     assert err.strip() == "Error: interrupted; no output was kept"
     assert list(out_dir.iterdir()) == []
+
+
+def run_in_terminal(args: list[str]) -> tuple[int, bytes]:
+    """Run the CLI with stdin, stdout and stderr on a pseudo-terminal; (exit status, all output)."""
+    import os
+    import pty
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "gguf_surgeon", *args], stdin=secondary, stdout=secondary,
+                            stderr=secondary, close_fds=True)
+    os.close(secondary)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(primary)
+    return proc.wait(timeout=60), out
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path: Path):
+    status, shown = run_in_terminal(["delete", "2", str(FIXTURES / "tiny-qwen3.gguf"), str(tmp_path / "a.gguf")])
+    assert status == 0
+    assert b"writing a.gguf" in shown and "━".encode() in shown  # rich's bar, then erased
+    piped = subprocess.run([sys.executable, "-m", "gguf_surgeon", "delete", "2", str(FIXTURES / "tiny-qwen3.gguf"),
+                            str(tmp_path / "b.gguf")], capture_output=True, check=True)
+    assert piped.stderr == b"" and b"\x1b" not in piped.stdout and piped.stdout.startswith(b"Wrote ")
