@@ -28,9 +28,7 @@ import json
 import math
 import os
 import re
-import subprocess
 import tempfile
-import threading
 import time
 import unicodedata
 import urllib.error
@@ -47,7 +45,7 @@ from gguf import Keys
 from .errors import OutputError, SurgeonError, ToolError
 from .llama_server import LlamaServer
 from .reader import Model
-from .tools import find_tool
+from .tools import find_tool, run_tool
 from .tomlfile import read_toml
 from .writer import write_text_atomic
 
@@ -589,52 +587,32 @@ _LOADED_LINE = re.compile(r"calculating perplexity over|computing over \d+ chunk
 
 def _run_perplexity_tool(binary: Path, args: Sequence[str], clock: _Clock, timeout: float,
                          on_line: Callable[[str], None]) -> tuple[int, list[str], list[str]]:
-    """Run llama-perplexity, stdout and stderr merged, each line to `on_line`; the child is
-    killed on timeout or on any exception (Ctrl-C). Returns (exit status, all lines, error lines)."""
+    """Run llama-perplexity through run_tool (killed on timeout or Ctrl-C), each line to
+    `on_line`; the time until the model has loaded goes to clock.load, the rest to
+    clock.perplexity. Returns (exit status, all lines, error lines without log prefixes)."""
     start = time.perf_counter()
-    try:
-        proc = subprocess.Popen([str(binary), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1)
-    except OSError as e:
-        raise ToolError(f"{binary}: cannot run: {e.strerror or e}") from None
-    timed_out = threading.Event()
-
-    def kill_on_timeout() -> None:
-        timed_out.set()
-        proc.kill()
-
-    timer = threading.Timer(timeout, kill_on_timeout)
-    timer.daemon = True
-    timer.start()
     lines: list[str] = []
     errors: deque[str] = deque(maxlen=6)
     loaded_at: float | None = None
+
+    def each(line: str) -> None:
+        nonlocal loaded_at
+        lines.append(line)
+        if loaded_at is None and _LOADED_LINE.search(line):
+            loaded_at = time.perf_counter()
+        if _ERROR_LINE.search(line):
+            errors.append(re.sub(r"^[\d.]+ [EWI] ", "", line.strip()))
+        on_line(line)
+
     try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            lines.append(line)
-            if loaded_at is None and _LOADED_LINE.search(line):
-                loaded_at = time.perf_counter()
-            if _ERROR_LINE.search(line):
-                errors.append(re.sub(r"^[\d.]+ [EWI] ", "", line.strip()))
-            on_line(line)
-        rc = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
+        run = run_tool(binary, args, each, timeout=timeout)
     finally:
-        timer.cancel()
-        proc.stdout.close()
         end = time.perf_counter()
         loaded = loaded_at if loaded_at is not None else end
         clock.load += loaded - start
         clock.perplexity += end - loaded
         clock.ran = True
-    if timed_out.is_set():
-        raise ToolError(f"{binary.name} did not finish within {timeout:g} s")
-    return rc, lines, list(errors)
+    return run.returncode, lines, list(errors)
 
 
 # "       0  15.3000  2.727853  0.223038": --ppl-output-type 1, one line per chunk, cumulative

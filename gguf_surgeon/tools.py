@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,17 +200,28 @@ class ToolRun:
 
 
 def run_tool(path: Path, args: Sequence[str], on_line: Callable[[str], None] | None = None,
-             cwd: Path | None = None) -> ToolRun:
+             cwd: Path | None = None, timeout: float | None = None) -> ToolRun:
     """Run a tool with stdout and stderr merged, feeding each line to `on_line`.
 
-    The child is killed if the caller is interrupted (Ctrl-C). Raises ToolError only when the
-    tool cannot be started; a non-zero exit is returned for the caller to word.
+    The child is killed if the caller is interrupted (Ctrl-C), or after `timeout` seconds.
+    Raises ToolError when the tool cannot be started or ran out of time; a non-zero exit is
+    returned for the caller to word.
     """
     try:
         proc = subprocess.Popen([str(path), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1, cwd=cwd)
     except OSError as e:
         raise ToolError(f"{path}: cannot run: {e.strerror or e}") from None
+    timed_out = threading.Event()
+
+    def kill_on_timeout() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, kill_on_timeout) if timeout is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     tail: deque[str] = deque(maxlen=5)
     errors: deque[str] = deque(maxlen=5)
     usage = False
@@ -234,6 +246,10 @@ def run_tool(path: Path, args: Sequence[str], on_line: Callable[[str], None] | N
         proc.wait()
         raise
     finally:
+        if timer is not None:
+            timer.cancel()
         if proc.stdout is not None:
             proc.stdout.close()
+    if timed_out.is_set():
+        raise ToolError(f"{path.name} did not finish within {timeout:g} s")
     return ToolRun(rc, tuple(errors or tail), usage)

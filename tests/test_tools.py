@@ -153,3 +153,15 @@ def test_doctor_finds_the_pinned_build(llama_bin: Path, no_tools: Path):
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[-1] == "All llama.cpp tools found."
     assert os.access(records[0].path, os.X_OK)
+
+
+def test_run_tool_kills_a_tool_that_runs_out_of_time():
+    import shutil
+    import time
+
+    sleep = Path(shutil.which("sleep") or "/bin/sleep")
+    started = time.monotonic()
+    with pytest.raises(ToolError, match=r"^sleep did not finish within 0\.5 s$"):
+        run_tool(sleep, ["30"], timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert run_tool(sleep, ["0"], timeout=10).returncode == 0
