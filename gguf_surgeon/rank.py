@@ -235,7 +235,7 @@ def ablation_klds(ref: ReferenceModel, tokens: Sequence[int], base_hidden: Seque
     """
     n = ref.block_count
     positions = np.arange(len(tokens))
-    factors = ref._rope_factors()
+    factors = ref.rope_factors()
     streams: list[np.ndarray | None] = [None] * n
     for j in range(n):
         streams[j] = base_hidden[j]  # stream j skips block j: block j+1 gets block j's input
@@ -256,12 +256,12 @@ def _kl_to_base(ref: ReferenceModel, base_final: np.ndarray, finals: list[np.nda
     KL = sum p log p - sum p z + logsumexp(z). The last two are accumulated per slice.
     """
     hp = ref.hparams
-    norm_w = ref._vector("output_norm.weight")
+    norm_w = ref.vector("output_norm.weight")
     base_logp = log_softmax(ref.head(base_final))  # (T, V) float64
     p = np.exp(base_logp)
     neg_entropy = (p * base_logp).sum(-1)  # (T,)
     h = np.stack([rms_norm(f, norm_w, hp.rms_eps) for f in finals])  # (N, T, E)
-    t = ref._tensor("token_embd.weight" if hp.tied_output else "output.weight")
+    t = ref.tensor("token_embd.weight" if hp.tied_output else "output.weight")
     assert t is not None
     n_vocab = t.shape[1]
     cross = np.zeros(h.shape[:2])  # sum p z
@@ -302,7 +302,7 @@ def rank_model(path: str | Path, text: str | None = None, *, tokens: Sequence[in
         ref = ReferenceModel(model)
         n = ref.block_count
         positions = np.arange(len(ids))
-        factors = ref._rope_factors()
+        factors = ref.rope_factors()
         x = ref.embed(ids)
         hidden = [x]
         for i in range(n):

@@ -210,8 +210,8 @@ class ReferenceModel:
             raise ForwardError(f"{model.path}: architecture {arch!r} is not supported by the reference forward pass (supported: {', '.join(ARCHS)})")
         self.spec = ARCHS[arch]
         self.block_count = len(model.blocks())
-        embd = self._tensor("token_embd.weight")
-        head = self._tensor("output.weight", required=False)
+        embd = self.tensor("token_embd.weight")
+        head = self.tensor("output.weight", required=False)
         scaling = model.value(model.arch_key(Keys.Rope.SCALING_TYPE), "none")
         factor = model.value(model.arch_key(Keys.Rope.SCALING_FACTOR))
         if scaling not in ("none", "linear") and factor not in (None, 0.0, 1.0):
@@ -237,7 +237,8 @@ class ReferenceModel:
             raise ForwardError(f"{self.model.path}: key {key!r} is missing")
         return v
 
-    def _tensor(self, name: str, required: bool = True) -> TensorInfo | None:
+    def tensor(self, name: str, required: bool = True) -> TensorInfo | None:
+        """The named tensor; ForwardError when it is missing and required, else None."""
         try:
             return self.model.tensor(name)
         except KeyError:
@@ -246,11 +247,12 @@ class ReferenceModel:
             return None
 
     def _matrix(self, name: str) -> np.ndarray:
-        t = self._tensor(name)
+        t = self.tensor(name)
         assert t is not None
         return dequantize_rows(self.model, t)
 
-    def _vector(self, name: str) -> np.ndarray:
+    def vector(self, name: str) -> np.ndarray:
+        """A norm weight or bias as a float32 vector."""
         return self._matrix(name).reshape(-1)
 
     def head_dim(self, index: int) -> int:
@@ -266,26 +268,26 @@ class ReferenceModel:
         if not 0 <= index < self.block_count:
             raise ForwardError(f"{self.model.path}: block {index} out of range (the model has blocks 0..{self.block_count - 1})")
         p = f"blk.{index}."
-        if self._tensor(p + "ffn_gate_inp.weight", required=False) is not None:
+        if self.tensor(p + "ffn_gate_inp.weight", required=False) is not None:
             raise ForwardError(f"{self.model.path}: block {index} is mixture-of-experts; the reference forward pass is dense only")
-        if self._tensor(p + "attn_qkv.weight", required=False) is not None:
+        if self.tensor(p + "attn_qkv.weight", required=False) is not None:
             raise ForwardError(f"{self.model.path}: block {index} has a fused attn_qkv tensor, which the reference forward pass does not split")
         head_dim = self.head_dim(index)
         n_rot = self.model.value(self.model.arch_key(Keys.Rope.DIMENSION_COUNT)) or head_dim
         biases = {}
         for stem in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-            if self._tensor(p + stem + ".bias", required=False) is not None:
-                biases[stem] = self._vector(p + stem + ".bias")
+            if self.tensor(p + stem + ".bias", required=False) is not None:
+                biases[stem] = self.vector(p + stem + ".bias")
         return BlockWeights(
             index=index,
-            attn_norm=self._vector(p + "attn_norm.weight"),
+            attn_norm=self.vector(p + "attn_norm.weight"),
             wq=self._matrix(p + "attn_q.weight"),
             wk=self._matrix(p + "attn_k.weight"),
             wv=self._matrix(p + "attn_v.weight"),
             wo=self._matrix(p + "attn_output.weight"),
-            q_norm=self._vector(p + "attn_q_norm.weight") if self.spec.qk_norm else None,
-            k_norm=self._vector(p + "attn_k_norm.weight") if self.spec.qk_norm else None,
-            ffn_norm=self._vector(p + "ffn_norm.weight"),
+            q_norm=self.vector(p + "attn_q_norm.weight") if self.spec.qk_norm else None,
+            k_norm=self.vector(p + "attn_k_norm.weight") if self.spec.qk_norm else None,
+            ffn_norm=self.vector(p + "ffn_norm.weight"),
             gate=self._matrix(p + "ffn_gate.weight"),
             up=self._matrix(p + "ffn_up.weight"),
             down=self._matrix(p + "ffn_down.weight"),
@@ -294,15 +296,15 @@ class ReferenceModel:
             n_rot=int(n_rot),
         )
 
-    def _rope_factors(self) -> np.ndarray | None:
-        # llama 3's per-frequency divisors; one tensor shared by every block
-        t = self._tensor("rope_freqs.weight", required=False)
+    def rope_factors(self) -> np.ndarray | None:
+        """llama 3's per-frequency RoPE divisors (one tensor shared by every block), if any."""
+        t = self.tensor("rope_freqs.weight", required=False)
         return None if t is None else dequantize_rows(self.model, t).reshape(-1)
 
     # computing
     def embed(self, tokens: Sequence[int]) -> np.ndarray:
         """Token embedding rows (n_tokens, n_embd) float32, read only for the given tokens."""
-        t = self._tensor("token_embd.weight")
+        t = self.tensor("token_embd.weight")
         assert t is not None
         n_vocab = t.shape[1]
         rows = []
@@ -342,8 +344,8 @@ class ReferenceModel:
 
     def head(self, hidden: np.ndarray) -> np.ndarray:
         """output_norm then the output head (token_embd when tied): (n_tokens, n_vocab) float32."""
-        h = rms_norm(hidden, self._vector("output_norm.weight"), self.hparams.rms_eps)
-        t = self._tensor("token_embd.weight" if self.hparams.tied_output else "output.weight")
+        h = rms_norm(hidden, self.vector("output_norm.weight"), self.hparams.rms_eps)
+        t = self.tensor("token_embd.weight" if self.hparams.tied_output else "output.weight")
         assert t is not None
         n_vocab = t.shape[1]
         logits = np.empty((h.shape[0], n_vocab), dtype=np.float32)
@@ -368,7 +370,7 @@ class ReferenceModel:
             if not 0 <= i < self.block_count:
                 raise ForwardError(f"{self.model.path}: block {i} in layer_order out of range (the model has blocks 0..{self.block_count - 1})")
         positions = np.arange(len(tokens))
-        factors = self._rope_factors()
+        factors = self.rope_factors()
         x = self.embed(tokens)
         hidden = [x]
         for i in order:
