@@ -6,7 +6,7 @@ sync between runs) and reports medians, the median of the per-pair ratios, the r
 fastest runs and peak RSS. Not a timed test: the suite runs it once on the tiny size to keep
 it working.
 
-    python benchmarks/bench_surgery.py --sizes 0.5G,1.7B,3.4B --repeat 3 --json results.json
+    python benchmarks/bench_surgery.py --sizes 0.5G,1.7B,3.4B --repeat 7 --drop-caches --json results.json
 """
 
 from __future__ import annotations
@@ -290,7 +290,10 @@ def main() -> None:
     for size in args.sizes.split(","):
         if args.drop_caches:
             subprocess.run(["sync"], check=True)
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            try:
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            except OSError as e:
+                raise SystemExit(f"Error: --drop-caches: cannot write /proc/sys/vm/drop_caches ({e.strerror}); it needs root")
         rows += bench(size, args.work, args.repeat, args.llama_bin, set(filter(None, args.skip.split(","))))
         if not args.keep_models:
             for p in args.work.glob(f"*{size}*.gguf"):

