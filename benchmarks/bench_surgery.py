@@ -223,9 +223,6 @@ def cases(model: Path, work: Path, s: Shape, llama_bin: Path | None) -> dict[str
 def bench(size: str, work: Path, repeat: int, llama_bin: Path | None, skip: set[str]) -> list[dict]:
     s = SHAPES[size]
     work.mkdir(parents=True, exist_ok=True)
-    # bytecode as an installed package has it (pip compiles at install time); an editable
-    # install under PYTHONDONTWRITEBYTECODE would otherwise recompile every module per run
-    compileall.compile_dir(Path(gguf_surgeon.__file__).parent, quiet=1)
     model = generate(work / f"synthetic-{size}.gguf", s)
     subprocess.run([sys.executable, "-m", "gguf_surgeon", "apply", f"delete {s.blocks // 2}", str(model),
                     str(work / "edited.gguf"), "--force"], check=True, stdout=subprocess.DEVNULL)
@@ -286,6 +283,9 @@ def main() -> None:
                          "size's files do not crowd this one's out of memory; the model is then read once to warm it")
     args = ap.parse_args()
     print(f"{'size':>5} {'command':<32} {'median':>10}  {'baseline':>10}  {'ratio':>6}  {'best':>6}  {'peak RSS':>12}")
+    # bytecode as an installed package has it (pip compiles at install time); an editable
+    # install under PYTHONDONTWRITEBYTECODE would otherwise recompile every module per run
+    compileall.compile_dir(Path(gguf_surgeon.__file__).parent, quiet=1)
     rows = []
     for size in args.sizes.split(","):
         if args.drop_caches:
