@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from .gguf_names import GGUFValueType
+from .vocab import GGUFValueType
 
 from .errors import SurgeonError
 from .plan import build_plan

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .gguf_names import GGUFValueType, Keys, LlamaFileType
+from .vocab import GGUFValueType, Keys, LlamaFileType
 
 from .reader import Model
 

@@ -11,7 +11,7 @@ from typing import Any
 
 
 from .errors import PlanError
-from .gguf_names import GGUFValueType, Keys
+from .vocab import GGUFValueType, Keys
 from .plan import LayerPlan
 from .reader import SCALAR_FORMATS, SPLIT_KEYS, Model
 

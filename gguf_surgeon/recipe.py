@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import RecipeError
 from .operations import make_step
 from .plan import Step
-from .tomlfile import read_toml
+from .files import read_toml
 
 
 def parse_recipe(text: str) -> tuple[Step, ...]:

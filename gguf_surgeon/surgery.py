@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 from .errors import PlanError
-from .gguf_names import GGML_QUANT_SIZES, GGMLQuantizationType
+from .vocab import GGML_QUANT_SIZES, GGMLQuantizationType
 from .metadata import MetadataChange, OutputField, check_hazards, plan_metadata
 from .plan import LayerPlan
 from .reader import Model, TensorInfo

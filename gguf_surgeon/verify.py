@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 
-from .gguf_names import GGUFValueType, Keys
+from .vocab import GGUFValueType, Keys
 
 from .diff import tensors_equal
 from .metadata import INDEX_HAZARDS

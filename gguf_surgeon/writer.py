@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 
 from .errors import OutputError
-from .gguf_names import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
+from .vocab import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 from .metadata import PADDING_KEY, OutputField, encode_field, encode_string
 from .reader import Model, align
 from .surgery import OutputTensor, Surgery

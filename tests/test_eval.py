@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import gguf_surgeon.cli_eval  # noqa: F401  (registers eval and compare)
+import gguf_surgeon.cli.eval  # noqa: F401  (registers eval and compare)
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
 from gguf_surgeon.errors import SurgeonError, ToolError
-from gguf_surgeon.evaluate import (EVAL_TEXT_FILE, EvalError, EvalOptions, Question, _difference, _Draws, _mean_reps,
+from gguf_surgeon.evaluation.runner import (EVAL_TEXT_FILE, EvalError, EvalOptions, Question, _difference, _Draws, _mean_reps,
                                    answer_tokens, apply_chat_template, coherence_of, evaluate, is_correct, kl_divergence,
                                    load_questions, parse_kld_output, parse_perplexity_output, parse_thinking,
                                    repetition_of, thinking_check)
-from gguf_surgeon.llama_server import LlamaServer
+from gguf_surgeon.llama.server import LlamaServer
 
 SHORT_TEXT = EVAL_TEXT_FILE.read_text(encoding="utf-8")[:1600]  # 4 chunks of 256 for the byte-level tiny vocab
 

@@ -19,9 +19,9 @@ from make_fixtures import bpe_vocab, build_model  # fixtures/ is on sys.path via
 
 from gguf_surgeon.edit import edit, plan_for
 from gguf_surgeon.errors import SurgeonError, ToolError
-from gguf_surgeon.llama_server import FLOAT32_ARGS, LlamaServer, TokenProb
+from gguf_surgeon.llama.server import FLOAT32_ARGS, LlamaServer, TokenProb
 from gguf_surgeon.reader import Model
-from gguf_surgeon.reference import ForwardError, ReferenceModel, log_softmax, rope
+from gguf_surgeon.analysis.reference import ForwardError, ReferenceModel, log_softmax, rope
 
 PROMPT = [9, 150, 23, 260, 77, 4, 199, 42, 88, 270]  # plain byte/merge tokens, no specials
 PREFIXES = (4, len(PROMPT))  # next-token distributions checked after these many tokens
@@ -228,7 +228,7 @@ def test_server_stops_on_error(llama_bin, tiny, error):
 
 @pytest.mark.slow
 def test_server_retries_a_taken_port(llama_bin, tiny, monkeypatch):
-    import gguf_surgeon.llama_server as llama_server
+    import gguf_surgeon.llama.server as llama_server
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

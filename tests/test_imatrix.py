@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit, plan_for
 from gguf_surgeon.errors import FormatError, PlanError
-from gguf_surgeon.imatrix import Imatrix, ImatrixEntry, read_imatrix, remap_imatrix, write_imatrix
-from gguf_surgeon.quantize import quantize_ladder
+from gguf_surgeon.llama.imatrix import Imatrix, ImatrixEntry, read_imatrix, remap_imatrix, write_imatrix
+from gguf_surgeon.llama.quantize import quantize_ladder
 from gguf_surgeon.reader import Model
 from make_fixtures import build_model  # fixtures/ is on sys.path (conftest)
 

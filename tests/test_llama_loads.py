@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gguf_surgeon.edit import EditOptions, edit
-from gguf_surgeon.llama_server import LlamaServer
+from gguf_surgeon.llama.server import LlamaServer
 from gguf_surgeon.metadata import PADDING_KEY
 from gguf_surgeon.reader import Model
 

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
 from gguf_surgeon.errors import ModelError
-from gguf_surgeon.llama_server import LlamaServer
-from gguf_surgeon.quantize import DEFAULT_LADDER, default_name, quant_types, quantize_ladder, resolve_types
+from gguf_surgeon.llama.server import LlamaServer
+from gguf_surgeon.llama.quantize import DEFAULT_LADDER, default_name, quant_types, quantize_ladder, resolve_types
 from gguf_surgeon.reader import Model
-from gguf_surgeon.tools import ENV_VAR, HOW_TO_GET
+from gguf_surgeon.llama.tools import ENV_VAR, HOW_TO_GET
 
 # ChatML as SmolLM2's chat template renders one user turn (with its default system prompt)
 SMOLLM2_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"

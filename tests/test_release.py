@@ -19,12 +19,12 @@ import pytest
 from click.testing import CliRunner
 from make_fixtures import build_model  # fixtures/ is on sys.path via conftest
 
-import gguf_surgeon.cli_search  # noqa: F401  (registers rank, search, release, card, modelfile)
+import gguf_surgeon.cli.search  # noqa: F401  (registers rank, search, release, card, modelfile)
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
-from gguf_surgeon.llama_server import LlamaServer
+from gguf_surgeon.llama.server import LlamaServer
 from gguf_surgeon.reader import Model
-from gguf_surgeon.release import (CHATML_GO_TEMPLATE, DEFAULT_PARAMETERS, CardOptions, QuantFile, ReleaseError,
+from gguf_surgeon.release.folder import (CHATML_GO_TEMPLATE, DEFAULT_PARAMETERS, CardOptions, QuantFile, ReleaseError,
                                   build_modelfile, model_card, parse_parameters, recognize_chat_template)
 
 SMOLLM2_TEMPLATE = (
@@ -354,7 +354,7 @@ def test_release_files_load_in_llama_cpp(smollm2: Path, tmp_path: Path, llama_bi
             assert int(server.completion(prompt, n_predict=4)["tokens_predicted"]) >= 1, name
             if name.endswith("Q8_0.gguf"):
                 # llama.cpp renders the GGUF's own Jinja template; the Modelfile's TEMPLATE must agree
-                from gguf_surgeon.evaluate import apply_chat_template
+                from gguf_surgeon.evaluation.runner import apply_chat_template
 
                 template = modelfile_template(modelfile)
                 system = re.search(r'^SYSTEM "(.*)"$', modelfile, re.MULTILINE).group(1)

@@ -1,6 +1,6 @@
 """search: spaces, rank guidance, the Optuna study (brute force, TPE, beams), resuming, workers.
 
-Scoring runs the real llama-perplexity KL divergence through gguf_surgeon.evaluate, with the
+Scoring runs the real llama-perplexity KL divergence through gguf_surgeon.evaluation.runner, with the
 eval cache in tmp_path so nothing is reused from other runs. Budgets and texts are small.
 """
 
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import gguf_surgeon.cli_search  # noqa: F401  (registers rank, search, release, card, modelfile)
+import gguf_surgeon.cli.search  # noqa: F401  (registers rank, search, release, card, modelfile)
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
-from gguf_surgeon.rank import rank_model
-from gguf_surgeon.search import (PRESETS, CandidateScorer, Move, SearchError, SearchOptions, compose, load_space,
+from gguf_surgeon.analysis.rank import rank_model
+from gguf_surgeon.search.study import (PRESETS, CandidateScorer, Move, SearchError, SearchOptions, compose, load_space,
                                  ordered_moves, run_search, search_status)
 
 TINY_CTX, TINY_CHARS = 32, 700  # the tiny vocabulary spells ~1 token per 2 characters: 5+ chunks

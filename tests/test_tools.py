@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from gguf_surgeon.cli import main
 from gguf_surgeon.errors import ToolError
-from gguf_surgeon.tools import (ENV_VAR, HOW_TO_GET, TOOLS, ToolVersion, doctor, find_tool, parse_version, run_tool,
+from gguf_surgeon.llama.tools import (ENV_VAR, HOW_TO_GET, TOOLS, ToolVersion, doctor, find_tool, parse_version, run_tool,
                                 tool_version)
 
 

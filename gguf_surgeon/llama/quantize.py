@@ -19,14 +19,14 @@ from typing import Callable, Sequence
 import gguf
 from gguf import GGMLQuantizationType
 
-from .errors import ModelError, OutputError, PlanError, ToolError
+from ..errors import ModelError, OutputError, PlanError, ToolError
 from .imatrix import Imatrix, read_imatrix, remap_imatrix, write_imatrix
-from .metadata import RECIPE_KEY
-from .plan import build_plan
-from .reader import Model
-from .recipe import load_recipe
+from ..metadata import RECIPE_KEY
+from ..plan import build_plan
+from ..reader import Model
+from ..recipe import load_recipe
 from .tools import DEFAULT_LADDER, find_tool, run_tool
-from .writer import atomic_output
+from ..writer import atomic_output
 
 QUANTIZE_TOOL = "llama-quantize"
 UNQUANTIZED = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})

@@ -27,11 +27,11 @@ import numpy as np
 from gguf import GGMLQuantizationType, Keys
 from gguf.constants import GGUF_MAGIC
 
-from .errors import FormatError, OutputError, PlanError
-from .metadata import RECIPE_KEY
-from .plan import LayerPlan
-from .reader import BlockNamed, Model
-from .writer import atomic_output
+from ..errors import FormatError, OutputError, PlanError
+from ..metadata import RECIPE_KEY
+from ..plan import LayerPlan
+from ..reader import BlockNamed, Model
+from ..writer import atomic_output
 
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"

@@ -42,16 +42,16 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from gguf import Keys
 
-from .errors import OutputError, SurgeonError, ToolError
-from .llama_server import LlamaServer
-from .reader import Model
-from .tools import find_tool, run_tool
-from .tomlfile import read_toml
-from .writer import write_text_atomic
+from ..errors import OutputError, SurgeonError, ToolError
+from ..llama.server import LlamaServer
+from ..reader import Model
+from ..llama.tools import find_tool, run_tool
+from ..files import read_toml
+from ..writer import write_text_atomic
 
 
 SUITE_VERSION = 1  # bump when a change alters any score of an unchanged model
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"
 QUESTIONS_FILE = DATA / "questions.toml"
 EVAL_TEXT_FILE = DATA / "eval_text.txt"
 

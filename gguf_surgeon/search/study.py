@@ -39,13 +39,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError, SurgeonError, ToolError
-from .operations import format_fraction, format_layer_spec, parse_layer_spec
-from .plan import LayerPlan, LayerSource
-from .reader import Model
-from .recipe import parse_recipe
-from .tomlfile import read_toml
-from .writer import write_text_atomic
+from ..errors import OutputError, SurgeonError, ToolError
+from ..operations import format_fraction, format_layer_spec, parse_layer_spec
+from ..plan import LayerPlan, LayerSource
+from ..reader import Model
+from ..recipe import parse_recipe
+from ..files import read_toml
+from ..writer import write_text_atomic
 
 
 DEFAULT_WORK_DIR = Path("gguf-surgeon-search")
@@ -160,7 +160,7 @@ def compose(moves: Sequence[Move], block_count: int) -> Candidate | None:
 
 
 def _apply(step_text: str, layers: tuple[LayerSource, ...]) -> tuple[LayerSource, ...]:
-    from .operations import REGISTRY
+    from ..operations import REGISTRY
 
     (step,) = parse_recipe(step_text)
     out = REGISTRY[step.op].apply(step.args, layers)
@@ -310,7 +310,7 @@ def move_prior(move: Move, ranking: Any | None) -> float:
     """
     if ranking is None:
         return 0.0
-    from .rank import block_damage
+    from ..analysis.rank import block_damage
 
     blocks = {b.index: b for b in ranking.blocks}
     if move.op in ("delete-window", "repeat-window"):
@@ -383,7 +383,7 @@ class ShortScore:
 
 def short_text(chars: int = SHORT_CHARS) -> str:
     """The first `chars` characters of the eval suite's text, cut at a sentence end."""
-    from .evaluate import EVAL_TEXT_FILE
+    from ..evaluation.runner import EVAL_TEXT_FILE
 
     text = EVAL_TEXT_FILE.read_text(encoding="utf-8")
     if len(text) <= chars:
@@ -418,7 +418,7 @@ class CandidateScorer:
         self.cache_dir = cache_dir
 
     def _options(self, text: Path | None) -> Any:
-        from .evaluate import EvalOptions
+        from ..evaluation.runner import EvalOptions
 
         kw: dict[str, Any] = {"llama_bin": self.llama_bin, "cache_dir": self.cache_dir}
         if self.threads:
@@ -446,7 +446,7 @@ class CandidateScorer:
         self._kld(self.base)
 
     def _kld(self, candidate: Path) -> ShortScore:
-        from .evaluate import kl_divergence
+        from ..evaluation.runner import kl_divergence
 
         start = time.monotonic()
         result = kl_divergence(candidate, self.base, self._options(self.text_file()))
@@ -454,7 +454,7 @@ class CandidateScorer:
                           time.monotonic() - start)
 
     def build(self, recipe: str, tag: str) -> Path:
-        from .edit import EditOptions, edit
+        from ..edit import EditOptions, edit
 
         self.candidates_dir.mkdir(parents=True, exist_ok=True)
         path = self.candidates_dir / f"candidate-{tag}.gguf"
@@ -472,7 +472,7 @@ class CandidateScorer:
 
     def full(self, recipe: str, tag: str) -> dict:
         """Stage 2: the full eval suite against the base, summarized for the study."""
-        from .evaluate import evaluate
+        from ..evaluation.runner import evaluate
 
         path = self.build(recipe, tag)
         try:
@@ -674,8 +674,8 @@ def create_or_load(base: Path, space: SearchSpace, options: SearchOptions,
 
 
 def _ranking(base: Path, options: SearchOptions) -> Any | None:
-    from .rank import Ranking, rank_model
-    from .reference import ForwardError
+    from ..analysis.rank import Ranking, rank_model
+    from ..analysis.reference import ForwardError
 
     if options.rank_file is not None:
         try:

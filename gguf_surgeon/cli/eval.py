@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import click
 
-from .cli import emit_json, main, out_console, step_progress
+from .common import emit_json, main, out_console, step_progress
 
 # evaluate (numpy) and rich.progress are imported inside the commands: registering these
 # commands must not slow down every other gguf-surgeon command.
 if TYPE_CHECKING:
-    from .evaluate import EvalOptions, EvalReport
+    from ..evaluation.runner import EvalOptions, EvalReport
 
 
 def eval_options(f: Callable) -> Callable:
@@ -35,7 +35,7 @@ def eval_options(f: Callable) -> Callable:
 
 def make_options(text: Path | None, questions: int | None, threads: int | None, no_cache: bool,
                  llama_bin: Path | None) -> "EvalOptions":
-    from .evaluate import EvalOptions, default_threads
+    from ..evaluation.runner import EvalOptions, default_threads
 
     return EvalOptions(llama_bin=llama_bin, text=text, questions=questions, threads=threads or default_threads(),
                        use_cache=not no_cache)
@@ -96,14 +96,14 @@ def eval_cmd(model: Path, base: Path | None, text: Path | None, questions: int |
     Example:
       gguf-surgeon eval edited.gguf --base original.gguf
     """
-    from .evaluate import comparison_table, evaluate
+    from ..evaluation.runner import comparison_table, evaluate
 
     options = make_options(text, questions, threads, no_cache, llama_bin)
     with step_progress(enabled=not as_json) as progress:
         report = evaluate(model, base, options, progress)
     data = report.to_dict()
     if out is not None:
-        from .writer import write_text_atomic
+        from ..writer import write_text_atomic
 
         write_text_atomic(out, json.dumps(data, indent=2, default=str) + "\n", force=True)
     if as_json:
@@ -135,7 +135,7 @@ def compare_cmd(models: tuple[Path, ...], text: Path | None, questions: int | No
     """
     if len(models) < 2:
         raise click.UsageError("compare needs at least two models")
-    from .evaluate import compare, comparison_table
+    from ..evaluation.runner import compare, comparison_table
 
     options = make_options(text, questions, threads, no_cache, llama_bin)
     with step_progress(enabled=not (as_json or markdown)) as progress:

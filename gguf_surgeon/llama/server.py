@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import ToolError
+from ..errors import ToolError
 
 SERVER_BINARY = "llama-server"
 HOST = "127.0.0.1"

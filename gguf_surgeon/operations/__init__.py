@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import PlanError, RecipeError
-from .plan import LayerSource, Step
+from ..errors import PlanError, RecipeError
+from ..plan import LayerSource, Step
 
 Layers = tuple[LayerSource, ...]
 

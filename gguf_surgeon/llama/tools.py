@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import ToolError
+from ..errors import ToolError
 
 ENV_VAR = "GGUF_SURGEON_LLAMA_BIN"
 # the quantization ladder of a typical release (the seed model card's)

@@ -24,14 +24,14 @@ from typing import Any
 
 from gguf import Keys, LlamaFileType
 
-from .errors import OutputError, SurgeonError
-from .metadata import RECIPE_KEY
-from .operations import format_layer_spec
-from .plan import LayerPlan, build_plan
-from .quantize import DEFAULT_LADDER, QuantizeReport, QuantProgress, QuantResult, default_name, measure, quantize_ladder
-from .reader import Model
-from .recipe import parse_recipe
-from .writer import write_text_atomic
+from ..errors import OutputError, SurgeonError
+from ..metadata import RECIPE_KEY
+from ..operations import format_layer_spec
+from ..plan import LayerPlan, build_plan
+from ..llama.quantize import DEFAULT_LADDER, QuantizeReport, QuantProgress, QuantResult, default_name, measure, quantize_ladder
+from ..reader import Model
+from ..recipe import parse_recipe
+from ..writer import write_text_atomic
 
 MODELFILE = "Modelfile"
 README = "README.md"
@@ -616,7 +616,7 @@ def default_release_name(base: Path) -> str:
 
 def benchmark_markdown(base: Path, edited: Path, llama_bin: Path | None = None, questions: int | None = None) -> str:
     """The base-vs-edited table of the eval suite (gguf_surgeon.evaluate.compare), as Markdown."""
-    from .evaluate import EvalOptions, compare, comparison_table
+    from ..evaluation.runner import EvalOptions, compare, comparison_table
 
     reports = compare([base, edited], EvalOptions(llama_bin=llama_bin, questions=questions))
     header, rows = comparison_table(reports)
@@ -635,7 +635,7 @@ def release(base: str | Path, recipe: str, out_dir: str | Path, options: Release
     `out_dir` is created; an existing non-empty folder needs `force`. Raises the editor's,
     quantizer's and evaluator's errors, and ReleaseError/OutputError.
     """
-    from .edit import EditOptions, edit
+    from ..edit import EditOptions, edit
 
     base, out_dir = Path(base), Path(out_dir)
     name = options.name or default_release_name(base)

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import click
 from rich.table import Table
 
-from .cli import emit_json, err_console, human_size, live_terminal, main, out_console, step_progress
-from .errors import SurgeonError
+from .common import emit_json, err_console, human_size, live_terminal, main, out_console, step_progress
+from ..errors import SurgeonError
 
 LLAMA_BIN_OPTION = click.option("--llama-bin", type=click.Path(path_type=Path, file_okay=False),
                                 help="Folder holding the llama.cpp tools (searched before $GGUF_SURGEON_LLAMA_BIN and PATH).")
@@ -71,7 +71,7 @@ def rank_cmd(model: Path, text_file: Path | None, max_tokens: int, ablation: boo
     """
     import json
 
-    from .rank import RankError, plot_ranking, rank_model
+    from ..analysis.rank import RankError, plot_ranking, rank_model
 
     if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise RankError(f"--plot {plot}: write a .png, .svg or .pdf file")  # before the forward pass, not after
@@ -88,7 +88,7 @@ def rank_cmd(model: Path, text_file: Path | None, max_tokens: int, ablation: boo
     if plot is not None:
         data["plot"] = str(plot_ranking(ranking, plot))
     if save is not None:
-        from .writer import write_text_atomic
+        from ..writer import write_text_atomic
 
         write_text_atomic(save, json.dumps(data, indent=2), force=True)
     if as_json:
@@ -178,7 +178,7 @@ class live_leaderboard:
             from rich.console import Group
             from rich.text import Text
 
-            from .search import search_status
+            from ..search.study import search_status
 
             try:
                 entries = search_status(self.storage, self.study_name)
@@ -240,7 +240,7 @@ def search_cmd(base: Path, space_spec: str, budget: int | None, jobs: int, stora
     Example:
       gguf-surgeon search base.gguf --space phase1 --budget 80 --jobs 2 --export release/
     """
-    from .search import SearchOptions, default_study_name, load_space, run_search, storage_url
+    from ..search.study import SearchOptions, default_study_name, load_space, run_search, storage_url
 
     space = load_space(space_spec)
     options = SearchOptions(budget=budget, jobs=jobs, storage=storage, study_name=study_name, work_dir=work_dir,
@@ -257,7 +257,7 @@ def search_cmd(base: Path, space_spec: str, budget: int | None, jobs: int, stora
         raise SystemExit(130)
     data = result.to_dict()
     if export_dir is not None and result.champion is not None:
-        from .release import ReleaseOptions, release
+        from ..release.folder import ReleaseOptions, release
 
         n_leaders = leaders if leaders is not None else space.leaders
         full = f", the best {n_leaders} also by the full eval suite" if n_leaders else ""
@@ -292,7 +292,7 @@ SYSTEM_OPTION = click.option("--system", help="Modelfile SYSTEM prompt (default:
 
 
 def _read_markdown(path: Path | None) -> str | None:
-    from .release import ReleaseError
+    from ..release.folder import ReleaseError
 
     if path is None:
         return None
@@ -335,9 +335,9 @@ def release_cmd(base: Path, recipe: str, out_dir: Path, name: str | None, types:
     Example:
       gguf-surgeon release base.gguf --recipe "delete 10; swap 11 12" --out release/ --eval
     """
-    from .cli_tools import split_types
-    from .quantize import DEFAULT_LADDER
-    from .release import ReleaseOptions, parse_parameters, release
+    from .llama import split_types
+    from ..llama.quantize import DEFAULT_LADDER
+    from ..release.folder import ReleaseOptions, parse_parameters, release
 
     options = ReleaseOptions(name=name, types=() if no_quantize else (split_types(types) or DEFAULT_LADDER),
                              allow_requantize=allow_requantize, llama_bin=llama_bin, force=force,
@@ -382,8 +382,8 @@ def card_cmd(model: Path, quants_dir: Path | None, name: str | None, benchmarks:
     Example:
       gguf-surgeon card release/model.gguf --quants release/ --out release/README.md
     """
-    from .quantize import default_name
-    from .release import CardOptions, model_card, scan_quants, write_text_atomic
+    from ..llama.quantize import default_name
+    from ..release.folder import CardOptions, model_card, scan_quants, write_text_atomic
 
     files = scan_quants(quants_dir, name or default_name(model)) if quants_dir else ()
     text = model_card(model, CardOptions(name=name, quants=files, benchmarks=_read_markdown(benchmarks),
@@ -417,7 +417,7 @@ def modelfile_cmd(model: Path, source: str | None, params: tuple[str, ...], syst
     Example:
       gguf-surgeon modelfile model-Q8_0.gguf --param temperature=0.7 --out Modelfile
     """
-    from .release import build_modelfile, parse_parameters, write_text_atomic
+    from ..release.folder import build_modelfile, parse_parameters, write_text_atomic
 
     mf = build_modelfile(model, source, parameters=parse_parameters(params), system=system)
     if out is not None:

@@ -23,8 +23,8 @@ import numpy as np
 from gguf import Keys
 from gguf.quants import dequantize
 
-from .errors import SurgeonError
-from .reader import Model, TensorInfo
+from ..errors import SurgeonError
+from ..reader import Model, TensorInfo
 
 HEAD_ROWS_PER_SLICE = 8192  # output-head rows dequantized at a time
 

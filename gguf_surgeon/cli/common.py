@@ -13,20 +13,20 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__
-from .errors import RecipeError, SurgeonError
-from .metadata import RECIPE_KEY
-from .operations import REGISTRY
-from .reader import Model
+from .. import __version__
+from ..errors import RecipeError, SurgeonError
+from ..metadata import RECIPE_KEY
+from ..operations import REGISTRY
+from ..reader import Model
 
 # Command modules (edit, diff, verify, inspection, quantize), the commands of cli_eval,
 # cli_tools and cli_search, and rich itself are imported only where they are used: a surgery
 # or `inspect` pays for nothing else at start-up (a surgery should cost what `cp` costs).
 LAZY_COMMANDS = {
-    "eval": "cli_eval", "compare": "cli_eval",
-    "doctor": "cli_tools", "quantize": "cli_tools", "imatrix-remap": "cli_tools",
-    "rank": "cli_search", "search": "cli_search", "release": "cli_search", "card": "cli_search",
-    "modelfile": "cli_search",
+    "eval": "eval", "compare": "eval",
+    "doctor": "llama", "quantize": "llama", "imatrix-remap": "llama",
+    "rank": "search", "search": "search", "release": "search", "card": "search",
+    "modelfile": "search",
 }
 
 
@@ -142,7 +142,7 @@ def run_edit(source: Path, out: Path | None, recipe: str, *, dry_run: bool, forc
              split_max_size: str | None, split_max_tensors: int | None, as_json: bool, alignment: int | None = None,
              quantize_types: str | None = None,
              allow_requantize: bool = False, llama_bin: Path | None = None) -> None:
-    from .edit import EditOptions, check_outputs, edit, prepare, report
+    from ..edit import EditOptions, check_outputs, edit, prepare, report
 
     options = EditOptions(name, force, parse_size(split_max_size), split_max_tensors, alignment)
     if quantize_types and (split_max_size or split_max_tensors):
@@ -159,8 +159,8 @@ def run_edit(source: Path, out: Path | None, recipe: str, *, dry_run: bool, forc
     data = report(surgery, out, options, result)
     quantized = None
     if quantize_types and not dry_run:
-        from .cli_tools import render_quantize, split_types, type_progress
-        from .quantize import quantize_ladder
+        from .llama import render_quantize, split_types, type_progress
+        from ..llama.quantize import quantize_ladder
 
         with type_progress(enabled=not as_json) as qprogress:
             quantized = quantize_ladder(out, split_types((quantize_types,)), out.parent, allow_requantize=allow_requantize,
@@ -286,7 +286,7 @@ def inspect(model: Path, layers: bool, tensors: bool, meta: bool, as_json: bool)
     Example:
       gguf-surgeon inspect model.gguf --layers
     """
-    from .inspection import layer_table, metadata_table, summarize, tensor_table
+    from ..inspection import layer_table, metadata_table, summarize, tensor_table
 
     with Model(model) as m:
         s = summarize(m)
@@ -354,7 +354,7 @@ def diff(a: Path, b: Path, as_json: bool) -> None:
     Example:
       gguf-surgeon diff base.gguf edited.gguf
     """
-    from .diff import diff_models
+    from ..diff import diff_models
 
     with Model(a) as ma, Model(b) as mb:
         d = diff_models(ma, mb)
@@ -392,8 +392,8 @@ def verify_cmd(model: Path, against: Path | None, recipe: str | None, as_json: b
     Example:
       gguf-surgeon verify out.gguf --against in.gguf --recipe "delete 10; swap 11 12"
     """
-    from .edit import plan_for
-    from .verify import verify
+    from ..edit import plan_for
+    from ..verify import verify
 
     if recipe is not None and against is None:
         raise click.UsageError("--recipe needs --against (the source the recipe was applied to)")

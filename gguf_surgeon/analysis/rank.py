@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 from gguf import Keys
 
-from .errors import SurgeonError, ToolError
-from .reader import Model
+from ..errors import SurgeonError, ToolError
+from ..reader import Model
 from .reference import HEAD_ROWS_PER_SLICE, ReferenceModel, dequantize_rows, log_softmax, rms_norm
-from .tools import find_tool
+from ..llama.tools import find_tool
 
 DEFAULT_TOKENS = 128  # tokens of the text the scores are computed on
 EVAL_TEXT = "eval_text.txt"  # package data shared with the eval suite; its first tokens are the default text
@@ -145,7 +145,7 @@ def tokenize(model_path: Path, text: str, llama_bin: str | Path | None = None) -
     except ToolError:
         with Model(model_path) as model:
             return greedy_tokenize(model, text), "approximate (greedy vocabulary match; llama-server not found)"
-    from .llama_server import LlamaServer  # starts a process: only when the tool exists
+    from ..llama.server import LlamaServer  # starts a process: only when the tool exists
 
     bin_dir = find_tool("llama-server", llama_bin).parent
     # one thread: tokenizing needs none, and spinning ggml threads slow a busy machine down

@@ -9,9 +9,9 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .cli import IN_ARG, emit_json, err_console, human_size, main, out_console, step_progress
-from .reader import Model
-from .tools import DEFAULT_LADDER, ENV_VAR, HOW_TO_GET, doctor
+from .common import IN_ARG, emit_json, err_console, human_size, main, out_console, step_progress
+from ..reader import Model
+from ..llama.tools import DEFAULT_LADDER, ENV_VAR, HOW_TO_GET, doctor
 
 LLAMA_BIN_OPTION = click.option(
     "--llama-bin", type=click.Path(path_type=Path, file_okay=False),
@@ -89,7 +89,7 @@ def quantize_cmd(source: Path, extra: tuple[str, ...], types: tuple[str, ...], o
     Example:
       gguf-surgeon quantize out.gguf --types Q8_0,Q4_K_M --out-dir quants -- --leave-output-tensor
     """
-    from .quantize import quantize_ladder
+    from ..llama.quantize import quantize_ladder
 
     with type_progress(enabled=not as_json) as progress:
         report = quantize_ladder(source, split_types(types) or DEFAULT_LADDER, out_dir, name=name, imatrix=imatrix,
@@ -130,8 +130,8 @@ def imatrix_remap_cmd(recipe: str, source: Path, out: Path, model: Path, force: 
     Example:
       gguf-surgeon imatrix-remap "delete 10; swap 11 12" base.imatrix out.imatrix --model base.gguf
     """
-    from .edit import plan_for
-    from .imatrix import remap_file
+    from ..edit import plan_for
+    from ..llama.imatrix import remap_file
 
     with Model(model) as m:
         plan = plan_for(m, recipe)
