@@ -29,3 +29,37 @@ class OutputError(SurgeonError):
 
 class ToolError(SurgeonError):
     """An external llama.cpp tool is missing or failed."""
+
+
+class ToolNotFoundError(ToolError):
+    """A llama.cpp tool (or the --llama-bin folder) is not where it was looked for."""
+
+
+class ToolFailedError(ToolError):
+    """A llama.cpp tool ran and failed: bad exit status, no answer in time, output not understood."""
+
+
+class OptionError(SurgeonError):
+    """Options that cannot go together or a value out of range, found by the library (the CLI's
+    own parsing errors stay click usage errors)."""
+
+
+class ForwardError(SurgeonError):
+    """The reference forward pass cannot run this model or these inputs (architecture,
+    missing tensor, unsupported RoPE scaling, token or block index out of range)."""
+
+
+class RankError(SurgeonError):
+    """The text cannot be scored (empty, too short) or the plot cannot be written."""
+
+
+class EvalError(SurgeonError):
+    """The evaluation cannot run as asked (text too short, vocabularies differ, bad suite file)."""
+
+
+class SearchError(SurgeonError):
+    """A space, storage or study that cannot be used (bad TOML, unknown family, other base)."""
+
+
+class ReleaseError(SurgeonError):
+    """A release, card or Modelfile cannot be made (unrecognized template, bad parameter, folder in the way)."""

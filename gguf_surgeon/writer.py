@@ -15,11 +15,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
 
 from .errors import OutputError
+from .files import reserve_temp
 from .vocab import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 from .metadata import PADDING_KEY, OutputField, encode_field, encode_string
 from .reader import Model, align
@@ -154,45 +154,6 @@ def layout(surgery: Surgery, out: Path, split_max_size: int | None = None, split
             fields += tuple(f for f in surgery.fields if f.key == Keys.General.ALIGNMENT)
         shards.append(_lay_out_file(shard_path(out, no + 1, len(groups)), fields, group, surgery.alignment))
     return shards
-
-
-def reserve_temp(out: Path) -> Path:
-    """Create an empty, uniquely named temp file next to `out` (mode from the umask, like any output)."""
-    while True:
-        tmp = out.with_name(f".{out.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise OutputError(f"{out}: cannot create a file in {out.parent}: {e.strerror}") from None
-
-
-@contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
-    """A fresh temp file next to `out` for the block to fill; renamed onto `out` when the block
-    succeeds, removed whatever happens. An OSError becomes OutputError naming `out`."""
-    tmp = reserve_temp(out)
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str, force: bool = False) -> Path:
-    """Write a small text file through a temp file in the same folder and a rename.
-
-    OutputError when `path` exists without `force`, or cannot be written; nothing is left behind.
-    """
-    if path.exists() and not force:
-        raise OutputError(f"{path}: exists; pass --force to overwrite")
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
 
 
 def check_output(out: Path, inputs: list[Path], force: bool) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from gguf import Keys
 
-from ..errors import SurgeonError, ToolError
+from ..errors import RankError, SurgeonError, ToolError
 from ..reader import Model
 from .reference import HEAD_ROWS_PER_SLICE, ReferenceModel, dequantize_rows, log_softmax, rms_norm
 from ..llama.tools import find_tool
@@ -48,9 +48,6 @@ FALLBACK_TEXT = (
 
 RankProgress = Callable[[str, int, int], None]  # (phase, done, total)
 
-
-class RankError(SurgeonError):
-    """The text cannot be scored (empty, too short) or the plot cannot be written."""
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,11 @@ import numpy as np
 from gguf import Keys
 from gguf.quants import dequantize
 
-from ..errors import SurgeonError
+from ..errors import ForwardError, SurgeonError
 from ..reader import Model, TensorInfo
 
 HEAD_ROWS_PER_SLICE = 8192  # output-head rows dequantized at a time
 
-
-class ForwardError(SurgeonError):
-    """The reference forward pass cannot run this model or these inputs (architecture,
-    missing tensor, unsupported RoPE scaling, token or block index out of range)."""
 
 
 @dataclass(frozen=True)

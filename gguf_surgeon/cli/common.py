@@ -108,6 +108,19 @@ def parse_size(value: str | None) -> int | None:
     return size
 
 
+def json_option(help: str = "Print the report as JSON.") -> Callable:
+    """The --json flag every reporting command has (parameter `as_json`)."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def llama_bin_option(help: str | None = None) -> Callable:
+    """The --llama-bin folder option of every command that runs llama.cpp tools."""
+    from ..llama.tools import ENV_VAR
+
+    return click.option("--llama-bin", type=click.Path(path_type=Path, file_okay=False),
+                        help=help or f"Folder holding the llama.cpp tools (searched before ${ENV_VAR} and PATH).")
+
+
 IN_ARG = click.argument("source", metavar="IN", type=click.Path(path_type=Path, dir_okay=False))
 OUT_ARG = click.argument("out", metavar="OUT", type=click.Path(path_type=Path, dir_okay=False))
 

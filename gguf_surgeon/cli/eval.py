@@ -103,7 +103,7 @@ def eval_cmd(model: Path, base: Path | None, text: Path | None, questions: int |
         report = evaluate(model, base, options, progress)
     data = report.to_dict()
     if out is not None:
-        from ..writer import write_text_atomic
+        from ..files import write_text_atomic
 
         write_text_atomic(out, json.dumps(data, indent=2, default=str) + "\n", force=True)
     if as_json:

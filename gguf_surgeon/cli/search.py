@@ -88,7 +88,7 @@ def rank_cmd(model: Path, text_file: Path | None, max_tokens: int, ablation: boo
     if plot is not None:
         data["plot"] = str(plot_ranking(ranking, plot))
     if save is not None:
-        from ..writer import write_text_atomic
+        from ..files import write_text_atomic
 
         write_text_atomic(save, json.dumps(data, indent=2), force=True)
     if as_json:
@@ -383,7 +383,8 @@ def card_cmd(model: Path, quants_dir: Path | None, name: str | None, benchmarks:
       gguf-surgeon card release/model.gguf --quants release/ --out release/README.md
     """
     from ..llama.quantize import default_name
-    from ..release.folder import CardOptions, model_card, scan_quants, write_text_atomic
+    from ..files import write_text_atomic
+    from ..release.folder import CardOptions, model_card, scan_quants
 
     files = scan_quants(quants_dir, name or default_name(model)) if quants_dir else ()
     text = model_card(model, CardOptions(name=name, quants=files, benchmarks=_read_markdown(benchmarks),
@@ -417,7 +418,8 @@ def modelfile_cmd(model: Path, source: str | None, params: tuple[str, ...], syst
     Example:
       gguf-surgeon modelfile model-Q8_0.gguf --param temperature=0.7 --out Modelfile
     """
-    from ..release.folder import build_modelfile, parse_parameters, write_text_atomic
+    from ..files import write_text_atomic
+    from ..release.folder import build_modelfile, parse_parameters
 
     mf = build_modelfile(model, source, parameters=parse_parameters(params), system=system)
     if out is not None:

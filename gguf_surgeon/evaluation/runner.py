@@ -42,12 +42,13 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from gguf import Keys
 
-from ..errors import OutputError, SurgeonError, ToolError
+from ..errors import EvalError, OutputError, SurgeonError, ToolError
 from ..llama.server import LlamaServer
 from ..reader import Model
+from ..records import Record, plain
 from ..llama.tools import find_tool, run_tool
 from ..files import read_toml
-from ..writer import write_text_atomic
+from ..files import write_text_atomic
 
 
 SUITE_VERSION = 1  # bump when a change alters any score of an unchanged model
@@ -83,9 +84,6 @@ VERDICTS = ("better", "worse", "not distinguishable")
 Progress = Callable[[str, int, "int | None"], None]
 """progress(step, done, total): called as each long step advances; total None when unknown."""
 
-
-class EvalError(SurgeonError):
-    """The evaluation cannot run as asked (text too short, vocabularies differ, bad suite file)."""
 
 
 # --- options and suite ----------------------------------------------------------------
@@ -293,29 +291,6 @@ def thinking_check(mode: str, prompt: str, reply: str) -> bool:
 
 
 # --- records --------------------------------------------------------------------------
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Record) and type(value).to_dict is not Record.to_dict:
-        return value.to_dict()
-    if is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-class Record:
-    """Mixin: to_dict() gives JSON-able nested dicts (paths as strings, non-finite as None)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
-
 
 @dataclass(frozen=True)
 class Estimate(Record):

@@ -31,7 +31,7 @@ from ..errors import FormatError, OutputError, PlanError
 from ..metadata import RECIPE_KEY
 from ..plan import LayerPlan
 from ..reader import BlockNamed, Model
-from ..writer import atomic_output
+from ..files import atomic_output
 
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"

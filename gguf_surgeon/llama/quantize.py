@@ -26,7 +26,7 @@ from ..plan import build_plan
 from ..reader import Model
 from ..recipe import load_recipe
 from .tools import DEFAULT_LADDER, find_tool, run_tool
-from ..writer import atomic_output
+from ..files import atomic_output
 
 QUANTIZE_TOOL = "llama-quantize"
 UNQUANTIZED = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})

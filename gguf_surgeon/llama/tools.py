@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import ToolError
+from ..errors import ToolError, ToolFailedError, ToolNotFoundError
 
 ENV_VAR = "GGUF_SURGEON_LLAMA_BIN"
 # the quantization ladder of a typical release (the seed model card's)
@@ -95,7 +95,7 @@ def search_dirs(llama_bin: str | Path | None = None) -> list[tuple[str, Path | N
     if llama_bin is not None:
         d = Path(llama_bin).expanduser()
         if not d.is_dir():
-            raise ToolError(f"--llama-bin {llama_bin}: no such folder")
+            raise ToolNotFoundError(f"--llama-bin {llama_bin}: no such folder")
         places.append(("--llama-bin", d))
     env = os.environ.get(ENV_VAR)
     if env:
@@ -125,7 +125,7 @@ def find_tool(name: str, llama_bin: str | Path | None = None) -> Path:
     """
     path, _, looked = _locate(name, llama_bin)
     if path is None:
-        raise ToolError(f"{name} not found (looked in {', '.join(looked)}); to get it, {HOW_TO_GET}")
+        raise ToolNotFoundError(f"{name} not found (looked in {', '.join(looked)}); to get it, {HOW_TO_GET}")
     return path
 
 
@@ -159,9 +159,9 @@ def tool_version(path: str | Path, timeout: float = 30) -> ToolVersion | None:
             out = subprocess.run([str(path), *args], capture_output=True, text=True, errors="replace",
                                  timeout=timeout, stdin=subprocess.DEVNULL)
         except OSError as e:
-            raise ToolError(f"{path}: cannot run: {e.strerror or e}") from None
+            raise ToolFailedError(f"{path}: cannot run: {e.strerror or e}") from None
         except subprocess.TimeoutExpired:
-            raise ToolError(f"{path}: no answer to {' '.join(args)} within {timeout:g} s") from None
+            raise ToolFailedError(f"{path}: no answer to {' '.join(args)} within {timeout:g} s") from None
         v = parse_version(out.stdout + "\n" + out.stderr)
         if v is not None:
             return v
@@ -211,7 +211,7 @@ def run_tool(path: Path, args: Sequence[str], on_line: Callable[[str], None] | N
         proc = subprocess.Popen([str(path), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1, cwd=cwd)
     except OSError as e:
-        raise ToolError(f"{path}: cannot run: {e.strerror or e}") from None
+        raise ToolFailedError(f"{path}: cannot run: {e.strerror or e}") from None
     timed_out = threading.Event()
 
     def kill_on_timeout() -> None:
@@ -251,5 +251,5 @@ def run_tool(path: Path, args: Sequence[str], on_line: Callable[[str], None] | N
         if proc.stdout is not None:
             proc.stdout.close()
     if timed_out.is_set():
-        raise ToolError(f"{path.name} did not finish within {timeout:g} s")
+        raise ToolFailedError(f"{path.name} did not finish within {timeout:g} s")
     return ToolRun(rc, tuple(errors or tail), usage)

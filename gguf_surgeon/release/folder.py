@@ -24,14 +24,14 @@ from typing import Any
 
 from gguf import Keys, LlamaFileType
 
-from ..errors import OutputError, SurgeonError
+from ..errors import OutputError, ReleaseError, SurgeonError
 from ..metadata import RECIPE_KEY
 from ..operations import format_layer_spec
 from ..plan import LayerPlan, build_plan
 from ..llama.quantize import DEFAULT_LADDER, QuantizeReport, QuantProgress, QuantResult, default_name, measure, quantize_ladder
 from ..reader import Model
 from ..recipe import parse_recipe
-from ..writer import write_text_atomic
+from ..files import write_text_atomic
 
 MODELFILE = "Modelfile"
 README = "README.md"
@@ -65,9 +65,6 @@ QUANT_DESCRIPTIONS = {
 HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # what Hugging Face accepts as a repo id
 KV_CONTEXT = 4096  # context the requirements table's KV-cache estimate assumes
 
-
-class ReleaseError(SurgeonError):
-    """A release, card or Modelfile cannot be made (unrecognized template, bad parameter, folder in the way)."""
 
 
 # --- chat template -> Ollama TEMPLATE --------------------------------------------------------

@@ -39,13 +39,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import OutputError, SurgeonError, ToolError
+from ..errors import OutputError, SearchError, SurgeonError, ToolError, ToolNotFoundError
 from ..operations import format_fraction, format_layer_spec, parse_layer_spec
 from ..plan import LayerPlan, LayerSource
 from ..reader import Model
 from ..recipe import parse_recipe
 from ..files import read_toml
-from ..writer import write_text_atomic
+from ..files import write_text_atomic
 
 
 DEFAULT_WORK_DIR = Path("gguf-surgeon-search")
@@ -62,9 +62,6 @@ FAMILIES = ("delete", "swap", "duplicate", "bridge", "interpolate", "delete-wind
 
 SearchProgress = Callable[["SearchEvent"], None]
 
-
-class SearchError(SurgeonError):
-    """A space, storage or study that cannot be used (bad TOML, unknown family, other base)."""
 
 
 # --- moves and candidates -----------------------------------------------------------------
@@ -943,7 +940,7 @@ class _Worker:
             # the file name is unique per candidate: evaluate memoizes hashes by path, size and mtime
             s = self.scorer.short(cand.recipe, f"{trial.number}-{hashlib.sha256(cand.key.encode()).hexdigest()[:12]}")
         except SurgeonError as e:
-            if isinstance(e, OutputError) or (isinstance(e, ToolError) and "not found" in str(e)):
+            if isinstance(e, (OutputError, ToolNotFoundError)):
                 raise  # the machine's fault (disk full, missing tool), not the candidate's: a rerun retries it
             trial.set_user_attr("error", str(e))  # this candidate is broken (NaN logits): never retried
             raise self.optuna.TrialPruned(str(e)) from None
