@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .errors import PlanError
 from .vocab import GGML_QUANT_SIZES, GGMLQuantizationType
-from .metadata import MetadataChange, OutputField, check_hazards, plan_metadata
+from .hazards import check_hazards
+from .metadata import MetadataChange, OutputField, plan_metadata
 from .plan import LayerPlan
 from .reader import Model, TensorInfo
 
@@ -64,7 +65,8 @@ def block_suffix_sets(blocks: list[list[TensorInfo]]) -> list[frozenset[str]]:
     return [frozenset(t.block_suffix for t in b) for b in blocks]  # type: ignore[misc]
 
 
-def _blend_type(parts: list[TensorInfo]) -> GGMLQuantizationType:
+def blend_type(parts: list[TensorInfo]) -> GGMLQuantizationType:
+    """The type a blend of `parts` is written in: their shared type when gguf can quantize it, else F16."""
     types = {t.ggml_type for t in parts}
     if len(types) == 1 and parts[0].ggml_type in QUANTIZABLE:
         return parts[0].ggml_type
@@ -105,7 +107,7 @@ def plan_surgery(model: Model, plan: LayerPlan, name: str | None = None, force: 
             for p in parts[1:]:
                 if p.shape != t.shape:
                     raise PlanError(f"{model.path}: cannot blend {t.name} {list(t.shape)} with {p.name} {list(p.shape)}: shapes differ")
-            out_type = _blend_type(parts)
+            out_type = blend_type(parts)
             name_out = f"blk.{out_i}.{t.block_suffix}"
             if any(p.ggml_type != out_type for p in parts):
                 conversions.append(f"{name_out}: {'/'.join(sorted({p.ggml_type.name for p in parts}))} -> {out_type.name}")

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from .vocab import GGUFValueType, Keys
 
 from .diff import tensors_equal
-from .metadata import INDEX_HAZARDS
+from .hazards import INDEX_HAZARDS
 from .plan import LayerPlan
 from .reader import Model, align
 from .surgery import block_suffix_sets, plan_surgery

@@ -26,11 +26,12 @@ from gguf.constants import (  # noqa: E402
     GGML_QUANT_SIZES,
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
+    GGUF_VERSION,
     GGMLQuantizationType,
     GGUFValueType,
     Keys,
     LlamaFileType,
 )
 
-__all__ = ["GGML_QUANT_SIZES", "GGUF_DEFAULT_ALIGNMENT", "GGUF_MAGIC", "GGMLQuantizationType", "GGUFValueType", "Keys",
+__all__ = ["GGML_QUANT_SIZES", "GGUF_DEFAULT_ALIGNMENT", "GGUF_MAGIC", "GGUF_VERSION", "GGMLQuantizationType", "GGUFValueType", "Keys",
            "LlamaFileType"]

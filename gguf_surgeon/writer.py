@@ -20,12 +20,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .errors import OutputError
 from .files import reserve_temp
-from .vocab import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
+from .vocab import GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType, Keys
 from .metadata import PADDING_KEY, OutputField, encode_field, encode_string
 from .reader import Model, align
 from .surgery import OutputTensor, Surgery
 
-GGUF_WRITE_VERSION = 3
 COPY_CHUNK = 64 << 20  # bytes per copy_file_range call (a multiple of FOLIO)
 FOLIO = 64 << 10  # the page-cache unit kernel-side copies line up with on the output
 PAD_MIN_BYTES = 64 << 20  # outputs copying less than this get no folio padding (see _folio_padding)
@@ -104,7 +103,7 @@ def _lay_out_file(path: Path, fields: tuple[OutputField, ...], tensors: tuple[Ou
     if padding is not None:
         fields += (padding,)
         head_len += padding.size
-    parts: list[HeaderPart] = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_WRITE_VERSION, len(tensors), len(fields))]
+    parts: list[HeaderPart] = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(fields))]
 
     def add(part: HeaderPart) -> None:  # neighbouring bytes joined, neighbouring source ranges merged
         last = parts[-1]
@@ -239,7 +238,7 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: Any) -> Any:
     return buf[:n].reshape(shape)
 
 
-def _rows_f32(raw: Any, ggml_type: GGMLQuantizationType, k: int, ne0: int) -> Any:
+def rows_f32(raw: Any, ggml_type: GGMLQuantizationType, k: int, ne0: int) -> Any:
     """k rows of a tensor's bytes as float32: the float types in scratch buffers, the rest by gguf."""
     import numpy as np
     from gguf.quants import dequantize
@@ -258,7 +257,7 @@ def _rows_f32(raw: Any, ggml_type: GGMLQuantizationType, k: int, ne0: int) -> An
     return dequantize(raw.reshape(k, -1), ggml_type).reshape(k, ne0)
 
 
-def _encode_rows(acc: Any, ggml_type: GGMLQuantizationType) -> bytes:
+def encode_rows(acc: Any, ggml_type: GGMLQuantizationType) -> bytes:
     """float32 rows in ggml_type; the same bytes as gguf.quants.quantize."""
     import numpy as np
     from gguf.quants import quantize
@@ -293,10 +292,10 @@ def _blend_chunk(model: Model, t: OutputTensor, r0: int, r1: int) -> bytes:
     for src, w in t.sources:
         rb = src.row_bytes
         raw = model.tensor_bytes(src, r0 * rb, r1 * rb, out=_scratch("raw", (k * rb,), np.uint8))
-        rows = _rows_f32(raw, src.ggml_type, k, ne0)
+        rows = rows_f32(raw, src.ggml_type, k, ne0)
         rows *= np.float32(w)  # a scratch buffer or a fresh array: ours to change
         acc += rows
-    return _encode_rows(acc, t.ggml_type)
+    return encode_rows(acc, t.ggml_type)
 
 
 def blend_rows(model: Model, t: OutputTensor, workers: int = BLEND_WORKERS) -> Iterable[bytes]:

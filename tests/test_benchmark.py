@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_benchmark_runs_on_tiny_size(tmp_path, llama_bin):
     out = tmp_path / "rows.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_surgery.py"), "--sizes", "tiny", "--repeat", "1",

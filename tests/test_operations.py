@@ -22,7 +22,7 @@ from gguf.quants import dequantize, quantize
 
 from gguf_surgeon.cli import main
 from gguf_surgeon.reader import Model, TensorInfo
-from gguf_surgeon.surgery import _blend_type
+from gguf_surgeon.surgery import blend_type
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 FF = [64, 96, 128, 160, 192, 224]  # a feed-forward size per block: arrays and shapes vary by layer
@@ -332,7 +332,7 @@ def _info(ggml_type: QT) -> TensorInfo:
     ((QT.F32, QT.F16), QT.F16), ((QT.Q8_0, QT.F32), QT.F16),
 ])
 def test_blend_type_rule(types: tuple[QT, ...], expected: QT) -> None:
-    assert _blend_type([_info(t) for t in types]) == expected
+    assert blend_type([_info(t) for t in types]) == expected
 
 
 # --- recipes: chained equals stepwise, swap twice, diff ------------------------------------
@@ -686,7 +686,7 @@ def test_blend_conversions_match_gguf(qtype: QT) -> None:
     plain[0, :8] = 1.0  # block quantizers are not asked to carry infinities
     for data in ((plain,) if qtype == QT.Q8_0 else (rows, finite)):  # with and without NaN (the fast BF16 path needs none)
         want = np.ascontiguousarray(quantize(data, qtype)).tobytes()
-        assert writer._encode_rows(data.copy(), qtype) == want
+        assert writer.encode_rows(data.copy(), qtype) == want
         raw = np.frombuffer(want, dtype=np.uint8).copy()
-        got = writer._rows_f32(raw, qtype, 64, 256)
+        got = writer.rows_f32(raw, qtype, 64, 256)
         assert got.tobytes() == dequantize(np.frombuffer(want, dtype=np.uint8).reshape(64, -1), qtype).reshape(64, 256).tobytes()

@@ -296,4 +296,12 @@ def test_uncorrupted_bases_load(corruptible, tmp_path: Path) -> None:
     for name, raw in corruptible.items():
         path = tmp_path / f"{name}.gguf"
         path.write_bytes(raw)
-        load_and_edit(path, tmp_path / f"{name}-out.gguf")
+        out = tmp_path / f"{name}-out.gguf"
+        load_and_edit(path, out)
+        with Model(path) as base:
+            assert verify(base).ok, f"{name}: the uncorrupted base fails verification"
+            tensors = len(base.tensors)
+        reader = gguf.GGUFReader(out)
+        assert len(reader.tensors) == tensors, f"{name}: gguf reads a different tensor count from the output"
+        with Model(out) as edited:
+            assert verify(edited).ok, f"{name}: the edited base fails verification"

@@ -14,12 +14,13 @@ from click.testing import CliRunner
 
 import gguf_surgeon.cli.search  # noqa: F401  (registers rank, search, release, card, modelfile)
 from gguf_surgeon.analysis import rank as rank_mod
+from gguf_surgeon.analysis.plot import plot_ranking
+from gguf_surgeon.analysis.rank import RankError, Ranking, rank_model, tokenize
+from gguf_surgeon.analysis.reference import ReferenceModel, log_softmax
 from gguf_surgeon.cli import main
 from gguf_surgeon.cli.search import bar, bar_scale
 from gguf_surgeon.errors import ToolError
-from gguf_surgeon.analysis.rank import RankError, Ranking, plot_ranking, rank_model, tokenize
 from gguf_surgeon.reader import Model
-from gguf_surgeon.analysis.reference import ReferenceModel, log_softmax
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = [9, 150, 23, 260, 77, 4, 199, 42, 88, 270, 31, 64]  # plain byte/merge tokens of the tiny vocabulary

@@ -24,8 +24,9 @@ from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
 from gguf_surgeon.llama.server import LlamaServer
 from gguf_surgeon.reader import Model
-from gguf_surgeon.release.folder import (CHATML_GO_TEMPLATE, DEFAULT_PARAMETERS, CardOptions, QuantFile, ReleaseError,
-                                  build_modelfile, model_card, parse_parameters, recognize_chat_template)
+from gguf_surgeon.errors import ReleaseError
+from gguf_surgeon.release.card import CardOptions, QuantFile, model_card
+from gguf_surgeon.release.ollama import CHATML_GO_TEMPLATE, DEFAULT_PARAMETERS, build_modelfile, parse_parameters, recognize_chat_template
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"

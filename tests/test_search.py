@@ -15,11 +15,16 @@ import pytest
 from click.testing import CliRunner
 
 import gguf_surgeon.cli.search  # noqa: F401  (registers rank, search, release, card, modelfile)
+from gguf_surgeon.analysis.rank import rank_model
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
-from gguf_surgeon.analysis.rank import rank_model
-from gguf_surgeon.search.study import (PRESETS, CandidateScorer, Move, SearchError, SearchOptions, compose, load_space,
-                                 ordered_moves, run_search, search_status)
+from gguf_surgeon.errors import SearchError
+from gguf_surgeon.search.moves import Move, compose
+from gguf_surgeon.search.order import ordered_moves
+from gguf_surgeon.search.scorer import CandidateScorer
+from gguf_surgeon.search.space import PRESETS, load_space
+from gguf_surgeon.search.storage import SearchOptions
+from gguf_surgeon.search.study import run_search, search_status
 
 TINY_CTX, TINY_CHARS = 32, 700  # the tiny vocabulary spells ~1 token per 2 characters: 5+ chunks
 # one llama.cpp thread: ggml's worker threads spin while waiting, and on a busy 2-core machine two
@@ -124,7 +129,7 @@ def test_search_finds_the_brute_force_best_deletion(smollm2: Path, tmp_path: Pat
     for block in range(25, 29):
         path = tmp_path / f"delete-{block}.gguf"
         edit(smollm2, path, f"delete {block}")
-        kld[f"delete {block}"] = brute._kld(path).kld
+        kld[f"delete {block}"] = brute.score_file(path).kld
         path.unlink()
     best = min(kld, key=kld.get)
     assert result.champion.recipe == best

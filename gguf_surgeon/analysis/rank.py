@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 from gguf import Keys
 
-from ..errors import RankError, SurgeonError, ToolError
+from ..errors import RankError, ToolError
+from ..llama.tools import find_tool
 from ..reader import Model
 from .reference import HEAD_ROWS_PER_SLICE, ReferenceModel, dequantize_rows, log_softmax, rms_norm
-from ..llama.tools import find_tool
 
 DEFAULT_TOKENS = 128  # tokens of the text the scores are computed on
 EVAL_TEXT = "eval_text.txt"  # package data shared with the eval suite; its first tokens are the default text
@@ -113,7 +113,7 @@ class Ranking:
         }
 
     @staticmethod
-    def from_dict(data: dict) -> "Ranking":
+    def from_dict(data: dict) -> Ranking:
         return Ranking(data["model"], data["architecture"], data["n_tokens"], data["tokenizer"],
                        tuple(BlockScore(**b) for b in data["blocks"]),
                        tuple(WindowScore(**w) for w in data["windows"]), data.get("seconds", 0.0))
@@ -313,59 +313,3 @@ def rank_model(path: str | Path, text: str | None = None, *, tokens: Sequence[in
         arch = model.architecture
     blocks = tuple(BlockScore(i, bi[i], klds[i]) for i in range(n))
     return Ranking(str(path), arch, len(ids), tokenizer, blocks, tuple(windows), time.monotonic() - start_time)
-
-
-# the picture ------------------------------------------------------------------------------
-
-def plot_ranking(ranking: Ranking, out: str | Path) -> Path:
-    """Write a PNG: Block Influence (and ablation KLD) per block, and the angular-distance map
-    of every window. Needs matplotlib (the `plot` extra); raises RankError without it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display needed; must precede pyplot
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RankError("--plot needs matplotlib: pip install 'gguf-surgeon[plot]'") from None
-    out = Path(out)
-    n = ranking.block_count
-    has_kld = any(b.ablation_kld is not None for b in ranking.blocks)
-    rows = 3 if has_kld else 2
-    fig, axes = plt.subplots(rows, 1, figsize=(max(8.0, n * 0.3), 3.2 * rows), constrained_layout=True)
-    idx = np.arange(n)
-    ax = axes[0]
-    ax.bar(idx, [b.block_influence for b in ranking.blocks], color="tab:blue")
-    ax.set_title(f"Block Influence (1 - cos(input, output)) — {Path(ranking.model).name}, {ranking.n_tokens} tokens")
-    ax.set_xlabel("block")
-    ax.set_xticks(idx)
-    ax.tick_params(axis="x", labelsize=7)
-    if has_kld:
-        ax = axes[1]
-        ax.bar(idx, [b.ablation_kld or 0.0 for b in ranking.blocks], color="tab:red")
-        ax.set_yscale("log")
-        ax.set_title("KL divergence to the base when the block is deleted (nats/token)")
-        ax.set_xlabel("block")
-        ax.set_xticks(idx)
-        ax.tick_params(axis="x", labelsize=7)
-    sizes = max((w.size for w in ranking.windows), default=1)
-    grid = np.full((sizes, n), np.nan)
-    for w in ranking.windows:
-        grid[w.size - 1, w.start] = w.angular_distance
-    ax = axes[-1]
-    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", extent=(-0.5, n - 0.5, 0.5, sizes + 0.5))
-    for w in ranking.best_windows():
-        ax.plot(w.start, w.size, "w.", markersize=4)
-    ax.set_title("Angular distance d(l, l+n) / π (dots: best window per n)")
-    ax.set_xlabel("first block l")
-    ax.set_ylabel("window size n")
-    fig.colorbar(im, ax=ax)
-    try:
-        fig.savefig(out, dpi=100)
-    except OSError as e:
-        raise RankError(f"{out}: cannot write the plot: {e.strerror or e}") from None
-    except ValueError as e:  # matplotlib's answer to an unknown file suffix
-        raise RankError(f"{out}: cannot write the plot: {e}") from None
-    finally:
-        plt.close(fig)
-    return out
-

@@ -23,7 +23,7 @@ import numpy as np
 from gguf import Keys
 from gguf.quants import dequantize
 
-from ..errors import ForwardError, SurgeonError
+from ..errors import ForwardError
 from ..reader import Model, TensorInfo
 
 HEAD_ROWS_PER_SLICE = 8192  # output-head rows dequantized at a time

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import click
 
-from .common import emit_json, main, out_console, step_progress
+from .common import emit_json, out_console, step_progress
 
 # evaluate (numpy) and rich.progress are imported inside the commands: registering these
 # commands must not slow down every other gguf-surgeon command.
@@ -76,7 +76,7 @@ def footer(reports: Sequence["EvalReport"]) -> None:
                       f" (llama.cpp {t.llama:.1f} s, gguf-surgeon {t.overhead:.1f} s)"))
 
 
-@main.command("eval")
+@click.command("eval")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--base", type=click.Path(path_type=Path, dir_okay=False),
               help="The model MODEL was made from: adds KL divergence and differences with intervals.")
@@ -119,7 +119,7 @@ def eval_cmd(model: Path, base: Path | None, text: Path | None, questions: int |
     footer(reports)
 
 
-@main.command("compare")
+@click.command("compare")
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
 @eval_options
 @click.option("--markdown", is_flag=True, help="Print the table as Markdown, for a model card.")
@@ -147,3 +147,6 @@ def compare_cmd(models: tuple[Path, ...], text: Path | None, questions: int | No
         return click.echo(markdown_table(header, rows))
     render_table(header, rows)
     footer(reports)
+
+
+COMMANDS: dict[str, click.Command] = {"eval": eval_cmd, "compare": compare_cmd}

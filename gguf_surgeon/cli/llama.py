@@ -1,4 +1,5 @@
-"""Commands that drive llama.cpp tools: doctor, quantize, imatrix-remap (registered on `cli.main`)."""
+"""Commands that drive llama.cpp tools: doctor, quantize, imatrix-remap (in COMMANDS, loaded lazily by
+`cli.common.SurgeonGroup`)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .common import IN_ARG, emit_json, err_console, human_size, main, out_console, step_progress
-from ..reader import Model
 from ..llama.tools import DEFAULT_LADDER, ENV_VAR, HOW_TO_GET, doctor
+from ..reader import Model
+from .common import IN_ARG, emit_json, err_console, human_size, out_console, step_progress
 
 LLAMA_BIN_OPTION = click.option(
     "--llama-bin", type=click.Path(path_type=Path, file_okay=False),
     help=f"Folder holding the llama.cpp tools (searched before ${ENV_VAR} and PATH).")
 
 
-@main.command("doctor")
+@click.command("doctor")
 @LLAMA_BIN_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def doctor_cmd(llama_bin: Path | None, as_json: bool) -> None:
@@ -62,7 +63,7 @@ def type_progress(enabled: bool = True) -> step_progress:
     return step_progress(enabled, label=lambda qtype: f"quantizing {qtype} (tensors)")
 
 
-@main.command("quantize")
+@click.command("quantize")
 @IN_ARG
 @click.argument("extra", nargs=-1, metavar="[-- LLAMA_QUANTIZE_ARGS...]")
 @click.option("--types", "types", multiple=True, metavar="TYPES",
@@ -113,7 +114,7 @@ def render_quantize(report: Any) -> None:
     out_console.print(table)
 
 
-@main.command("imatrix-remap")
+@click.command("imatrix-remap")
 @click.argument("recipe")
 @click.argument("source", metavar="IN.imatrix", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("out", metavar="OUT.imatrix", type=click.Path(path_type=Path, dir_okay=False))
@@ -141,3 +142,8 @@ def imatrix_remap_cmd(recipe: str, source: Path, out: Path, model: Path, force: 
     blended = f"; blended blocks: {', '.join(map(str, report.blended))}" if report.blended else ""
     out_console.print(f"Wrote {report.out}: {report.entries_out} entries for {report.output_blocks} blocks "
                       f"(from {report.entries_in} for {report.source_blocks}; {report.source_format} format in){blended}")
+
+
+COMMANDS: dict[str, click.Command] = {
+    "doctor": doctor_cmd, "quantize": quantize_cmd, "imatrix-remap": imatrix_remap_cmd,
+}

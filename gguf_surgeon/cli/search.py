@@ -71,7 +71,8 @@ def rank_cmd(model: Path, text_file: Path | None, max_tokens: int, ablation: boo
     """
     import json
 
-    from ..analysis.rank import RankError, plot_ranking, rank_model
+    from ..analysis.plot import plot_ranking
+    from ..analysis.rank import RankError, rank_model
 
     if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise RankError(f"--plot {plot}: write a .png, .svg or .pdf file")  # before the forward pass, not after
@@ -240,7 +241,9 @@ def search_cmd(base: Path, space_spec: str, budget: int | None, jobs: int, stora
     Example:
       gguf-surgeon search base.gguf --space phase1 --budget 80 --jobs 2 --export release/
     """
-    from ..search.study import SearchOptions, default_study_name, load_space, run_search, storage_url
+    from ..search.space import load_space
+    from ..search.storage import SearchOptions, default_study_name, storage_url
+    from ..search.study import run_search
 
     space = load_space(space_spec)
     options = SearchOptions(budget=budget, jobs=jobs, storage=storage, study_name=study_name, work_dir=work_dir,
@@ -257,19 +260,13 @@ def search_cmd(base: Path, space_spec: str, budget: int | None, jobs: int, stora
         raise SystemExit(130)
     data = result.to_dict()
     if export_dir is not None and result.champion is not None:
-        from ..release.folder import ReleaseOptions, release
+        from ..release.folder import ReleaseOptions, export_champion
 
-        n_leaders = leaders if leaders is not None else space.leaders
-        full = f", the best {n_leaders} also by the full eval suite" if n_leaders else ""
-        methodology = (f"Found by `gguf-surgeon search` over the `{space.name}` space: {result.evaluated} candidates "
-                       f"scored by KL divergence to the base on a short text{full}. "
-                       f"Champion `{result.champion.recipe}`: {result.verdict}.")
         with step_progress(enabled=not as_json) as qprogress:
-            report = release(base, result.champion.recipe, export_dir,
-                             ReleaseOptions(allow_requantize=allow_requantize, llama_bin=llama_bin, force=force,
-                                            evaluate=bool(result.champion.full), eval_questions=questions,
-                                            methodology=methodology),
-                             quant_progress=lambda t, d, n: qprogress(f"quantizing {t}", d, n))
+            report = export_champion(base, result, space.name, leaders if leaders is not None else space.leaders,
+                                     export_dir, ReleaseOptions(allow_requantize=allow_requantize, llama_bin=llama_bin,
+                                                                force=force, eval_questions=questions),
+                                     quant_progress=lambda t, d, n: qprogress(f"quantizing {t}", d, n))
         data["export"] = report.to_dict()
     if as_json:
         return emit_json(data)
@@ -292,7 +289,7 @@ SYSTEM_OPTION = click.option("--system", help="Modelfile SYSTEM prompt (default:
 
 
 def _read_markdown(path: Path | None) -> str | None:
-    from ..release.folder import ReleaseError
+    from ..errors import ReleaseError
 
     if path is None:
         return None
@@ -335,9 +332,10 @@ def release_cmd(base: Path, recipe: str, out_dir: Path, name: str | None, types:
     Example:
       gguf-surgeon release base.gguf --recipe "delete 10; swap 11 12" --out release/ --eval
     """
-    from .llama import split_types
     from ..llama.quantize import DEFAULT_LADDER
-    from ..release.folder import ReleaseOptions, parse_parameters, release
+    from ..release.folder import ReleaseOptions, release
+    from ..release.ollama import parse_parameters
+    from .llama import split_types
 
     options = ReleaseOptions(name=name, types=() if no_quantize else (split_types(types) or DEFAULT_LADDER),
                              allow_requantize=allow_requantize, llama_bin=llama_bin, force=force,
@@ -384,7 +382,7 @@ def card_cmd(model: Path, quants_dir: Path | None, name: str | None, benchmarks:
     """
     from ..llama.quantize import default_name
     from ..files import write_text_atomic
-    from ..release.folder import CardOptions, model_card, scan_quants
+    from ..release.card import CardOptions, model_card, scan_quants
 
     files = scan_quants(quants_dir, name or default_name(model)) if quants_dir else ()
     text = model_card(model, CardOptions(name=name, quants=files, benchmarks=_read_markdown(benchmarks),
@@ -419,7 +417,7 @@ def modelfile_cmd(model: Path, source: str | None, params: tuple[str, ...], syst
       gguf-surgeon modelfile model-Q8_0.gguf --param temperature=0.7 --out Modelfile
     """
     from ..files import write_text_atomic
-    from ..release.folder import build_modelfile, parse_parameters
+    from ..release.ollama import build_modelfile, parse_parameters
 
     mf = build_modelfile(model, source, parameters=parse_parameters(params), system=system)
     if out is not None:

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import gguf
 from gguf import GGMLQuantizationType
 
-from ..errors import ModelError, OutputError, PlanError, ToolError
+from ..errors import ModelError, OptionError, OutputError, PlanError, ToolError
 from .imatrix import Imatrix, read_imatrix, remap_imatrix, write_imatrix
 from ..metadata import RECIPE_KEY
 from ..plan import build_plan
@@ -172,13 +172,42 @@ def quantize_ladder(source: str | Path, types: Sequence[str] = DEFAULT_LADDER, o
     out_dir = Path(out_dir) if out_dir is not None else source.parent
     name = name or default_name(source)
     extra_args = tuple(extra_args)
+    _check_options(extra_args, threads, recipe, imatrix)
+    warnings, remapped = _check_source(source, allow_requantize, imatrix, recipe)
+    tool = find_tool(QUANTIZE_TOOL, llama_bin)
+    qtypes = resolve_types(types, quant_types(tool))
+    outputs = _claim_outputs(source, out_dir, name, qtypes, force)
+
+    with tempfile.TemporaryDirectory(prefix="gguf-surgeon-") as work:
+        cwd: Path | None = None
+        imatrix_arg: str | None = str(imatrix) if imatrix is not None else None
+        if remapped is not None:
+            # run from the temp folder with a relative name: llama-quantize records the
+            # imatrix's path in quantize.imatrix.file, and a temp path would mean nothing
+            cwd = Path(work)
+            imatrix_arg = re.sub(r"\.(gguf|dat)$", "", Path(str(imatrix)).name) + "-remapped.gguf"
+            write_imatrix(remapped, cwd / imatrix_arg, recipe=recipe)
+        results = [_quantize_one(tool, source, outputs[t], t, allow_requantize, imatrix_arg, extra_args, threads,
+                                 progress, cwd) for t in qtypes]
+    return QuantizeReport(source, tool, tuple(results), tuple(warnings), Path(imatrix) if imatrix else None,
+                          recipe if remapped is not None else None, extra_args)
+
+
+
+def _check_options(extra_args: tuple[str, ...], threads: int | None, recipe: str | None,
+                   imatrix: str | Path | None) -> None:
     if extra_args and not extra_args[0].startswith("-"):
-        raise ToolError(f"extra {QUANTIZE_TOOL} arguments must start with an option (like --pure), got {extra_args[0]!r}")
+        raise OptionError(f"extra {QUANTIZE_TOOL} arguments must start with an option (like --pure), got {extra_args[0]!r}")
     if threads is not None and threads < 1:
-        raise ToolError(f"threads must be at least 1, got {threads}")
+        raise OptionError(f"threads must be at least 1, got {threads}")
     if recipe is not None and imatrix is None:
         raise PlanError("a recipe only applies to an imatrix: pass --imatrix with --recipe")
 
+
+def _check_source(source: Path, allow_requantize: bool, imatrix: str | Path | None,
+                  recipe: str | None) -> tuple[list[str], Imatrix | None]:
+    """The warnings for a quantized source, and the imatrix remapped through `recipe` (None without
+    one), after checking the imatrix fits the model."""
     warnings: list[str] = []
     remapped: Imatrix | None = None
     with Model(source) as model:
@@ -197,35 +226,22 @@ def quantize_ladder(source: str | Path, types: Sequence[str] = DEFAULT_LADDER, o
                 _check_imatrix(remapped, model, True, f"{imatrix} remapped through {plan.recipe!r}")
             else:
                 _check_imatrix(im, model, False, str(imatrix))
+    return warnings, remapped
 
-    tool = find_tool(QUANTIZE_TOOL, llama_bin)
-    qtypes = resolve_types(types, quant_types(tool))
 
+def _claim_outputs(source: Path, out_dir: Path, name: str, qtypes: Sequence[str], force: bool) -> dict[str, Path]:
+    """The output path of each type, after making `out_dir` and refusing the input or an existing file."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{out_dir}: cannot create the output folder: {e.strerror or e}") from None
     outputs = {t: output_path(out_dir, name, t) for t in qtypes}
-    for t, p in outputs.items():
+    for p in outputs.values():
         if p.exists() and p.resolve() == source.resolve():
             raise OutputError(f"{p}: is the input; pass another --name or --out-dir")
         if p.exists() and not force:
             raise OutputError(f"{p}: exists; pass --force to overwrite")
-
-    with tempfile.TemporaryDirectory(prefix="gguf-surgeon-") as work:
-        cwd: Path | None = None
-        imatrix_arg: str | None = str(imatrix) if imatrix is not None else None
-        if remapped is not None:
-            # run from the temp folder with a relative name: llama-quantize records the
-            # imatrix's path in quantize.imatrix.file, and a temp path would mean nothing
-            cwd = Path(work)
-            imatrix_arg = re.sub(r"\.(gguf|dat)$", "", Path(str(imatrix)).name) + "-remapped.gguf"
-            write_imatrix(remapped, cwd / imatrix_arg, recipe=recipe)
-        results = [_quantize_one(tool, source, outputs[t], t, allow_requantize, imatrix_arg, extra_args, threads,
-                                 progress, cwd) for t in qtypes]
-    return QuantizeReport(source, tool, tuple(results), tuple(warnings), Path(imatrix) if imatrix else None,
-                          recipe if remapped is not None else None, extra_args)
-
+    return outputs
 
 def _quantize_one(tool: Path, source: Path, out: Path, qtype: str, allow_requantize: bool, imatrix: str | None,
                   extra_args: tuple[str, ...], threads: int | None, progress: QuantProgress | None,

@@ -274,3 +274,12 @@ def make_step(op: str, tokens: list[str]) -> Step:
     operation = REGISTRY[op]
     args = operation.parse(tokens)
     return Step(op, args, f"{op} {operation.canonical(args)}")
+
+
+def register(operation: Operation) -> Operation:
+    """Add `operation` to REGISTRY, where the recipe language, build_plan and the CLI find it.
+    Raises ValueError when an operation of that name is already registered."""
+    if operation.name in REGISTRY:
+        raise ValueError(f"operation {operation.name!r} is already registered")
+    REGISTRY[operation.name] = operation
+    return operation
