@@ -40,10 +40,19 @@ def smollm2() -> Path | None:
 
 def row(name: str, r: EvalReport, wall: float) -> dict:
     t = r.timings
-    return {"run": name, "wall_s": wall, "total_s": t.total, "load_s": t.load, "perplexity_kld_s": t.perplexity,
-            "generation_s": t.generation, "llama_s": t.llama, "overhead_s": t.overhead,
-            "overhead_pct": 100 * t.overhead / t.total if t.total else 0.0, "score": r.score.value,
-            "cached": r.cached}
+    return {
+        "run": name,
+        "wall_s": wall,
+        "total_s": t.total,
+        "load_s": t.load,
+        "perplexity_kld_s": t.perplexity,
+        "generation_s": t.generation,
+        "llama_s": t.llama,
+        "overhead_s": t.overhead,
+        "overhead_pct": 100 * t.overhead / t.total if t.total else 0.0,
+        "score": r.score.value,
+        "cached": r.cached,
+    }
 
 
 def main() -> None:
@@ -63,21 +72,34 @@ def main() -> None:
         work = Path(tmp)
         edited = work / "edited.gguf"
         edit(args.model, edited, f"delete {args.delete}")
-        options = EvalOptions(llama_bin=args.llama_bin, text=args.text, questions=args.questions,
-                              threads=args.threads, cache_dir=work / "cache")
+        options = EvalOptions(
+            llama_bin=args.llama_bin,
+            text=args.text,
+            questions=args.questions,
+            threads=args.threads,
+            cache_dir=work / "cache",
+        )
         rows = []
-        for name, model, base in (("eval base (cold)", args.model, None),
-                                  ("eval edited --base (base replies cached)", edited, args.model),
-                                  ("eval edited --base (all cached)", edited, args.model)):
+        for name, model, base in (
+            ("eval base (cold)", args.model, None),
+            ("eval edited --base (base replies cached)", edited, args.model),
+            ("eval edited --base (all cached)", edited, args.model),
+        ):
             t0 = time.perf_counter()
             r = evaluate(model, base, options)
             rows.append(row(name, r, time.perf_counter() - t0))
             print(f"{name}: score {r.score.value:.1f}", file=sys.stderr)
 
-    cols = [("run", "run", "{}"), ("total s", "total_s", "{:.2f}"), ("load s", "load_s", "{:.2f}"),
-            ("ppl/KLD s", "perplexity_kld_s", "{:.2f}"), ("generation s", "generation_s", "{:.2f}"),
-            ("llama.cpp s", "llama_s", "{:.2f}"), ("overhead s", "overhead_s", "{:.3f}"),
-            ("overhead %", "overhead_pct", "{:.1f}")]
+    cols = [
+        ("run", "run", "{}"),
+        ("total s", "total_s", "{:.2f}"),
+        ("load s", "load_s", "{:.2f}"),
+        ("ppl/KLD s", "perplexity_kld_s", "{:.2f}"),
+        ("generation s", "generation_s", "{:.2f}"),
+        ("llama.cpp s", "llama_s", "{:.2f}"),
+        ("overhead s", "overhead_s", "{:.3f}"),
+        ("overhead %", "overhead_pct", "{:.1f}"),
+    ]
     cells = [[fmt.format(r[key]) for _, key, fmt in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
     print(f"model {args.model.name}, {args.threads} threads, {os.cpu_count()} CPUs")

@@ -113,8 +113,13 @@ def generate(path: Path, s: Shape) -> Path:
     for name, shape, t in tensors:
         block, size = gguf.GGML_QUANT_SIZES[t]
         n = int(np.prod(shape)) // block * size
-        w.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32 if t == gguf.GGMLQuantizationType.F32 else np.uint16),
-                          n, raw_dtype=t)
+        w.add_tensor_info(
+            name,
+            tuple(reversed(shape)),
+            np.dtype(np.float32 if t == gguf.GGMLQuantizationType.F32 else np.uint16),
+            n,
+            raw_dtype=t,
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -128,7 +133,7 @@ def generate(path: Path, s: Shape) -> Path:
         start = (i * 7919 * 2) % (len(src) // 2)  # a different window per tensor: blocks hash differently
         left = n
         while left:
-            chunk = src[start : start + left] or src[: left]
+            chunk = src[start : start + left] or src[:left]
             f.write(chunk)
             left -= len(chunk)
             start = 0
@@ -182,7 +187,9 @@ def run(cmd: list[str]) -> tuple[float, float]:
     The RSS comes from a small launcher (GNU time when installed): a child forked from this
     big benchmark process would report this process's RSS as its own peak.
     """
-    timer = ["/usr/bin/time", "-f", "\nPEAK_KB %M"] if Path("/usr/bin/time").exists() else [sys.executable, "-c", LAUNCHER]
+    timer = (
+        ["/usr/bin/time", "-f", "\nPEAK_KB %M"] if Path("/usr/bin/time").exists() else [sys.executable, "-c", LAUNCHER]
+    )
     t0 = time.perf_counter()
     proc = subprocess.run(timer + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
@@ -207,7 +214,14 @@ def cases(model: Path, work: Path, s: Shape, llama_bin: Path | None) -> dict[str
         "delete": gs + ["delete", str(mid), str(model), out, "--force"],
         "swap": gs + ["swap", str(mid), str(mid + 1), str(model), out, "--force"],
         "duplicate": gs + ["duplicate", str(mid), str(model), out, "--force"],
-        "keep": gs + ["keep", f"0-{mid - 1},{mid + 1},{mid}" + (f",{mid + 2}-{s.blocks - 1}" if mid + 2 < s.blocks else ""), str(model), out, "--force"],
+        "keep": gs
+        + [
+            "keep",
+            f"0-{mid - 1},{mid + 1},{mid}" + (f",{mid + 2}-{s.blocks - 1}" if mid + 2 < s.blocks else ""),
+            str(model),
+            out,
+            "--force",
+        ],
         "apply delete;swap": gs + ["apply", f"delete {mid - 1}; swap {mid} {mid + 1}", str(model), out, "--force"],
         "interpolate": gs + ["interpolate", str(mid), str(mid + 1), str(model), out, "--force"],
         "inspect": gs + ["inspect", str(model)],
@@ -224,10 +238,24 @@ def bench(size: str, work: Path, repeat: int, llama_bin: Path | None, skip: set[
     s = SHAPES[size]
     work.mkdir(parents=True, exist_ok=True)
     model = generate(work / f"synthetic-{size}.gguf", s)
-    subprocess.run([sys.executable, "-m", "gguf_surgeon", "apply", f"delete {s.blocks // 2}", str(model),
-                    str(work / "edited.gguf"), "--force"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gguf_surgeon",
+            "apply",
+            f"delete {s.blocks // 2}",
+            str(model),
+            str(work / "edited.gguf"),
+            "--force",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     file_size = model.stat().st_size
-    subprocess.run(["cat", str(model), str(work / "edited.gguf")], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+    subprocess.run(
+        ["cat", str(model), str(work / "edited.gguf")], stdout=subprocess.DEVNULL, check=True
+    )  # warm the page cache
     rows = []
     all_cases = cases(model, work, s, llama_bin)
     cp = all_cases["cp"]
@@ -242,7 +270,7 @@ def bench(size: str, work: Path, repeat: int, llama_bin: Path | None, skip: set[
             # ABBA order: the baseline runs first in even pairs, second in odd ones, so a drift
             # of the machine within a pair (cache, writeback) does not favour either side
             pair = {}
-            for which in (("base", "cmd") if i % 2 == 0 else ("cmd", "base")):
+            for which in ("base", "cmd") if i % 2 == 0 else ("cmd", "base"):
                 settle(work)
                 pair[which] = run(base_cmd if which == "base" else cmd)
             if i == 0:
@@ -255,15 +283,42 @@ def bench(size: str, work: Path, repeat: int, llama_bin: Path | None, skip: set[
         # best against best: interference (writeback of other runs, a busy host) only ever adds
         # time, so the fastest run of each is the closest to what the command itself costs
         best = min(walls) / min(bases)
-        rows.append({"size": size, "file_bytes": file_size, "command": name, "median_s": round(med, 3),
-                     "baseline": "read both (cat)" if name == "diff" else "cp", "baseline_s": round(base, 3),
-                     "ratio": round(ratio, 2), "best_s": round(min(walls), 3), "best_baseline_s": round(min(bases), 3),
-                     "best_ratio": round(best, 2), "peak_rss_mib": round(max(rss), 1)})
-        print(f"{size:>5} {name:<32} {med:8.3f} s  {base:8.3f} s  x{ratio:5.2f}  x{best:5.2f}  {max(rss):8.1f} MiB", flush=True)
+        rows.append(
+            {
+                "size": size,
+                "file_bytes": file_size,
+                "command": name,
+                "median_s": round(med, 3),
+                "baseline": "read both (cat)" if name == "diff" else "cp",
+                "baseline_s": round(base, 3),
+                "ratio": round(ratio, 2),
+                "best_s": round(min(walls), 3),
+                "best_baseline_s": round(min(bases), 3),
+                "best_ratio": round(best, 2),
+                "peak_rss_mib": round(max(rss), 1),
+            }
+        )
+        print(
+            f"{size:>5} {name:<32} {med:8.3f} s  {base:8.3f} s  x{ratio:5.2f}  x{best:5.2f}  {max(rss):8.1f} MiB",
+            flush=True,
+        )
     _, cp_rss = run(cp)
-    rows.insert(0, {"size": size, "file_bytes": file_size, "command": "cp", "median_s": None, "baseline": "cp",
-                    "baseline_s": None, "ratio": 1.0, "best_s": None, "best_baseline_s": None, "best_ratio": 1.0,
-                    "peak_rss_mib": round(cp_rss, 1)})
+    rows.insert(
+        0,
+        {
+            "size": size,
+            "file_bytes": file_size,
+            "command": "cp",
+            "median_s": None,
+            "baseline": "cp",
+            "baseline_s": None,
+            "ratio": 1.0,
+            "best_s": None,
+            "best_baseline_s": None,
+            "best_ratio": 1.0,
+            "peak_rss_mib": round(cp_rss, 1),
+        },
+    )
     (work / "out.gguf").unlink(missing_ok=True)
     return rows
 
@@ -278,9 +333,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--markdown", type=Path, help="write the rows as a markdown table here")
     ap.add_argument("--keep-models", action="store_true", help="keep the generated models for the next run")
-    ap.add_argument("--drop-caches", action="store_true",
-                    help="before each size, write back and drop the page cache (needs root), so the previous "
-                         "size's files do not crowd this one's out of memory; the model is then read once to warm it")
+    ap.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="before each size, write back and drop the page cache (needs root), so the previous "
+        "size's files do not crowd this one's out of memory; the model is then read once to warm it",
+    )
     args = ap.parse_args()
     print(f"{'size':>5} {'command':<32} {'median':>10}  {'baseline':>10}  {'ratio':>6}  {'best':>6}  {'peak RSS':>12}")
     # bytecode as an installed package has it (pip compiles at install time); an editable
@@ -293,7 +351,9 @@ def main() -> None:
             try:
                 Path("/proc/sys/vm/drop_caches").write_text("3\n")
             except OSError as e:
-                raise SystemExit(f"Error: --drop-caches: cannot write /proc/sys/vm/drop_caches ({e.strerror}); it needs root")
+                raise SystemExit(
+                    f"Error: --drop-caches: cannot write /proc/sys/vm/drop_caches ({e.strerror}); it needs root"
+                )
         rows += bench(size, args.work, args.repeat, args.llama_bin, set(filter(None, args.skip.split(","))))
         if not args.keep_models:
             for p in args.work.glob(f"*{size}*.gguf"):
@@ -307,13 +367,17 @@ def main() -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows as the table docs/performance.md shows."""
-    lines = ["| size | file | command | median | baseline | ratio | best vs best | peak RSS |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| size | file | command | median | baseline | ratio | best vs best | peak RSS |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         med = "" if r["median_s"] is None else f"{r['median_s']:.3f} s"
         base = "" if r["baseline_s"] is None else f"{r['baseline_s']:.3f} s ({r['baseline']})"
-        lines.append(f"| {r['size']} | {r['file_bytes'] / 1e9:.2f} GB | {r['command']} | {med} | {base} | "
-                     f"x{r['ratio']:.2f} | x{r['best_ratio']:.2f} | {r['peak_rss_mib']:.1f} MiB |")
+        lines.append(
+            f"| {r['size']} | {r['file_bytes'] / 1e9:.2f} GB | {r['command']} | {med} | {base} | "
+            f"x{r['ratio']:.2f} | x{r['best_ratio']:.2f} | {r['peak_rss_mib']:.1f} MiB |"
+        )
     return "\n".join(lines) + "\n"
 
 

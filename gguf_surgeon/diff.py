@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from .vocab import GGUFValueType
 
 from .errors import SurgeonError
-from .plan import build_plan
+from .operations import build_plan, format_layer_spec
 from .reader import Model, TensorInfo
 from .recipe import parse_recipe
-from .operations import format_layer_spec
+from .vocab import GGUFValueType
 
 LONG_ARRAY = 16  # arrays longer than this are summarized, not listed, in a diff
 
@@ -57,7 +56,10 @@ def tensors_equal(a: Model, ta: TensorInfo, b: Model, tb: TensorInfo) -> bool:
         x = a.tensor_bytes(ta, start, stop, _buffers[0])
         y = b.tensor_bytes(tb, start, stop, _buffers[1])
         words = (stop - start) // 8 * 8  # compare 8 bytes at a time, then the tail
-        if not (np.array_equal(x[:words].view(np.uint64), y[:words].view(np.uint64)) and np.array_equal(x[words:], y[words:])):
+        if not (
+            np.array_equal(x[:words].view(np.uint64), y[:words].view(np.uint64))
+            and np.array_equal(x[words:], y[words:])
+        ):
             return False
     return True
 

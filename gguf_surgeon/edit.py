@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanError
-from .plan import LayerPlan, Step, build_plan
+from .operations import build_plan
+from .plan import LayerPlan, Step
 from .reader import Model
 from .recipe import load_recipe
 from .surgery import Surgery, plan_surgery
@@ -52,8 +53,9 @@ def check_outputs(model: Model, surgery: Surgery, out: Path, options: EditOption
         check_output(shard.path, [s.path for s in model.shards], options.may_overwrite)
 
 
-def report(surgery: Surgery, out: Path | None = None, options: EditOptions = EditOptions(),
-           result: WriteResult | None = None) -> dict[str, Any]:
+def report(
+    surgery: Surgery, out: Path | None = None, options: EditOptions = EditOptions(), result: WriteResult | None = None
+) -> dict[str, Any]:
     """The JSON-able description of a surgery (the --dry-run and --json output)."""
     if result is not None:  # written: the writer already laid the output out
         size, files = result.size, [str(p) for p in result.paths]
@@ -65,8 +67,10 @@ def report(surgery: Surgery, out: Path | None = None, options: EditOptions = Edi
         "recipe": surgery.plan.recipe,
         "source_blocks": surgery.plan.source_block_count,
         "output_blocks": len(surgery.plan.layers),
-        "layers": [{"output": i, "source": src.describe(), "parts": [[b, w] for b, w in src.parts]}
-                   for i, src in enumerate(surgery.plan.layers)],
+        "layers": [
+            {"output": i, "source": src.describe(), "parts": [[b, w] for b, w in src.parts]}
+            for i, src in enumerate(surgery.plan.layers)
+        ],
         "metadata_changes": [{"key": c.key, "old": c.old, "new": c.new} for c in surgery.changes],
         "warnings": list(surgery.warnings),
         "conversions": list(surgery.conversions),
@@ -78,11 +82,23 @@ def report(surgery: Surgery, out: Path | None = None, options: EditOptions = Edi
     return data
 
 
-def edit(source: Path, out: Path, recipe: str | tuple[Step, ...], options: EditOptions = EditOptions(),
-         progress: Progress | None = None) -> tuple[Surgery, WriteResult]:
+def edit(
+    source: Path,
+    out: Path,
+    recipe: str | tuple[Step, ...],
+    options: EditOptions = EditOptions(),
+    progress: Progress | None = None,
+) -> tuple[Surgery, WriteResult]:
     """Apply `recipe` to `source` and write `out` in one streaming pass."""
     with Model(source) as model:
         surgery = prepare(model, recipe, options)
-        result = write_surgery(model, surgery, out, force=options.may_overwrite, split_max_size=options.split_max_size,
-                               split_max_tensors=options.split_max_tensors, progress=progress)
+        result = write_surgery(
+            model,
+            surgery,
+            out,
+            force=options.may_overwrite,
+            split_max_size=options.split_max_size,
+            split_max_tensors=options.split_max_tensors,
+            progress=progress,
+        )
     return surgery, result

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import OutputError, SurgeonError
 
 
-def read_toml(path: Path, error: type[SurgeonError], label: str | None = None, noun: str | None = None) -> dict[str, Any]:
+def read_toml(
+    path: Path, error: type[SurgeonError], label: str | None = None, noun: str | None = None
+) -> dict[str, Any]:
     """The file's top-level table. A missing or unreadable file, bad UTF-8 or bad TOML raise
     `error("<label>: cannot read [noun]: ...")` or `error("<label>: not valid TOML: ...")`
     (`not a valid TOML <noun>` with a noun). tomllib is imported on first use only."""

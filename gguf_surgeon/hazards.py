@@ -29,18 +29,26 @@ def check_hazards(model: Model, plan: LayerPlan, block_suffixes: list[frozenset[
     arch = model.architecture
     warnings = []
     if arch in INDEX_HAZARDS:
-        warnings.append(f"hazard: {INDEX_HAZARDS[arch]}; the edited model may behave differently than the order suggests")
+        warnings.append(
+            f"hazard: {INDEX_HAZARDS[arch]}; the edited model may behave differently than the order suggests"
+        )
     dense_key = model.arch_key(Keys.LLM.LEADING_DENSE_BLOCK_COUNT)
     if model.has(dense_key):
-        warnings.append(f"hazard: {dense_key} = {model.value(dense_key)}: the first blocks are dense, the rest MoE; llama.cpp decides which by index")
+        warnings.append(
+            f"hazard: {dense_key} = {model.value(dense_key)}: the first blocks are dense, the rest MoE; llama.cpp decides which by index"
+        )
     for out_i, src in enumerate(plan.layers):
         expected_at = out_i if out_i < len(block_suffixes) else len(block_suffixes) - 1
         for i, _ in src.parts:
             if block_suffixes[i] != block_suffixes[expected_at]:
                 diff = sorted(block_suffixes[i] ^ block_suffixes[expected_at])
-                msg = (f"block {i} goes to position {out_i}, whose tensor set differs "
-                       f"(differs in: {', '.join(diff[:4])}{' ...' if len(diff) > 4 else ''})")
+                msg = (
+                    f"block {i} goes to position {out_i}, whose tensor set differs "
+                    f"(differs in: {', '.join(diff[:4])}{' ...' if len(diff) > 4 else ''})"
+                )
                 if not force:
-                    raise PlanError(f"{model.path}: {msg}; llama.cpp would reject or misuse it (use --force to write it anyway)")
+                    raise PlanError(
+                        f"{model.path}: {msg}; llama.cpp would reject or misuse it (use --force to write it anyway)"
+                    )
                 warnings.append("forced: " + msg)
     return warnings

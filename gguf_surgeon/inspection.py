@@ -7,9 +7,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .vocab import GGUFValueType, Keys, LlamaFileType
-
 from .reader import Model
+from .vocab import GGUFValueType, Keys, LlamaFileType
 
 PREVIEW_ITEMS = 8  # array elements shown by --meta
 
@@ -118,14 +117,22 @@ def summarize(model: Model) -> ModelSummary:
 
 def layer_table(model: Model) -> list[LayerInfo]:
     return [
-        LayerInfo(i, len(b), sum(t.n_elements for t in b), sum(t.n_bytes for t in b), dict(Counter(t.ggml_type.name for t in b)))
+        LayerInfo(
+            i,
+            len(b),
+            sum(t.n_elements for t in b),
+            sum(t.n_bytes for t in b),
+            dict(Counter(t.ggml_type.name for t in b)),
+        )
         for i, b in enumerate(model.blocks())
     ]
 
 
 def tensor_table(model: Model) -> list[dict]:
-    return [{"name": t.name, "shape": list(t.shape), "type": t.ggml_type.name, "bytes": t.n_bytes, "offset": t.offset}
-            for t in model.tensors]
+    return [
+        {"name": t.name, "shape": list(t.shape), "type": t.ggml_type.name, "bytes": t.n_bytes, "offset": t.offset}
+        for t in model.tensors
+    ]
 
 
 def metadata_table(model: Model, full: bool = False) -> list[dict]:

@@ -9,15 +9,14 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-
-from .errors import PlanError
-from .vocab import GGUFValueType, Keys
 from .plan import LayerPlan
 from .reader import SCALAR_FORMATS, SPLIT_KEYS, Model
+from .vocab import GGUFValueType, Keys
 
 RECIPE_KEY = "surgery.recipe"
 PADDING_KEY = "surgery.padding"  # zeros the writer adds to line tensor data up with the source's
 BASE_MODEL_PREFIX = "general.base_model."
+
 
 @dataclass(frozen=True)
 class OutputField:
@@ -66,7 +65,9 @@ def per_layer_keys(model: Model) -> list[str]:
     """`<arch>.*` arrays whose length equals the source block count: re-indexed by a plan."""
     prefix = model.architecture + "."
     n = model.block_count
-    return [k for k, f in model.fields.items() if k.startswith(prefix) and f.type == GGUFValueType.ARRAY and f.count == n]
+    return [
+        k for k, f in model.fields.items() if k.startswith(prefix) and f.type == GGUFValueType.ARRAY and f.count == n
+    ]
 
 
 def default_name(model: Model, plan: LayerPlan) -> str:
@@ -74,8 +75,12 @@ def default_name(model: Model, plan: LayerPlan) -> str:
     return f"{base} (gguf-surgeon: {plan.recipe})"
 
 
-def plan_metadata(model: Model, plan: LayerPlan, name: str | None = None, alignment: int | None = None,
-                  ) -> tuple[list[OutputField], list[MetadataChange], list[str]]:
+def plan_metadata(
+    model: Model,
+    plan: LayerPlan,
+    name: str | None = None,
+    alignment: int | None = None,
+) -> tuple[list[OutputField], list[MetadataChange], list[str]]:
     """The output's key-value list, the changes made, and warnings about per-layer values.
 
     `alignment` sets general.alignment (e.g. 4096, so a reflink filesystem can share extents).
@@ -92,13 +97,17 @@ def plan_metadata(model: Model, plan: LayerPlan, name: str | None = None, alignm
         for out_i, src in enumerate(plan.layers):
             vals = {old[i] for i, _ in src.parts}
             if len(vals) > 1:
-                warnings.append(f"{key}: blended block {out_i} mixes blocks with different values {sorted(vals)}; using block {src.primary}'s")
+                warnings.append(
+                    f"{key}: blended block {out_i} mixes blocks with different values {sorted(vals)}; using block {src.primary}'s"
+                )
             new.append(old[src.primary])
         new_values[key] = (GGUFValueType.ARRAY, new, f.item_type)
 
     source_name = model.value(Keys.General.NAME)
     new_values[Keys.General.NAME] = (GGUFValueType.STRING, name or default_name(model, plan), None)
-    provenance: dict[str, tuple[GGUFValueType, Any, None]] = {Keys.General.BASE_MODEL_COUNT: (GGUFValueType.UINT32, 1, None)}
+    provenance: dict[str, tuple[GGUFValueType, Any, None]] = {
+        Keys.General.BASE_MODEL_COUNT: (GGUFValueType.UINT32, 1, None)
+    }
     for template, source_key in (
         (Keys.General.BASE_MODEL_NAME, Keys.General.NAME),
         (Keys.General.BASE_MODEL_ORGANIZATION, Keys.General.ORGANIZATION),

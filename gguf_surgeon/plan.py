@@ -1,6 +1,6 @@
 """The layer plan: which source block (or blend of blocks) each output block comes from.
 
-A recipe is parsed into steps; each step transforms the current layer list, so indices in a
+A recipe is parsed into steps; each step (operations.build_plan) transforms the current layer list, so indices in a
 step refer to the model as the previous step left it. The plan is pure data: nothing here
 reads tensors or writes bytes.
 """
@@ -8,8 +8,6 @@ reads tensors or writes bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from .errors import PlanError
 
 
 @dataclass(frozen=True)
@@ -19,7 +17,7 @@ class LayerSource:
     parts: tuple[tuple[int, float], ...]  # (source block index, weight), sorted by index
 
     @staticmethod
-    def copy(index: int) -> "LayerSource":
+    def copy(index: int) -> LayerSource:
         return LayerSource(((index, 1.0),))
 
     @property
@@ -37,7 +35,7 @@ class LayerSource:
         return " + ".join(f"{w:g}*{i}" for i, w in self.parts)
 
     @staticmethod
-    def blend(a: "LayerSource", b: "LayerSource", t: float) -> "LayerSource":
+    def blend(a: LayerSource, b: LayerSource, t: float) -> LayerSource:
         """(1-t)*a + t*b, merged by source index; zero weights dropped."""
         weights: dict[int, float] = {}
         for src, scale in ((a, 1.0 - t), (b, t)):
@@ -73,18 +71,3 @@ class LayerPlan:
     @property
     def is_identity(self) -> bool:
         return self.layers == tuple(LayerSource.copy(i) for i in range(self.source_block_count))
-
-
-def build_plan(steps: tuple[Step, ...], block_count: int) -> LayerPlan:
-    """Apply `steps` in order to the identity order of `block_count` blocks."""
-    from .operations import REGISTRY
-
-    layers = tuple(LayerSource.copy(i) for i in range(block_count))
-    for n, step in enumerate(steps, 1):
-        try:
-            layers = REGISTRY[step.op].apply(step.args, layers)
-        except PlanError as e:
-            raise PlanError(f"step {n} {step.text!r}: {e}") from None
-        if not layers:
-            raise PlanError(f"step {n} {step.text!r}: the recipe leaves no block")
-    return LayerPlan(tuple(steps), block_count, layers)

@@ -11,16 +11,16 @@ import mmap
 import os
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
 
-from .vocab import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
-
 from .errors import FormatError, ModelError
+from .vocab import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -155,7 +155,9 @@ class _Cursor:
         at = self.pos
         n = self.u64(f"length of {what}")
         if n > self.size - self.pos:
-            raise FormatError(f"{self.path}: {what} at offset {at} claims {n} bytes, more than the file holds (truncated or corrupt)")
+            raise FormatError(
+                f"{self.path}: {what} at offset {at} claims {n} bytes, more than the file holds (truncated or corrupt)"
+            )
         return n
 
     def string(self, what: str) -> str:
@@ -202,8 +204,10 @@ def _skip_strings(cur: _Cursor, count: int, what: str) -> int:
             raise FormatError(f"{cur.path}: truncated at offset {pos} while reading string #{k} of array {what!r}")
         n = unpack(buf, pos)[0]
         if n > size - pos - 8:
-            raise FormatError(f"{cur.path}: string #{k} of array {what!r} at offset {pos} claims {n} bytes, "
-                              "more than the file holds (truncated or corrupt)")
+            raise FormatError(
+                f"{cur.path}: string #{k} of array {what!r} at offset {pos} claims {n} bytes, "
+                "more than the file holds (truncated or corrupt)"
+            )
         pos += 8 + n
     raise AssertionError("unreachable: the fast path found a problem the checked walk did not")
 
@@ -222,12 +226,16 @@ def _skip_value(cur: _Cursor, vtype: GGUFValueType, what: str) -> tuple[GGUFValu
         if item == GGUFValueType.STRING:
             # each string needs at least its 8-byte length: refuse absurd counts before looping
             if count * 8 > cur.size - cur.pos:
-                raise FormatError(f"{cur.path}: array {what!r} at offset {at} claims {count} strings, more than the file holds (truncated or corrupt)")
+                raise FormatError(
+                    f"{cur.path}: array {what!r} at offset {at} claims {count} strings, more than the file holds (truncated or corrupt)"
+                )
             cur.pos = _skip_strings(cur, count, what)
         else:
             nbytes = struct.calcsize(SCALAR_FORMATS[item]) * count
             if nbytes > cur.size - cur.pos:
-                raise FormatError(f"{cur.path}: array {what!r} at offset {at} claims {count} elements, more than the file holds (truncated or corrupt)")
+                raise FormatError(
+                    f"{cur.path}: array {what!r} at offset {at} claims {count} elements, more than the file holds (truncated or corrupt)"
+                )
             cur.pos += nbytes
         return item, count
     n = struct.calcsize(SCALAR_FORMATS[vtype])
@@ -245,13 +253,17 @@ def parse_file(path: Path, buf: Any) -> GGUFFile:
     version = cur.u32("version")
     if version not in SUPPORTED_VERSIONS:
         if version & 0xFFFF == 0 and struct.unpack("<I", struct.pack(">I", version))[0] in SUPPORTED_VERSIONS:
-            raise FormatError(f"{path}: big-endian GGUF (byte-swapped version at offset 4) is not supported; convert it to little-endian first")
+            raise FormatError(
+                f"{path}: big-endian GGUF (byte-swapped version at offset 4) is not supported; convert it to little-endian first"
+            )
         raise FormatError(f"{path}: unsupported GGUF version {version} at offset 4 (supported: 2, 3)")
     n_tensors = cur.u64("tensor count")
     n_kv = cur.u64("metadata key count")
     # refuse absurd counts before looping; the smallest key-value is 13 bytes (8-byte key length, 4-byte type, 1-byte value)
     if n_kv * 13 > cur.size - cur.pos:
-        raise FormatError(f"{path}: header claims {n_kv} metadata keys (offset 16), more than the {cur.size - cur.pos} bytes after offset {cur.pos} can hold (truncated or corrupt)")
+        raise FormatError(
+            f"{path}: header claims {n_kv} metadata keys (offset 16), more than the {cur.size - cur.pos} bytes after offset {cur.pos} can hold (truncated or corrupt)"
+        )
 
     fields: dict[str, Field] = {}
     for i in range(n_kv):
@@ -273,14 +285,18 @@ def parse_file(path: Path, buf: Any) -> GGUFFile:
     # checked after the keys, so that a file truncated inside them says where; the smallest tensor
     # info is 32 bytes (8-byte name length, 4-byte dimension count, one dimension, 4-byte type, 8-byte offset)
     if n_tensors * 32 > cur.size - cur.pos:
-        raise FormatError(f"{path}: header claims {n_tensors} tensors (offset 8), more than the {cur.size - cur.pos} bytes after offset {cur.pos} can hold (truncated or corrupt)")
+        raise FormatError(
+            f"{path}: header claims {n_tensors} tensors (offset 8), more than the {cur.size - cur.pos} bytes after offset {cur.pos} can hold (truncated or corrupt)"
+        )
     raw_infos = []
     for i in range(n_tensors):
         name = cur.string(f"name of tensor #{i}")
         at = cur.pos
         n_dims = cur.u32(f"dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise FormatError(f"{path}: tensor {name!r} has {n_dims} dimensions at offset {at} (1 to {MAX_DIMS} allowed)")
+            raise FormatError(
+                f"{path}: tensor {name!r} has {n_dims} dimensions at offset {at} (1 to {MAX_DIMS} allowed)"
+            )
         shape = tuple(cur.u64(f"shape of tensor {name!r}") for _ in range(n_dims))
         at = cur.pos
         raw_type = cur.u32(f"type of tensor {name!r}")
@@ -303,14 +319,18 @@ def parse_file(path: Path, buf: Any) -> GGUFFile:
         seen.add(name)
         block, type_size = GGML_QUANT_SIZES[ggml_type]
         if shape[0] % block:
-            raise FormatError(f"{path}: tensor {name!r} row length {shape[0]} is not a multiple of {ggml_type.name}'s block {block}")
+            raise FormatError(
+                f"{path}: tensor {name!r} row length {shape[0]} is not a multiple of {ggml_type.name}'s block {block}"
+            )
         n = 1
         for d in shape:
             n *= d
         n_bytes = n // block * type_size
         start = data_offset + offset
         if start + n_bytes > cur.size:
-            raise FormatError(f"{path}: truncated: data of tensor {name!r} ends at offset {start + n_bytes}, file has {cur.size} bytes")
+            raise FormatError(
+                f"{path}: truncated: data of tensor {name!r} ends at offset {start + n_bytes}, file has {cur.size} bytes"
+            )
         tensors.append(TensorInfo(name, shape, ggml_type, start, n_bytes, path))
     return GGUFFile(path, version, alignment, fields, tuple(tensors), tensor_info_end, data_offset, cur.size)
 
@@ -335,10 +355,18 @@ def field_value(buf: Any, field: Field, path: Path = Path("?")) -> Any:
     return v
 
 
-INTEGER_TYPES = frozenset({
-    GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
-    GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64,
-})
+INTEGER_TYPES = frozenset(
+    {
+        GGUFValueType.UINT8,
+        GGUFValueType.INT8,
+        GGUFValueType.UINT16,
+        GGUFValueType.INT16,
+        GGUFValueType.UINT32,
+        GGUFValueType.INT32,
+        GGUFValueType.UINT64,
+        GGUFValueType.INT64,
+    }
+)
 
 
 def int_field(buf: Any, field: Field, path: Path) -> int:
@@ -395,7 +423,9 @@ class Model:
             return ()
         m = SPLIT_NAME.match(first.path.name)
         if not m or int(m.group("no")) != 1:
-            raise FormatError(f"{first.path}: split model (split.count={count}) must be opened from its first shard, named PREFIX-00001-of-{count:05d}.gguf")
+            raise FormatError(
+                f"{first.path}: split model (split.count={count}) must be opened from its first shard, named PREFIX-00001-of-{count:05d}.gguf"
+            )
         shards = []
         for no in range(2, count + 1):
             p = first.path.with_name(f"{m.group('prefix')}-{no:05d}-of-{count:05d}.gguf")
@@ -415,7 +445,7 @@ class Model:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "Model":
+    def __enter__(self) -> Model:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -457,7 +487,9 @@ class Model:
     def tensor(self, name: str) -> TensorInfo:
         return self._by_name[name]
 
-    def tensor_bytes(self, t: TensorInfo, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    def tensor_bytes(
+        self, t: TensorInfo, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """The tensor's bytes [start, stop) as a uint8 array (in `out`, a reusable buffer, when given).
 
         Read with pread rather than through the memory map, so the pages do not count toward
@@ -500,7 +532,9 @@ class Model:
         if len(groups) != n:
             # found without range(n): a corrupt name like blk.99999999999 must not allocate
             missing = next(i for i, b in enumerate(sorted(groups)) if i != b)
-            raise ModelError(f"{self.path}: block numbering has gaps: no tensors for blk.{missing} (blocks 0..{n - 1} expected)")
+            raise ModelError(
+                f"{self.path}: block numbering has gaps: no tensors for blk.{missing} (blocks 0..{n - 1} expected)"
+            )
         return [groups[i] for i in range(n)]
 
     @property

@@ -12,13 +12,12 @@ Each step's indices refer to the model as the previous step left it.
 from __future__ import annotations
 
 import shlex
-
 from pathlib import Path
 
 from .errors import RecipeError
+from .files import read_toml
 from .operations import make_step
 from .plan import Step
-from .files import read_toml
 
 
 def parse_recipe(text: str) -> tuple[Step, ...]:
@@ -57,7 +56,10 @@ def parse_recipe_file(path: Path) -> tuple[Step, ...]:
         text = data["recipe"]
     elif isinstance(data.get("steps"), list):
         text = "; ".join(
-            s if isinstance(s, str) else _table_to_text(s, f"{path}: steps[{i}]") if isinstance(s, dict)
+            s
+            if isinstance(s, str)
+            else _table_to_text(s, f"{path}: steps[{i}]")
+            if isinstance(s, dict)
             else _bad(f"{path}: steps[{i}] is neither a string nor a table")
             for i, s in enumerate(data["steps"])
         )

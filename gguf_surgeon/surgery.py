@@ -9,20 +9,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from .errors import PlanError
-from .vocab import GGML_QUANT_SIZES, GGMLQuantizationType
 from .hazards import check_hazards
 from .metadata import MetadataChange, OutputField, plan_metadata
 from .plan import LayerPlan
 from .reader import Model, TensorInfo
+from .vocab import GGML_QUANT_SIZES, GGMLQuantizationType
 
 # types gguf.quants can write; a blend of any other type is written as F16
-QUANTIZABLE = frozenset({
-    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
-    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
-    GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1,
-})
+QUANTIZABLE = frozenset(
+    {
+        GGMLQuantizationType.F32,
+        GGMLQuantizationType.F16,
+        GGMLQuantizationType.BF16,
+        GGMLQuantizationType.Q8_0,
+        GGMLQuantizationType.Q4_0,
+        GGMLQuantizationType.Q4_1,
+        GGMLQuantizationType.Q5_0,
+        GGMLQuantizationType.Q5_1,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -73,8 +79,9 @@ def blend_type(parts: list[TensorInfo]) -> GGMLQuantizationType:
     return GGMLQuantizationType.F16
 
 
-def plan_surgery(model: Model, plan: LayerPlan, name: str | None = None, force: bool = False,
-                 alignment: int | None = None) -> Surgery:
+def plan_surgery(
+    model: Model, plan: LayerPlan, name: str | None = None, force: bool = False, alignment: int | None = None
+) -> Surgery:
     """Check `plan` against `model` and describe the output; raises PlanError when it cannot fit."""
     blocks = model.blocks()
     n = len(blocks)
@@ -106,12 +113,18 @@ def plan_surgery(model: Model, plan: LayerPlan, name: str | None = None, force: 
             parts = [by_suffix[i][t.block_suffix] for i, _ in src.parts]
             for p in parts[1:]:
                 if p.shape != t.shape:
-                    raise PlanError(f"{model.path}: cannot blend {t.name} {list(t.shape)} with {p.name} {list(p.shape)}: shapes differ")
+                    raise PlanError(
+                        f"{model.path}: cannot blend {t.name} {list(t.shape)} with {p.name} {list(p.shape)}: shapes differ"
+                    )
             out_type = blend_type(parts)
             name_out = f"blk.{out_i}.{t.block_suffix}"
             if any(p.ggml_type != out_type for p in parts):
-                conversions.append(f"{name_out}: {'/'.join(sorted({p.ggml_type.name for p in parts}))} -> {out_type.name}")
-            block_tensors.append(OutputTensor(name_out, t.shape, out_type, tuple((p, w) for p, (_, w) in zip(parts, src.parts))))
+                conversions.append(
+                    f"{name_out}: {'/'.join(sorted({p.ggml_type.name for p in parts}))} -> {out_type.name}"
+                )
+            block_tensors.append(
+                OutputTensor(name_out, t.shape, out_type, tuple((p, w) for p, (_, w) in zip(parts, src.parts)))
+            )
 
     # globals before the first block tensor stay before the blocks, the rest after them
     first_block = next(i for i, t in enumerate(model.tensors) if t.block_index is not None)
@@ -119,5 +132,13 @@ def plan_surgery(model: Model, plan: LayerPlan, name: str | None = None, force: 
     tail = [t for t in model.tensors[first_block:] if t.block_index is None]
     as_copy = lambda t: OutputTensor(t.name, t.shape, t.ggml_type, ((t, 1.0),))  # noqa: E731
     tensors = [as_copy(t) for t in head] + block_tensors + [as_copy(t) for t in tail]
-    return Surgery(model.path, plan, alignment or model.file.alignment, tuple(fields), tuple(tensors), tuple(changes),
-                   tuple(warnings), tuple(conversions))
+    return Surgery(
+        model.path,
+        plan,
+        alignment or model.file.alignment,
+        tuple(fields),
+        tuple(tensors),
+        tuple(changes),
+        tuple(warnings),
+        tuple(conversions),
+    )

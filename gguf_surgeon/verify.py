@@ -5,13 +5,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 
-from .vocab import GGUFValueType, Keys
-
 from .diff import tensors_equal
 from .hazards import INDEX_HAZARDS
 from .plan import LayerPlan
 from .reader import Model, align
 from .surgery import block_suffix_sets, plan_surgery
+from .vocab import GGUFValueType, Keys
 from .writer import blend_rows
 
 # keys llama.cpp reads as one value per layer when they are arrays
@@ -54,24 +53,48 @@ def check_structure(model: Model) -> list[Finding]:
                 bad = f"{shard.path.name}: tensor {t.name!r} at data offset {rel}, expected {expected} (contiguous, aligned to {shard.alignment}, in tensor-info order)"
                 break
             expected = align(rel + t.n_bytes, shard.alignment)
-        findings.append(Finding("offsets contiguous and aligned", bad is None, bad or f"{shard.path.name}: {len(shard.tensors)} tensors"))
+        findings.append(
+            Finding(
+                "offsets contiguous and aligned", bad is None, bad or f"{shard.path.name}: {len(shard.tensors)} tensors"
+            )
+        )
 
     blocks = model.blocks()
     declared = model.value(model.block_count_key)
-    findings.append(Finding("block_count matches tensors", declared == len(blocks),
-                            f"{model.block_count_key} = {declared}, tensors hold blocks 0-{len(blocks) - 1}"))
+    findings.append(
+        Finding(
+            "block_count matches tensors",
+            declared == len(blocks),
+            f"{model.block_count_key} = {declared}, tensors hold blocks 0-{len(blocks) - 1}",
+        )
+    )
     for template in PER_LAYER_TEMPLATES:
         key = model.arch_key(template)
         f = model.fields.get(key)
         if f is not None and f.type == GGUFValueType.ARRAY:
-            findings.append(Finding("per-layer array length", f.count == len(blocks), f"{key} has {f.count} values for {len(blocks)} blocks"))
+            findings.append(
+                Finding(
+                    "per-layer array length",
+                    f.count == len(blocks),
+                    f"{key} has {f.count} values for {len(blocks)} blocks",
+                )
+            )
 
     sets = block_suffix_sets(blocks)
     odd = [i for i, s in enumerate(sets) if s != sets[0]]
-    varies_by_design = model.architecture in INDEX_HAZARDS or model.has(model.arch_key(Keys.LLM.LEADING_DENSE_BLOCK_COUNT))
-    findings.append(Finding("same tensor set in every block", not odd or varies_by_design,
-                            f"blocks {odd[:8]} differ from block 0" + (" (expected for this architecture)" if odd and varies_by_design else "")
-                            if odd else f"{len(sets[0])} tensors per block"))
+    varies_by_design = model.architecture in INDEX_HAZARDS or model.has(
+        model.arch_key(Keys.LLM.LEADING_DENSE_BLOCK_COUNT)
+    )
+    findings.append(
+        Finding(
+            "same tensor set in every block",
+            not odd or varies_by_design,
+            f"blocks {odd[:8]} differ from block 0"
+            + (" (expected for this architecture)" if odd and varies_by_design else "")
+            if odd
+            else f"{len(sets[0])} tensors per block",
+        )
+    )
     return findings
 
 
@@ -80,9 +103,16 @@ def check_against(model: Model, source: Model, plan: LayerPlan) -> list[Finding]
     expected = plan_surgery(source, plan, force=True)
     names = [t.name for t in model.tensors]
     want = [t.name for t in expected.tensors]
-    findings = [Finding("tensor names and order", names == want,
-                        "as planned" if names == want else f"got {len(names)} tensors, expected {len(want)}; first difference at "
-                        f"{next((a, b) for a, b in zip(names + [''] * len(want), want + [''] * len(names)) if a != b)}")]
+    findings = [
+        Finding(
+            "tensor names and order",
+            names == want,
+            "as planned"
+            if names == want
+            else f"got {len(names)} tensors, expected {len(want)}; first difference at "
+            f"{next((a, b) for a, b in zip(names + [''] * len(want), want + [''] * len(names)) if a != b)}",
+        )
+    ]
     if names != want:
         return findings
     copies = mismatched = blends = 0
@@ -104,8 +134,14 @@ def check_against(model: Model, source: Model, plan: LayerPlan) -> list[Finding]
         if not same:
             mismatched += 1
             first_bad = first_bad or t.name
-    findings.append(Finding("tensor bytes equal their source", mismatched == 0,
-                            f"{copies} copied and {blends} blended tensors checked" + (f"; {mismatched} differ, first {first_bad}" if mismatched else "")))
+    findings.append(
+        Finding(
+            "tensor bytes equal their source",
+            mismatched == 0,
+            f"{copies} copied and {blends} blended tensors checked"
+            + (f"; {mismatched} differ, first {first_bad}" if mismatched else ""),
+        )
+    )
     return findings
 
 

@@ -16,7 +16,8 @@ if "gguf.constants" not in sys.modules:
     _spec = importlib.util.find_spec("gguf")  # locates the package without executing it
     assert _spec is not None and _spec.submodule_search_locations, "the gguf package is not installed"
     _constants_spec = importlib.util.spec_from_file_location(
-        "gguf.constants", f"{list(_spec.submodule_search_locations)[0]}/constants.py")
+        "gguf.constants", f"{list(_spec.submodule_search_locations)[0]}/constants.py"
+    )
     assert _constants_spec is not None and _constants_spec.loader is not None
     _module = importlib.util.module_from_spec(_constants_spec)
     sys.modules["gguf.constants"] = _module
@@ -33,5 +34,13 @@ from gguf.constants import (  # noqa: E402
     LlamaFileType,
 )
 
-__all__ = ["GGML_QUANT_SIZES", "GGUF_DEFAULT_ALIGNMENT", "GGUF_MAGIC", "GGUF_VERSION", "GGMLQuantizationType", "GGUFValueType", "Keys",
-           "LlamaFileType"]
+__all__ = [
+    "GGML_QUANT_SIZES",
+    "GGUF_DEFAULT_ALIGNMENT",
+    "GGUF_MAGIC",
+    "GGUF_VERSION",
+    "GGMLQuantizationType",
+    "GGUFValueType",
+    "Keys",
+    "LlamaFileType",
+]

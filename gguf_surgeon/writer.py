@@ -13,17 +13,17 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
-
+from typing import Any
 
 from .errors import OutputError
 from .files import reserve_temp
-from .vocab import GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType, Keys
 from .metadata import PADDING_KEY, OutputField, encode_field, encode_string
 from .reader import Model, align
 from .surgery import OutputTensor, Surgery
+from .vocab import GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType, Keys
 
 COPY_CHUNK = 64 << 20  # bytes per copy_file_range call (a multiple of FOLIO)
 FOLIO = 64 << 10  # the page-cache unit kernel-side copies line up with on the output
@@ -65,11 +65,15 @@ def shard_path(out: Path, no: int, count: int) -> Path:
 
 
 def _padding_field(n: int) -> OutputField:
-    return OutputField(PADDING_KEY, encode_string(PADDING_KEY) + struct.pack("<IIQ", GGUFValueType.ARRAY, GGUFValueType.UINT8, n)
-                       + bytes(n))
+    return OutputField(
+        PADDING_KEY,
+        encode_string(PADDING_KEY) + struct.pack("<IIQ", GGUFValueType.ARRAY, GGUFValueType.UINT8, n) + bytes(n),
+    )
 
 
-def _folio_padding(tensors: tuple[OutputTensor, ...], offsets: tuple[int, ...], head_len: int, alignment: int) -> OutputField | None:
+def _folio_padding(
+    tensors: tuple[OutputTensor, ...], offsets: tuple[int, ...], head_len: int, alignment: int
+) -> OutputField | None:
     """A PADDING_KEY field that starts the data section where most copied bytes keep their
     source's offset within a 64 KiB folio (the kernel then copies whole folios: a swap's write
     took 15% less time here); None where that holds already, or the output copies under PAD_MIN_BYTES."""
@@ -88,14 +92,20 @@ def _folio_padding(tensors: tuple[OutputTensor, ...], offsets: tuple[int, ...], 
     return _padding_field((best - head_len - _padding_field(0).size) % FOLIO)
 
 
-def _lay_out_file(path: Path, fields: tuple[OutputField, ...], tensors: tuple[OutputTensor, ...], alignment: int) -> ShardLayout:
+def _lay_out_file(
+    path: Path, fields: tuple[OutputField, ...], tensors: tuple[OutputTensor, ...], alignment: int
+) -> ShardLayout:
     """Encode one output file's header (with folio padding where it pays) and place its tensors."""
     infos, offsets = [], []
     pos = 0
     for t in tensors:
         offsets.append(pos)
-        infos.append(encode_string(t.name) + struct.pack("<I", len(t.shape)) + struct.pack(f"<{len(t.shape)}Q", *t.shape)
-                     + struct.pack("<IQ", t.ggml_type, pos))
+        infos.append(
+            encode_string(t.name)
+            + struct.pack("<I", len(t.shape))
+            + struct.pack(f"<{len(t.shape)}Q", *t.shape)
+            + struct.pack("<IQ", t.ggml_type, pos)
+        )
         pos = align(pos + t.n_bytes, alignment)
     info_bytes = b"".join(infos)
     head_len = 24 + sum(f.size for f in fields) + len(info_bytes)
@@ -122,7 +132,9 @@ def _lay_out_file(path: Path, fields: tuple[OutputField, ...], tensors: tuple[Ou
     return ShardLayout(path, fields, tensors, tuple(parts), size, tuple(offsets), size + pos)
 
 
-def _split_groups(tensors: tuple[OutputTensor, ...], max_size: int | None, max_tensors: int | None) -> list[tuple[OutputTensor, ...]]:
+def _split_groups(
+    tensors: tuple[OutputTensor, ...], max_size: int | None, max_tensors: int | None
+) -> list[tuple[OutputTensor, ...]]:
     groups: list[list[OutputTensor]] = [[]]
     size = 0
     for t in tensors:
@@ -135,7 +147,9 @@ def _split_groups(tensors: tuple[OutputTensor, ...], max_size: int | None, max_t
     return [tuple(g) for g in groups]
 
 
-def layout(surgery: Surgery, out: Path, split_max_size: int | None = None, split_max_tensors: int | None = None) -> list[ShardLayout]:
+def layout(
+    surgery: Surgery, out: Path, split_max_size: int | None = None, split_max_tensors: int | None = None
+) -> list[ShardLayout]:
     """Lay out the output as one file, or as llama-gguf-split shards when a split limit is set."""
     if not split_max_size and not split_max_tensors:
         return [_lay_out_file(out, surgery.fields, surgery.tensors, surgery.alignment)]
@@ -184,7 +198,8 @@ class _Copier:
     @property
     def method(self) -> str:
         return "+".join(m for m in ("copy_file_range", "buffered") if m in self.used) or (
-            "copy_file_range" if self.kernel else "buffered")
+            "copy_file_range" if self.kernel else "buffered"
+        )
 
     def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:
         while n > 0 and self.kernel:
@@ -324,8 +339,16 @@ def blend_rows(model: Model, t: OutputTensor, workers: int = BLEND_WORKERS) -> I
             yield pending.popleft().result()
 
 
-def write_surgery(model: Model, surgery: Surgery, out: Path, *, force: bool = False, split_max_size: int | None = None,
-                  split_max_tensors: int | None = None, progress: Progress | None = None) -> WriteResult:
+def write_surgery(
+    model: Model,
+    surgery: Surgery,
+    out: Path,
+    *,
+    force: bool = False,
+    split_max_size: int | None = None,
+    split_max_tensors: int | None = None,
+    progress: Progress | None = None,
+) -> WriteResult:
     """Write the surgery's output; returns the paths written. Nothing is left behind on error."""
     started = time.monotonic()
     shards = layout(surgery, out, split_max_size, split_max_tensors)

@@ -19,9 +19,16 @@ def render() -> str:
 
     settings = {**main.context_settings, "max_content_width": 100, "terminal_width": 100}
     ctx = click.Context(main, info_name="gguf-surgeon", **settings)
-    parts = ["# gguf-surgeon command reference", "",
-             "Generated from `--help` by `python scripts/gen_cli_docs.py`; `tests/test_docs.py` fails when it is stale.", "",
-             "```", main.get_help(ctx), "```", ""]
+    parts = [
+        "# gguf-surgeon command reference",
+        "",
+        "Generated from `--help` by `python scripts/gen_cli_docs.py`; `tests/test_docs.py` fails when it is stale.",
+        "",
+        "```",
+        main.get_help(ctx),
+        "```",
+        "",
+    ]
     for name in sorted(main.list_commands(ctx)):
         cmd = main.get_command(ctx, name)
         sub = click.Context(cmd, info_name=name, parent=ctx, **settings)

@@ -41,7 +41,9 @@ def llama_bin() -> Path:
     env = os.environ.get("GGUF_SURGEON_LLAMA_BIN")
     if env and all((Path(env) / t).exists() for t in LLAMA_TOOLS):
         return Path(env)
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "build-llama-cpp.sh")], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-llama-cpp.sh")], check=True, capture_output=True, text=True
+    )
     return Path(out.stdout.strip().splitlines()[-1])
 
 

@@ -12,8 +12,8 @@ import shutil
 import struct
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
@@ -40,7 +40,9 @@ def folder_state(folder: Path) -> dict[str, str]:
     return state
 
 
-def assert_error(result: Result, message: str | None = None, *, pattern: str | None = None, endswith: str | None = None) -> str:
+def assert_error(
+    result: Result, message: str | None = None, *, pattern: str | None = None, endswith: str | None = None
+) -> str:
     """Exit 1 through SurgeonGroup (not an uncaught exception), one `Error:` line on stderr."""
     assert "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
@@ -87,7 +89,9 @@ def tensor_info_offset(data: bytes, name: str) -> int:
     return at
 
 
-def tiny_gguf(path: Path, tensors: dict[str, np.ndarray], *, arch: str = "llama", endian=gguf.GGUFEndian.LITTLE) -> Path:
+def tiny_gguf(
+    path: Path, tensors: dict[str, np.ndarray], *, arch: str = "llama", endian=gguf.GGUFEndian.LITTLE
+) -> Path:
     w = gguf.GGUFWriter(str(path), arch, endianess=endian)
     w.add_block_count(sum(1 for n in tensors if n.startswith("blk.") and n.endswith(".attn_norm.weight")))
     for name, arr in tensors.items():
@@ -128,7 +132,9 @@ def test_missing_input(tmp_path: Path, out: Path) -> None:
     assert_refused(tmp_path, ["delete", 1, tmp_path / "nope.gguf", out], f"{tmp_path / 'nope.gguf'}: no such file")
 
 
-@pytest.mark.parametrize("command", [["delete", "1"], ["apply", "swap 0 1"], ["plan", "delete 1"], ["inspect"], ["verify"]])
+@pytest.mark.parametrize(
+    "command", [["delete", "1"], ["apply", "swap 0 1"], ["plan", "delete 1"], ["inspect"], ["verify"]]
+)
 def test_not_a_gguf_every_command(tmp_path: Path, out: Path, command: list[str]) -> None:
     bad = tmp_path / "notes.gguf"
     bad.write_bytes(b"GGML" + bytes(100))
@@ -136,11 +142,15 @@ def test_not_a_gguf_every_command(tmp_path: Path, out: Path, command: list[str])
     assert_refused(tmp_path, args, f"{bad}: not a GGUF file (bad magic at offset 0)")
 
 
-TOKENS_CUT = (r"(array 'tokenizer.ggml.tokens' at offset \d+ claims 303 strings, more than the file holds \(truncated or corrupt\)"
-              r"|truncated at offset \d+ while reading string #\d+ of array 'tokenizer.ggml.tokens'"
-              r"|string #\d+ of array 'tokenizer.ggml.tokens' at offset \d+ claims \d+ bytes, more than the file holds \(truncated or corrupt\))")
+TOKENS_CUT = (
+    r"(array 'tokenizer.ggml.tokens' at offset \d+ claims 303 strings, more than the file holds \(truncated or corrupt\)"
+    r"|truncated at offset \d+ while reading string #\d+ of array 'tokenizer.ggml.tokens'"
+    r"|string #\d+ of array 'tokenizer.ggml.tokens' at offset \d+ claims \d+ bytes, more than the file holds \(truncated or corrupt\))"
+)
 KV_GUARD = r"header claims 25 metadata keys \(offset 16\), more than the \d+ bytes after offset 24 can hold \(truncated or corrupt\)"
-TENSOR_GUARD = r"header claims 69 tensors \(offset 8\), more than the \d+ bytes after offset \d+ can hold \(truncated or corrupt\)"
+TENSOR_GUARD = (
+    r"header claims 69 tensors \(offset 8\), more than the \d+ bytes after offset \d+ can hold \(truncated or corrupt\)"
+)
 DATA_CUT = r"truncated: data of tensor '[\w.]+' ends at offset \d+, file has \d+ bytes"
 
 
@@ -163,30 +173,74 @@ def _truncation_points(path: Path) -> dict[str, tuple[int, str]]:
         "first key length": (arch.start + 3, KV_GUARD),
         "first key": (arch.start + 12, KV_GUARD),
         "a string value": (name.value_start + 6, KV_GUARD),
-        "string array count": (tokens.value_start + 6, r"truncated at offset \d+ while reading element count of 'tokenizer.ggml.tokens'"),
+        "string array count": (
+            tokens.value_start + 6,
+            r"truncated at offset \d+ while reading element count of 'tokenizer.ggml.tokens'",
+        ),
         "string array early": (tokens.value_start + 40, TOKENS_CUT),
         "string array middle": ((tokens.value_start + tokens.end) // 2, TOKENS_CUT),
         "string array last byte": (tokens.end - 1, TOKENS_CUT),
-        "second string array": ((merges.value_start + merges.end) // 2, TOKENS_CUT.replace("tokens' at offset \\d+ claims 303", "merges' at offset \\d+ claims \\d+").replace("tokens", "merges")),
-        "chat template": ((template.value_start + template.end) // 2,
-                          r"value of 'tokenizer.chat_template' at offset \d+ claims \d+ bytes, more than the file holds \(truncated or corrupt\)"),
+        "second string array": (
+            (merges.value_start + merges.end) // 2,
+            TOKENS_CUT.replace("tokens' at offset \\d+ claims 303", "merges' at offset \\d+ claims \\d+").replace(
+                "tokens", "merges"
+            ),
+        ),
+        "chat template": (
+            (template.value_start + template.end) // 2,
+            r"value of 'tokenizer.chat_template' at offset \d+ claims \d+ bytes, more than the file holds \(truncated or corrupt\)",
+        ),
         "first tensor info": (info_start + 5, TENSOR_GUARD),
-        "tensor info middle": ((info_start + info_end) // 2, rf"({TENSOR_GUARD}|truncated at offset \d+ while reading .*tensor.*"
-                                                            r"|name of tensor #\d+ at offset \d+ claims \d+ bytes, more than the file holds \(truncated or corrupt\))"),
-        "tensor info name": (info_end - 60, r"(truncated at offset \d+ while reading .*tensor.*"
-                                            r"|name of tensor #\d+ at offset \d+ claims \d+ bytes, more than the file holds \(truncated or corrupt\))"),
-        "last tensor info": (info_end - 1, r"truncated at offset \d+ while reading data offset of tensor 'output.weight'"),
+        "tensor info middle": (
+            (info_start + info_end) // 2,
+            rf"({TENSOR_GUARD}|truncated at offset \d+ while reading .*tensor.*"
+            r"|name of tensor #\d+ at offset \d+ claims \d+ bytes, more than the file holds \(truncated or corrupt\))",
+        ),
+        "tensor info name": (
+            info_end - 60,
+            r"(truncated at offset \d+ while reading .*tensor.*"
+            r"|name of tensor #\d+ at offset \d+ claims \d+ bytes, more than the file holds \(truncated or corrupt\))",
+        ),
+        "last tensor info": (
+            info_end - 1,
+            r"truncated at offset \d+ while reading data offset of tensor 'output.weight'",
+        ),
         "alignment padding": (data_offset - 1, DATA_CUT),
         "first tensor data": (data_offset + 100, DATA_CUT),
-        "block tensor data": (block.offset + block.n_bytes // 2, r"truncated: data of tensor 'blk.2.ffn_up.weight' ends at offset \d+, file has \d+ bytes"),
-        "last byte": (last.offset + last.n_bytes - 1, r"truncated: data of tensor 'output.weight' ends at offset \d+, file has \d+ bytes"),
+        "block tensor data": (
+            block.offset + block.n_bytes // 2,
+            r"truncated: data of tensor 'blk.2.ffn_up.weight' ends at offset \d+, file has \d+ bytes",
+        ),
+        "last byte": (
+            last.offset + last.n_bytes - 1,
+            r"truncated: data of tensor 'output.weight' ends at offset \d+, file has \d+ bytes",
+        ),
     }
 
 
-TRUNCATIONS = ["magic", "version", "tensor count", "kv count", "first key length", "first key", "a string value",
-               "string array count", "string array early", "string array middle", "string array last byte",
-               "second string array", "chat template", "first tensor info", "tensor info middle", "tensor info name",
-               "last tensor info", "alignment padding", "first tensor data", "block tensor data", "last byte"]
+TRUNCATIONS = [
+    "magic",
+    "version",
+    "tensor count",
+    "kv count",
+    "first key length",
+    "first key",
+    "a string value",
+    "string array count",
+    "string array early",
+    "string array middle",
+    "string array last byte",
+    "second string array",
+    "chat template",
+    "first tensor info",
+    "tensor info middle",
+    "tensor info name",
+    "last tensor info",
+    "alignment padding",
+    "first tensor data",
+    "block tensor data",
+    "last byte",
+]
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +264,9 @@ def test_truncated(tmp_path: Path, out: Path, truncation_source, where: str) -> 
     assert "offset" in line
 
 
-@pytest.mark.parametrize("length", [1, 9, 17, 25, 33, 41, 57, 64, 100, 257, 500, 1000, 2000, 3000, 4000, 6000, 8000, 9000, 10000])
+@pytest.mark.parametrize(
+    "length", [1, 9, 17, 25, 33, 41, 57, 64, 100, 257, 500, 1000, 2000, 3000, 4000, 6000, 8000, 9000, 10000]
+)
 def test_truncated_anywhere_in_the_header(tmp_path: Path, out: Path, truncation_source, length: int) -> None:
     data, _ = truncation_source
     bad = tmp_path / "cut.gguf"
@@ -223,22 +279,38 @@ def test_truncated_every_command(tmp_path: Path, out: Path, truncation_source) -
     data, points = truncation_source
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(data[: points["block tensor data"][0]])
-    for command in (["apply", "swap 0 1", bad, out], ["inspect", bad], ["verify", bad], ["diff", bad, bad],
-                    ["interpolate", 0, 1, bad, out]):
-        assert_refused(tmp_path, command, pattern=rf"Error: {re.escape(str(bad))}: truncated: data of tensor 'blk.2.ffn_up.weight' ends at offset \d+, file has \d+ bytes")
+    for command in (
+        ["apply", "swap 0 1", bad, out],
+        ["inspect", bad],
+        ["verify", bad],
+        ["diff", bad, bad],
+        ["interpolate", 0, 1, bad, out],
+    ):
+        assert_refused(
+            tmp_path,
+            command,
+            pattern=rf"Error: {re.escape(str(bad))}: truncated: data of tensor 'blk.2.ffn_up.weight' ends at offset \d+, file has \d+ bytes",
+        )
 
 
 @pytest.mark.parametrize("version", [0, 1, 4, 0xFFFFFFFF])
 def test_unsupported_version(tmp_path: Path, src: Path, out: Path, version: int) -> None:
     bad = write_variant(tmp_path, src, "v.gguf", lambda d: d.__setitem__(slice(4, 8), struct.pack("<I", version)))
-    assert_refused(tmp_path, ["delete", 1, bad, out], f"{bad}: unsupported GGUF version {version} at offset 4 (supported: 2, 3)")
+    assert_refused(
+        tmp_path, ["delete", 1, bad, out], f"{bad}: unsupported GGUF version {version} at offset 4 (supported: 2, 3)"
+    )
 
 
 def test_big_endian(tmp_path: Path, out: Path) -> None:
-    bad = tiny_gguf(tmp_path / "be.gguf", {"blk.0.attn_norm.weight": np.ones(32, np.float32)}, endian=gguf.GGUFEndian.BIG)
+    bad = tiny_gguf(
+        tmp_path / "be.gguf", {"blk.0.attn_norm.weight": np.ones(32, np.float32)}, endian=gguf.GGUFEndian.BIG
+    )
     assert bad.read_bytes()[4:8] == b"\0\0\0\3"
-    assert_refused(tmp_path, ["delete", 0, bad, out],
-                   f"{bad}: big-endian GGUF (byte-swapped version at offset 4) is not supported; convert it to little-endian first")
+    assert_refused(
+        tmp_path,
+        ["delete", 0, bad, out],
+        f"{bad}: big-endian GGUF (byte-swapped version at offset 4) is not supported; convert it to little-endian first",
+    )
 
 
 def test_version_2_is_read(tmp_path: Path, src: Path, out: Path) -> None:
@@ -253,31 +325,66 @@ def test_version_2_is_read(tmp_path: Path, src: Path, out: Path) -> None:
 
 def _absurd(src: Path, what: str) -> tuple[Callable[[bytearray], None], str]:
     with Model(src) as m:
-        arch, tokens, types = m.fields["general.architecture"], m.fields["tokenizer.ggml.tokens"], m.fields["tokenizer.ggml.token_type"]
+        arch, tokens, types = (
+            m.fields["general.architecture"],
+            m.fields["tokenizer.ggml.tokens"],
+            m.fields["tokenizer.ggml.token_type"],
+        )
         name = m.fields["general.name"]
     big = 2**62
     cases = {
-        "tensor count": (8, struct.pack("<Q", 2**60),
-                         rf"header claims {2**60} tensors \(offset 8\), more than the \d+ bytes after offset \d+ can hold \(truncated or corrupt\)"),
-        "kv count": (16, struct.pack("<Q", 2**60),
-                     rf"header claims {2**60} metadata keys \(offset 16\), more than the \d+ bytes after offset \d+ can hold \(truncated or corrupt\)"),
-        "key length": (arch.start, struct.pack("<Q", big),
-                       rf"metadata key #0 at offset {arch.start} claims {big} bytes, more than the file holds \(truncated or corrupt\)"),
-        "string value length": (name.value_start, struct.pack("<Q", big),
-                                rf"value of 'general.name' at offset {name.value_start} claims {big} bytes, more than the file holds \(truncated or corrupt\)"),
-        "string array count": (tokens.value_start + 4, struct.pack("<Q", 2**60),
-                               rf"array 'tokenizer.ggml.tokens' at offset {tokens.value_start + 4} claims {2**60} strings, more than the file holds \(truncated or corrupt\)"),
-        "string in array length": (tokens.value_start + 12, struct.pack("<Q", big),
-                                      rf"string #0 of array 'tokenizer.ggml.tokens' at offset {tokens.value_start + 12} claims {big} bytes, more than the file holds \(truncated or corrupt\)"),
-        "number array count": (types.value_start + 4, struct.pack("<Q", 2**61),
-                               rf"array 'tokenizer.ggml.token_type' at offset {types.value_start + 4} claims {2**61} elements, more than the file holds \(truncated or corrupt\)"),
+        "tensor count": (
+            8,
+            struct.pack("<Q", 2**60),
+            rf"header claims {2**60} tensors \(offset 8\), more than the \d+ bytes after offset \d+ can hold \(truncated or corrupt\)",
+        ),
+        "kv count": (
+            16,
+            struct.pack("<Q", 2**60),
+            rf"header claims {2**60} metadata keys \(offset 16\), more than the \d+ bytes after offset \d+ can hold \(truncated or corrupt\)",
+        ),
+        "key length": (
+            arch.start,
+            struct.pack("<Q", big),
+            rf"metadata key #0 at offset {arch.start} claims {big} bytes, more than the file holds \(truncated or corrupt\)",
+        ),
+        "string value length": (
+            name.value_start,
+            struct.pack("<Q", big),
+            rf"value of 'general.name' at offset {name.value_start} claims {big} bytes, more than the file holds \(truncated or corrupt\)",
+        ),
+        "string array count": (
+            tokens.value_start + 4,
+            struct.pack("<Q", 2**60),
+            rf"array 'tokenizer.ggml.tokens' at offset {tokens.value_start + 4} claims {2**60} strings, more than the file holds \(truncated or corrupt\)",
+        ),
+        "string in array length": (
+            tokens.value_start + 12,
+            struct.pack("<Q", big),
+            rf"string #0 of array 'tokenizer.ggml.tokens' at offset {tokens.value_start + 12} claims {big} bytes, more than the file holds \(truncated or corrupt\)",
+        ),
+        "number array count": (
+            types.value_start + 4,
+            struct.pack("<Q", 2**61),
+            rf"array 'tokenizer.ggml.token_type' at offset {types.value_start + 4} claims {2**61} elements, more than the file holds \(truncated or corrupt\)",
+        ),
     }
     at, raw, message = cases[what]
     return (lambda d: d.__setitem__(slice(at, at + len(raw)), raw)), message
 
 
-@pytest.mark.parametrize("what", ["tensor count", "kv count", "key length", "string value length", "string array count",
-                                  "string in array length", "number array count"])
+@pytest.mark.parametrize(
+    "what",
+    [
+        "tensor count",
+        "kv count",
+        "key length",
+        "string value length",
+        "string array count",
+        "string in array length",
+        "number array count",
+    ],
+)
 def test_absurd_counts_fail_fast(tmp_path: Path, src: Path, out: Path, what: str) -> None:
     patch, message = _absurd(src, what)
     bad = write_variant(tmp_path, src, "absurd.gguf", patch)
@@ -296,16 +403,22 @@ def test_absurd_tensor_dimensions(tmp_path: Path, src: Path, out: Path) -> None:
     def patch(d: bytearray) -> None:
         at = tensor_info_offset(bytes(d), "blk.0.attn_q.weight") + 8 + len("blk.0.attn_q.weight")
         d[at + 4 : at + 12] = struct.pack("<Q", 2**40)  # ne0 of a 2-D F32 tensor
+
     bad = write_variant(tmp_path, src, "dims.gguf", patch)
-    assert_refused(tmp_path, ["delete", 1, bad, out],
-                   pattern=rf"Error: {re.escape(str(bad))}: truncated: data of tensor 'blk.0.attn_q.weight' ends at offset \d+, file has \d+ bytes")
+    assert_refused(
+        tmp_path,
+        ["delete", 1, bad, out],
+        pattern=rf"Error: {re.escape(str(bad))}: truncated: data of tensor 'blk.0.attn_q.weight' ends at offset \d+, file has \d+ bytes",
+    )
 
 
 def test_too_many_dimensions(tmp_path: Path, src: Path, out: Path) -> None:
     name = "blk.0.attn_q.weight"
     at = tensor_info_offset(src.read_bytes(), name) + 8 + len(name)
     bad = write_variant(tmp_path, src, "ndims.gguf", lambda d: d.__setitem__(slice(at, at + 4), struct.pack("<I", 9)))
-    assert_refused(tmp_path, ["delete", 1, bad, out], f"{bad}: tensor {name!r} has 9 dimensions at offset {at} (1 to 4 allowed)")
+    assert_refused(
+        tmp_path, ["delete", 1, bad, out], f"{bad}: tensor {name!r} has 9 dimensions at offset {at} (1 to 4 allowed)"
+    )
 
 
 # --- unknown types -----------------------------------------------------------------------
@@ -317,7 +430,9 @@ def test_unknown_value_type(tmp_path: Path, src: Path, out: Path, raw: int) -> N
         f = m.fields["general.license"]
     at = f.start + 8 + len("general.license")
     bad = write_variant(tmp_path, src, "vt.gguf", lambda d: d.__setitem__(slice(at, at + 4), struct.pack("<I", raw)))
-    assert_refused(tmp_path, ["delete", 1, bad, out], f"{bad}: unknown value type {raw} for key 'general.license' at offset {at}")
+    assert_refused(
+        tmp_path, ["delete", 1, bad, out], f"{bad}: unknown value type {raw} for key 'general.license' at offset {at}"
+    )
 
 
 def test_unknown_array_item_type(tmp_path: Path, src: Path, out: Path) -> None:
@@ -325,8 +440,11 @@ def test_unknown_array_item_type(tmp_path: Path, src: Path, out: Path) -> None:
         f = m.fields["tokenizer.ggml.token_type"]
     at = f.value_start
     bad = write_variant(tmp_path, src, "it.gguf", lambda d: d.__setitem__(slice(at, at + 4), struct.pack("<I", 77)))
-    assert_refused(tmp_path, ["delete", 1, bad, out],
-                   f"{bad}: unknown value type 77 for item type of 'tokenizer.ggml.token_type' at offset {at}")
+    assert_refused(
+        tmp_path,
+        ["delete", 1, bad, out],
+        f"{bad}: unknown value type 77 for item type of 'tokenizer.ggml.token_type' at offset {at}",
+    )
 
 
 @pytest.mark.parametrize("raw", [4, 5, 99])  # 4 and 5 are the removed Q4_2 and Q4_3
@@ -341,8 +459,10 @@ def test_unknown_tensor_type(tmp_path: Path, src: Path, out: Path, raw: int) -> 
 
 
 def test_no_blocks(tmp_path: Path, out: Path) -> None:
-    bad = tiny_gguf(tmp_path / "noblk.gguf", {"token_embd.weight": np.ones((4, 32), np.float32),
-                                               "output.weight": np.ones((4, 32), np.float32)})
+    bad = tiny_gguf(
+        tmp_path / "noblk.gguf",
+        {"token_embd.weight": np.ones((4, 32), np.float32), "output.weight": np.ones((4, 32), np.float32)},
+    )
     message = f"{bad}: no blk.N tensors; gguf-surgeon edits transformer blocks named blk.N.*"
     assert_refused(tmp_path, ["delete", 0, bad, out], message)
     assert_refused(tmp_path, ["plan", "keep 0", bad], message)
@@ -354,8 +474,13 @@ def test_gap_in_block_numbering(tmp_path: Path, src: Path, out: Path) -> None:
 
     def patch(d: bytearray) -> None:
         d[:data_offset] = bytes(d[:data_offset]).replace(b"blk.3.", b"blk.9.")
+
     bad = write_variant(tmp_path, src, "gap.gguf", patch)
-    assert_refused(tmp_path, ["swap", 0, 1, bad, out], f"{bad}: block numbering has gaps: no tensors for blk.3 (blocks 0..9 expected)")
+    assert_refused(
+        tmp_path,
+        ["swap", 0, 1, bad, out],
+        f"{bad}: block numbering has gaps: no tensors for blk.3 (blocks 0..9 expected)",
+    )
 
 
 def test_huge_block_number_does_not_allocate(tmp_path: Path, src: Path, out: Path) -> None:
@@ -364,9 +489,18 @@ def test_huge_block_number_does_not_allocate(tmp_path: Path, src: Path, out: Pat
         data_offset = m.file.data_offset
     old, new = b"blk.5.ffn_up.weight", b"blk.999999999999.up"
     assert len(old) == len(new)
-    bad = write_variant(tmp_path, src, "huge.gguf", lambda d: d.__setitem__(slice(0, data_offset), bytes(d[:data_offset]).replace(old, new)))
+    bad = write_variant(
+        tmp_path,
+        src,
+        "huge.gguf",
+        lambda d: d.__setitem__(slice(0, data_offset), bytes(d[:data_offset]).replace(old, new)),
+    )
     started = time.monotonic()
-    assert_refused(tmp_path, ["delete", 1, bad, out], f"{bad}: block numbering has gaps: no tensors for blk.6 (blocks 0..999999999999 expected)")
+    assert_refused(
+        tmp_path,
+        ["delete", 1, bad, out],
+        f"{bad}: block numbering has gaps: no tensors for blk.6 (blocks 0..999999999999 expected)",
+    )
     assert time.monotonic() - started < 5
 
 
@@ -390,13 +524,20 @@ def test_block_count_key_not_an_integer(tmp_path: Path, out: Path) -> None:
     w.close()
     with Model(path) as m:
         at = m.fields["llama.block_count"].start
-    assert_refused(tmp_path, ["swap", 0, 1, path, out], f"{path}: key 'llama.block_count' at offset {at} is a STRING, not an integer")
+    assert_refused(
+        tmp_path,
+        ["swap", 0, 1, path, out],
+        f"{path}: key 'llama.block_count' at offset {at} is a STRING, not an integer",
+    )
 
 
 def test_blend_of_different_shapes(tmp_path: Path, make_model, out: Path) -> None:
     src = make_model(ff=[64, 96, 128, 160, 192, 224])
-    assert_refused(tmp_path, ["interpolate", 1, 2, src, out],
-                   f"{src}: cannot blend blk.1.ffn_gate.weight [64, 96] with blk.2.ffn_gate.weight [64, 128]: shapes differ")
+    assert_refused(
+        tmp_path,
+        ["interpolate", 1, 2, src, out],
+        f"{src}: cannot blend blk.1.ffn_gate.weight [64, 96] with blk.2.ffn_gate.weight [64, 128]: shapes differ",
+    )
 
 
 # --- recipes that do not fit the model ---------------------------------------------------
@@ -405,21 +546,30 @@ def test_blend_of_different_shapes(tmp_path: Path, make_model, out: Path) -> Non
 OUT_OF_RANGE = "block {} out of range (the model has 6 blocks at this step: 0-5)"
 
 
-@pytest.mark.parametrize("command, message", [
-    (["delete", 6], "step 1 'delete 6': " + OUT_OF_RANGE.format(6)),
-    (["delete", "3-9"], "step 1 'delete 3-9': " + OUT_OF_RANGE.format(6)),
-    (["delete", "99999999999"], "step 1 'delete 99999999999': " + OUT_OF_RANGE.format(99999999999)),
-    (["swap", 0, 10], "step 1 'swap 0 10': " + OUT_OF_RANGE.format(10)),
-    (["duplicate", 2, "--at", 8], "step 1 'duplicate 2 --at 8': position 8 out of range (0-6 at this step)"),
-    (["duplicate", 7], "step 1 'duplicate 7 --at 8': " + OUT_OF_RANGE.format(7)),
-    (["move", 1, "--to", 6], "step 1 'move 1 --to 6': " + OUT_OF_RANGE.format(6)),
-    (["keep", "0-3,7"], "step 1 'keep 0-3,7': " + OUT_OF_RANGE.format(7)),
-    (["bridge", 5], "step 1 'bridge 5 --t 0.5': " + OUT_OF_RANGE.format(6)),
-    (["interpolate", 0, 1, "--replace", 6], "step 1 'interpolate 0 1 --t 0.5 --replace 6': " + OUT_OF_RANGE.format(6)),
-    (["apply", "delete 0; delete 0; swap 3 4"], "step 3 'swap 3 4': block 4 out of range (the model has 4 blocks at this step: 0-3)"),
-    (["delete", "0-5"], "step 1 'delete 0-5': the recipe leaves no block"),
-    (["apply", "delete 0-2; delete 0-2"], "step 2 'delete 0-2': the recipe leaves no block"),
-])
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["delete", 6], "step 1 'delete 6': " + OUT_OF_RANGE.format(6)),
+        (["delete", "3-9"], "step 1 'delete 3-9': " + OUT_OF_RANGE.format(6)),
+        (["delete", "99999999999"], "step 1 'delete 99999999999': " + OUT_OF_RANGE.format(99999999999)),
+        (["swap", 0, 10], "step 1 'swap 0 10': " + OUT_OF_RANGE.format(10)),
+        (["duplicate", 2, "--at", 8], "step 1 'duplicate 2 --at 8': position 8 out of range (0-6 at this step)"),
+        (["duplicate", 7], "step 1 'duplicate 7 --at 8': " + OUT_OF_RANGE.format(7)),
+        (["move", 1, "--to", 6], "step 1 'move 1 --to 6': " + OUT_OF_RANGE.format(6)),
+        (["keep", "0-3,7"], "step 1 'keep 0-3,7': " + OUT_OF_RANGE.format(7)),
+        (["bridge", 5], "step 1 'bridge 5 --t 0.5': " + OUT_OF_RANGE.format(6)),
+        (
+            ["interpolate", 0, 1, "--replace", 6],
+            "step 1 'interpolate 0 1 --t 0.5 --replace 6': " + OUT_OF_RANGE.format(6),
+        ),
+        (
+            ["apply", "delete 0; delete 0; swap 3 4"],
+            "step 3 'swap 3 4': block 4 out of range (the model has 4 blocks at this step: 0-3)",
+        ),
+        (["delete", "0-5"], "step 1 'delete 0-5': the recipe leaves no block"),
+        (["apply", "delete 0-2; delete 0-2"], "step 2 'delete 0-2': the recipe leaves no block"),
+    ],
+)
 def test_plan_does_not_fit(tmp_path: Path, src: Path, out: Path, command: list, message: str) -> None:
     # the file is not named yet: edit.plan_for does not prefix build_plan's PlanError with the model's path
     # (see the report); `endswith` keeps these assertions valid once it does
@@ -428,28 +578,43 @@ def test_plan_does_not_fit(tmp_path: Path, src: Path, out: Path, command: list, 
     assert_refused(tmp_path, ["plan", recipe, src], endswith=message)
 
 
-@pytest.mark.parametrize("recipe, message", [
-    ("swap 2 2", "recipe step 1 'swap 2 2': swap of block 2 with itself"),
-    ("delete 1; swap 3 3", "recipe step 2 'swap 3 3': swap of block 3 with itself"),
-    ("swap 1", "recipe step 1 'swap 1': missing argument; usage: swap A B"),
-    ("swap 1 2 3", "recipe step 1 'swap 1 2 3': unexpected '3'; usage: swap A B"),
-    ("swap one 2", "recipe step 1 'swap one 2': 'one' is not a block index"),
-    ("delete -1", "recipe step 1 'delete -1': '-1' is not a block index (negative)"),
-    ("delete 1;; delete x", "recipe step 2 'delete x': 'x' is not a block index"),
-    ("delete", "recipe step 1 'delete': missing argument; usage: delete I [J-K ...]"),
-    ("move 1", "recipe step 1 'move 1': missing --to; usage: move I --to J"),
-    ("move 1 --to", "recipe step 1 'move 1 --to': option '--to' needs a value"),
-    ("duplicate 1 --after 2", "recipe step 1 'duplicate 1 --after 2': unknown option '--after' (allowed: --at)"),
-    ("interpolate 0 1 --t half", "recipe step 1 'interpolate 0 1 --t half': 'half' is not a number"),
-    ("interpolate 0 1 --t nan", "recipe step 1 'interpolate 0 1 --t nan': 'nan' is not a finite number"),
-    ("bridge 0 --t inf", "recipe step 1 'bridge 0 --t inf': 'inf' is not a finite number"),
-    ("interpolate 0 1 --at 1 --replace 1", "recipe step 1 'interpolate 0 1 --at 1 --replace 1': --at and --replace exclude each other"),
-    ("keep 0-99999999999", "recipe step 1 'keep 0-99999999999': '0-99999999999' spans 100000000000 blocks, more than any model has"),
-    ("delete 'unbalanced", "recipe step 1 \"delete 'unbalanced\": No closing quotation"),
-    ("frobnicate 3", "recipe step 1 'frobnicate 3': unknown operation 'frobnicate' (known: delete, swap, duplicate, move, keep, interpolate, bridge)"),
-    ("delete 1; Swap 2 3", "recipe step 2 'Swap 2 3': unknown operation 'Swap' (known: delete, swap, duplicate, move, keep, interpolate, bridge)"),
-    ("  ;  # nothing", "recipe '  ;  # nothing' has no steps"),
-])
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("swap 2 2", "recipe step 1 'swap 2 2': swap of block 2 with itself"),
+        ("delete 1; swap 3 3", "recipe step 2 'swap 3 3': swap of block 3 with itself"),
+        ("swap 1", "recipe step 1 'swap 1': missing argument; usage: swap A B"),
+        ("swap 1 2 3", "recipe step 1 'swap 1 2 3': unexpected '3'; usage: swap A B"),
+        ("swap one 2", "recipe step 1 'swap one 2': 'one' is not a block index"),
+        ("delete -1", "recipe step 1 'delete -1': '-1' is not a block index (negative)"),
+        ("delete 1;; delete x", "recipe step 2 'delete x': 'x' is not a block index"),
+        ("delete", "recipe step 1 'delete': missing argument; usage: delete I [J-K ...]"),
+        ("move 1", "recipe step 1 'move 1': missing --to; usage: move I --to J"),
+        ("move 1 --to", "recipe step 1 'move 1 --to': option '--to' needs a value"),
+        ("duplicate 1 --after 2", "recipe step 1 'duplicate 1 --after 2': unknown option '--after' (allowed: --at)"),
+        ("interpolate 0 1 --t half", "recipe step 1 'interpolate 0 1 --t half': 'half' is not a number"),
+        ("interpolate 0 1 --t nan", "recipe step 1 'interpolate 0 1 --t nan': 'nan' is not a finite number"),
+        ("bridge 0 --t inf", "recipe step 1 'bridge 0 --t inf': 'inf' is not a finite number"),
+        (
+            "interpolate 0 1 --at 1 --replace 1",
+            "recipe step 1 'interpolate 0 1 --at 1 --replace 1': --at and --replace exclude each other",
+        ),
+        (
+            "keep 0-99999999999",
+            "recipe step 1 'keep 0-99999999999': '0-99999999999' spans 100000000000 blocks, more than any model has",
+        ),
+        ("delete 'unbalanced", 'recipe step 1 "delete \'unbalanced": No closing quotation'),
+        (
+            "frobnicate 3",
+            "recipe step 1 'frobnicate 3': unknown operation 'frobnicate' (known: delete, swap, duplicate, move, keep, interpolate, bridge)",
+        ),
+        (
+            "delete 1; Swap 2 3",
+            "recipe step 2 'Swap 2 3': unknown operation 'Swap' (known: delete, swap, duplicate, move, keep, interpolate, bridge)",
+        ),
+        ("  ;  # nothing", "recipe '  ;  # nothing' has no steps"),
+    ],
+)
 def test_bad_recipe(tmp_path: Path, src: Path, out: Path, recipe: str, message: str) -> None:
     assert_refused(tmp_path, ["apply", recipe, src, out], message)
     assert_refused(tmp_path, ["plan", recipe, src], message)
@@ -467,11 +632,16 @@ def test_bad_recipe_file(tmp_path: Path, src: Path, out: Path) -> None:
     assert_refused(tmp_path, ["apply", bad, src, out], f"{bad}: recipe step 2 'swap 2 2': swap of block 2 with itself")
     table = tmp_path / "table.toml"
     table.write_text('steps = [{op = "explode", args = [1]}]\n')
-    assert_refused(tmp_path, ["apply", table, src, out],
-                   f"{table}: recipe step 1 'explode 1': unknown operation 'explode' (known: delete, swap, duplicate, move, keep, interpolate, bridge)")
+    assert_refused(
+        tmp_path,
+        ["apply", table, src, out],
+        f"{table}: recipe step 1 'explode 1': unknown operation 'explode' (known: delete, swap, duplicate, move, keep, interpolate, bridge)",
+    )
     neither = tmp_path / "neither.toml"
     neither.write_text("name = 3\n")
-    assert_refused(tmp_path, ["apply", neither, src, out], f"{neither}: a TOML recipe needs a 'recipe' string or a 'steps' list")
+    assert_refused(
+        tmp_path, ["apply", neither, src, out], f"{neither}: a TOML recipe needs a 'recipe' string or a 'steps' list"
+    )
 
 
 def test_unknown_command_is_a_usage_error(src: Path, out: Path) -> None:
@@ -488,13 +658,21 @@ def test_block_with_different_tensor_set_refused(tmp_path: Path, out: Path) -> N
         if i >= 2:
             tensors[f"blk.{i}.ffn_gate_inp.weight"] = np.ones((4, 32), np.float32)
     src = tiny_gguf(tmp_path / "moe.gguf", tensors)
-    assert_refused(tmp_path, ["swap", 0, 3, src, out],
-                   f"{src}: block 3 goes to position 0, whose tensor set differs (differs in: ffn_gate_inp.weight); "
-                   "llama.cpp would reject or misuse it (use --force to write it anyway)")
+    assert_refused(
+        tmp_path,
+        ["swap", 0, 3, src, out],
+        f"{src}: block 3 goes to position 0, whose tensor set differs (differs in: ffn_gate_inp.weight); "
+        "llama.cpp would reject or misuse it (use --force to write it anyway)",
+    )
     # --force gets past the position check; a blend of different tensor sets is still impossible
-    assert_refused(tmp_path, ["interpolate", 1, 2, src, out, "--replace", 1], endswith="(use --force to write it anyway)")
-    assert_refused(tmp_path, ["interpolate", 1, 2, src, out, "--replace", 1, "--force"],
-                   f"{src}: cannot blend blocks 1 and 2: their tensor sets differ")
+    assert_refused(
+        tmp_path, ["interpolate", 1, 2, src, out, "--replace", 1], endswith="(use --force to write it anyway)"
+    )
+    assert_refused(
+        tmp_path,
+        ["interpolate", 1, 2, src, out, "--replace", 1, "--force"],
+        f"{src}: cannot blend blocks 1 and 2: their tensor sets differ",
+    )
 
 
 # --- the output path ---------------------------------------------------------------------
@@ -508,18 +686,28 @@ def test_output_folder_missing(tmp_path: Path, src: Path) -> None:
 @pytest.mark.parametrize("force", [False, True])
 def test_output_is_input(tmp_path: Path, src: Path, force: bool) -> None:
     extra = ["--force"] if force else []
-    assert_refused(tmp_path, ["delete", 1, src, src] + extra, f"{src}: output is the input file {src}; write to a new file")
+    assert_refused(
+        tmp_path, ["delete", 1, src, src] + extra, f"{src}: output is the input file {src}; write to a new file"
+    )
     link = tmp_path / "link.gguf"
     link.symlink_to(src)
-    assert_refused(tmp_path, ["swap", 1, 2, src, link] + extra, f"{link}: output is the input file {src}; write to a new file")
+    assert_refused(
+        tmp_path, ["swap", 1, 2, src, link] + extra, f"{link}: output is the input file {src}; write to a new file"
+    )
     assert link.is_symlink()
     hard = tmp_path / "hard.gguf"
     os.link(src, hard)
-    assert_refused(tmp_path, ["apply", "delete 0", src, hard] + extra, f"{hard}: output is the input file {src}; write to a new file")
+    assert_refused(
+        tmp_path,
+        ["apply", "delete 0", src, hard] + extra,
+        f"{hard}: output is the input file {src}; write to a new file",
+    )
     # the same file named through a different path: ./sub/../tiny.gguf
     (tmp_path / "sub").mkdir()
     dotted = tmp_path / "sub" / ".." / src.name
-    assert_refused(tmp_path, ["delete", 1, src, dotted] + extra, f"{dotted}: output is the input file {src}; write to a new file")
+    assert_refused(
+        tmp_path, ["delete", 1, src, dotted] + extra, f"{dotted}: output is the input file {src}; write to a new file"
+    )
 
 
 def test_output_is_input_via_symlinked_input(tmp_path: Path, src: Path) -> None:
@@ -543,7 +731,11 @@ def test_existing_output_needs_force(tmp_path: Path, src: Path, out: Path) -> No
 def test_existing_split_shard_needs_force(tmp_path: Path, src: Path, out: Path) -> None:
     shard = tmp_path / "out-00002-of-00003.gguf"
     shard.write_bytes(b"old")
-    assert_refused(tmp_path, ["delete", 1, src, out, "--split-max-tensors", 20], f"{shard}: already exists; use --force to overwrite")
+    assert_refused(
+        tmp_path,
+        ["delete", 1, src, out, "--split-max-tensors", 20],
+        f"{shard}: already exists; use --force to overwrite",
+    )
 
 
 # --- disk full ---------------------------------------------------------------------------
@@ -578,10 +770,15 @@ def fill_disk_after(monkeypatch: pytest.MonkeyPatch, limit: int, err: int = errn
 
 @pytest.mark.parametrize("limit", [0, 20_000, 500_000])
 @pytest.mark.parametrize("command", [["delete", 1], ["interpolate", 1, 2, "--t", 0.25]])
-def test_disk_full(tmp_path: Path, src: Path, out: Path, monkeypatch: pytest.MonkeyPatch, limit: int, command: list) -> None:
+def test_disk_full(
+    tmp_path: Path, src: Path, out: Path, monkeypatch: pytest.MonkeyPatch, limit: int, command: list
+) -> None:
     state = fill_disk_after(monkeypatch, limit)
-    assert_refused(tmp_path, command + [src, out],
-                   pattern=rf"Error: {re.escape(str(out))}: disk full after writing \d+ of \d+ bytes; nothing was kept")
+    assert_refused(
+        tmp_path,
+        command + [src, out],
+        pattern=rf"Error: {re.escape(str(out))}: disk full after writing \d+ of \d+ bytes; nothing was kept",
+    )
     assert state["failures"] == 1
 
 
@@ -591,9 +788,14 @@ def test_disk_full_in_second_shard(tmp_path: Path, src: Path, out: Path, monkeyp
     assert run("delete", 1, src, ref / "out.gguf", "--split-max-tensors", 20).exit_code == 0
     first_shard = (ref / "out-00001-of-00003.gguf").stat().st_size
     shutil.rmtree(ref)
-    fill_disk_after(monkeypatch, first_shard + 1000)  # the first shard is complete (as a temp file) when the second fails
-    assert_refused(tmp_path, ["delete", 1, src, out, "--split-max-tensors", 20],
-                   pattern=rf"Error: {re.escape(str(out))}: disk full after writing \d+ of \d+ bytes; nothing was kept")
+    fill_disk_after(
+        monkeypatch, first_shard + 1000
+    )  # the first shard is complete (as a temp file) when the second fails
+    assert_refused(
+        tmp_path,
+        ["delete", 1, src, out, "--split-max-tensors", 20],
+        pattern=rf"Error: {re.escape(str(out))}: disk full after writing \d+ of \d+ bytes; nothing was kept",
+    )
 
 
 def test_disk_full_on_a_buffered_copy(tmp_path: Path, src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -603,8 +805,11 @@ def test_disk_full_on_a_buffered_copy(tmp_path: Path, src: Path, out: Path, monk
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
     monkeypatch.setattr(writer_module.os, "copy_file_range", no_copy_file_range)
-    assert_refused(tmp_path, ["swap", 1, 2, src, out],
-                   pattern=rf"Error: {re.escape(str(out))}: disk full after writing \d+ of \d+ bytes; nothing was kept")
+    assert_refused(
+        tmp_path,
+        ["swap", 1, 2, src, out],
+        pattern=rf"Error: {re.escape(str(out))}: disk full after writing \d+ of \d+ bytes; nothing was kept",
+    )
 
 
 def test_other_write_error(tmp_path: Path, src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:

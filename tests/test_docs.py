@@ -14,7 +14,9 @@ from gen_cli_docs import render  # noqa: E402
 
 
 def test_cli_reference_is_current():
-    assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == render(), "docs/cli.md is stale: run python scripts/gen_cli_docs.py"
+    assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == render(), (
+        "docs/cli.md is stale: run python scripts/gen_cli_docs.py"
+    )
 
 
 def test_every_command_help_ends_with_an_example():

@@ -17,16 +17,34 @@ import gguf_surgeon.cli.eval  # noqa: F401  (registers eval and compare)
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
 from gguf_surgeon.errors import SurgeonError, ToolError
-from gguf_surgeon.evaluation.runner import (EVAL_TEXT_FILE, EvalError, EvalOptions, Question, _difference, _Draws, _mean_reps,
-                                   answer_tokens, apply_chat_template, coherence_of, evaluate, is_correct, kl_divergence,
-                                   load_questions, parse_kld_output, parse_perplexity_output, parse_thinking,
-                                   repetition_of, thinking_check)
+from gguf_surgeon.evaluation.runner import (
+    EVAL_TEXT_FILE,
+    EvalError,
+    EvalOptions,
+    Question,
+    _difference,
+    _Draws,
+    _mean_reps,
+    answer_tokens,
+    apply_chat_template,
+    coherence_of,
+    evaluate,
+    is_correct,
+    kl_divergence,
+    load_questions,
+    parse_kld_output,
+    parse_perplexity_output,
+    parse_thinking,
+    repetition_of,
+    thinking_check,
+)
 from gguf_surgeon.llama.server import LlamaServer
 
 SHORT_TEXT = EVAL_TEXT_FILE.read_text(encoding="utf-8")[:1600]  # 4 chunks of 256 for the byte-level tiny vocab
 
 
 # --- matching, parsing, statistics (no llama.cpp) ---------------------------------------
+
 
 def test_bundled_suite_is_large_enough_and_well_formed():
     qs = load_questions()
@@ -35,12 +53,15 @@ def test_bundled_suite_is_large_enough_and_well_formed():
     assert len(EVAL_TEXT_FILE.read_text(encoding="utf-8")) > 8000
 
 
-@pytest.mark.parametrize("reply, ok", [
-    ("The capital of Japan is Tokyo.", True),
-    ("TOKYO", True),
-    ("Tokyoite cuisine is famous.", False),  # whole words only
-    ("It is Kyoto.", False),
-])
+@pytest.mark.parametrize(
+    "reply, ok",
+    [
+        ("The capital of Japan is Tokyo.", True),
+        ("TOKYO", True),
+        ("Tokyoite cuisine is famous.", False),  # whole words only
+        ("It is Kyoto.", False),
+    ],
+)
 def test_answers_match_whole_words_after_normalization(reply, ok):
     assert is_correct(reply, Question("q", "What is the capital of Japan?", ("Tokyo",))) is ok
 
@@ -76,9 +97,11 @@ def test_thinking_parse():
 
 def test_repetition_and_coherence():
     loop = "He was a man. " * 20
-    prose = ("The keeper lit the lamp, wound the clockwork and watched the beam sweep across the dark water "
-             "while a fishing boat crept toward the harbour, its crew counting the flashes to find their way home "
-             "before the storm arrived from the west and the waves began to break over the rocks below the tower.")
+    prose = (
+        "The keeper lit the lamp, wound the clockwork and watched the beam sweep across the dark water "
+        "while a fishing boat crept toward the harbour, its crew counting the flashes to find their way home "
+        "before the storm arrived from the west and the waves began to break over the rocks below the tower."
+    )
     assert repetition_of(loop) > 0.8 > 0.05 > repetition_of(prose)
     assert coherence_of(prose) > 0.9 > 0.3 > coherence_of(loop)
     assert coherence_of("") == 0 and repetition_of("") == 0
@@ -86,14 +109,20 @@ def test_repetition_and_coherence():
 
 def test_parse_llama_perplexity_output():
     # --ppl-output-type 1: position, running PPL, running mean NLL, its uncertainty
-    lines = ["0.00.001 I perplexity: calculating perplexity over 3 chunks", "       0  10.0000  2.000000  0.1",
-             "       0  12.0000  2.500000  0.1", "     512  11.0000  2.400000  0.1"]
+    lines = [
+        "0.00.001 I perplexity: calculating perplexity over 3 chunks",
+        "       0  10.0000  2.000000  0.1",
+        "       0  12.0000  2.500000  0.1",
+        "     512  11.0000  2.400000  0.1",
+    ]
     assert np.allclose(parse_perplexity_output(lines), [2.0, 3.0, 2.2])
     kld_lines = [
         "chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence              Δp RMS            Same top p",
         f"   1    {math.exp(2):9.4f} ±    0.5000    0.01000 ±    0.00100    0.10000 ±    0.01000     5.000 ±  0.500 %    90.000 ±  1.000 %",
         f"   2    {math.exp(2.5):9.4f} ±    0.5000    0.01000 ±    0.00100    0.20000 ±    0.01000     5.000 ±  0.500 %    95.000 ±  1.000 %",
-        "Median  KLD:   -0.000000", "99.0%   KLD:   0.500000", "Maximum KLD:   1.250000",
+        "Median  KLD:   -0.000000",
+        "99.0%   KLD:   0.500000",
+        "Maximum KLD:   1.250000",
     ]
     out = parse_kld_output(kld_lines)
     assert np.allclose(out["chunk_kld"], [0.1, 0.3]) and np.allclose(out["chunk_same_top"], [0.9, 1.0])
@@ -110,12 +139,17 @@ def test_five_points_from_seventeen_questions_is_within_noise():
     assert d.delta.value == pytest.approx(2 / 17)
     assert d.verdict == "not distinguishable" and d.delta.low <= 0
     # the same gain over 170 questions is not
-    big = _difference("factual accuracy", True, _mean_reps(np.ones(170), draws, "question"),
-                      _mean_reps(np.array([1] * 150 + [0] * 20, float), draws, "question"))
+    big = _difference(
+        "factual accuracy",
+        True,
+        _mean_reps(np.ones(170), draws, "question"),
+        _mean_reps(np.array([1] * 150 + [0] * 20, float), draws, "question"),
+    )
     assert big.verdict == "better"
 
 
 # --- tiny fixtures through llama.cpp ------------------------------------------------------
+
 
 @pytest.fixture
 def tiny_options(llama_bin: Path, tmp_path: Path) -> EvalOptions:
@@ -163,8 +197,19 @@ def test_tiny_against_edited_copy_and_cli(tiny: Path, tiny_options: EvalOptions,
     assert kl_divergence(edited, tiny, tiny_options) == v.kld  # the quick path for searches, same cache
 
     monkeypatch.setenv("GGUF_SURGEON_CACHE", str(tmp_path / "cli-cache"))
-    common = ["--text", str(tiny_options.text), "--questions", "2", "--threads", "1", "--llama-bin", str(tiny_options.llama_bin)]
-    res = CliRunner().invoke(main, ["eval", str(edited), "--base", str(tiny), "--json", "--out", str(tmp_path / "r.json"), *common])
+    common = [
+        "--text",
+        str(tiny_options.text),
+        "--questions",
+        "2",
+        "--threads",
+        "1",
+        "--llama-bin",
+        str(tiny_options.llama_bin),
+    ]
+    res = CliRunner().invoke(
+        main, ["eval", str(edited), "--base", str(tiny), "--json", "--out", str(tmp_path / "r.json"), *common]
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["versus_base"]["kld"]["mean"]["value"] == pytest.approx(v.kld.mean.value)
@@ -195,6 +240,7 @@ def test_errors_name_the_cause(tiny: Path, make_model, smollm2: Path, tiny_optio
 
 # --- SmolLM2-135M-Instruct: the claims -------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smol_options(llama_bin: Path, tmp_path_factory) -> EvalOptions:
     # one thread: on a shared 2-core machine two OpenMP threads wait on each other whenever
@@ -221,8 +267,9 @@ def test_smollm2_answers_most_bundled_questions(smollm2: Path, smol_report, smol
 
 
 @pytest.mark.slow
-def test_smollm2_identical_copy_is_not_distinguishable(smollm2: Path, smol_report, smol_options: EvalOptions,
-                                                       tmp_path: Path):
+def test_smollm2_identical_copy_is_not_distinguishable(
+    smollm2: Path, smol_report, smol_options: EvalOptions, tmp_path: Path
+):
     copy = tmp_path / "copy.gguf"
     shutil.copyfile(smollm2, copy)
     r = evaluate(copy, base=smollm2, options=smol_options)

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from make_fixtures import bpe_vocab, build_model  # fixtures/ is on sys.path via conftest
 
+from gguf_surgeon.analysis.reference import ForwardError, ReferenceModel, log_softmax, rope
 from gguf_surgeon.edit import edit, plan_for
 from gguf_surgeon.errors import SurgeonError, ToolError
 from gguf_surgeon.llama.server import FLOAT32_ARGS, LlamaServer, TokenProb
 from gguf_surgeon.reader import Model
-from gguf_surgeon.analysis.reference import ForwardError, ReferenceModel, log_softmax, rope
 
 PROMPT = [9, 150, 23, 260, 77, 4, 199, 42, 88, 270]  # plain byte/merge tokens, no specials
 PREFIXES = (4, len(PROMPT))  # next-token distributions checked after these many tokens
@@ -33,6 +33,7 @@ ARCHS = ("qwen3", "llama")
 
 
 # helpers ------------------------------------------------------------------------------
+
 
 def reference_logprobs(path: Path, layer_order: list[int] | None = None) -> np.ndarray:
     """(n_tokens, n_vocab) float64 log-probabilities of the reference run over PROMPT."""
@@ -71,6 +72,7 @@ def assert_agrees(top: dict[int, tuple[TokenProb, ...]], ref: np.ndarray) -> Non
 
 
 # the reference alone (fast) -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forward_shapes_and_hidden_states(make_model, arch):
@@ -148,12 +150,12 @@ def test_errors_name_the_fault(tiny, make_model):
 
 
 def test_server_requires_its_binary(tmp_path, tiny):
-    with pytest.raises(ToolError, match="llama-server: no such file"):
-        with LlamaServer(tmp_path, tiny):
-            pass
+    with pytest.raises(ToolError, match="llama-server: no such file"), LlamaServer(tmp_path, tiny):
+        pass
 
 
 # against llama.cpp ---------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def arch_models(tmp_path_factory) -> dict[str, Path]:
@@ -216,11 +218,10 @@ def process_exists(pid: int) -> bool:
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_server_stops_on_error(llama_bin, tiny, error):
     server = LlamaServer(llama_bin, tiny, ctx_size=64, threads=2)
-    with pytest.raises(error):
-        with server:
-            pid = server.pid
-            assert pid is not None and process_exists(pid)
-            raise error()
+    with pytest.raises(error), server:
+        pid = server.pid
+        assert pid is not None and process_exists(pid)
+        raise error()
     assert server.pid is None and not process_exists(pid)
     with pytest.raises(ToolError, match="not running"):
         server.url
@@ -245,9 +246,8 @@ def test_server_retries_a_taken_port(llama_bin, tiny, monkeypatch):
 def test_server_reports_a_model_it_cannot_load(llama_bin, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 60)
-    with pytest.raises(ToolError, match="exited with status"):
-        with LlamaServer(llama_bin, bad, startup_timeout=30):
-            pass
+    with pytest.raises(ToolError, match="exited with status"), LlamaServer(llama_bin, bad, startup_timeout=30):
+        pass
 
 
 @pytest.mark.slow

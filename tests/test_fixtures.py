@@ -30,7 +30,9 @@ def test_fixtures_regenerate_byte_identical(tmp_path: Path):
     names = sorted(p.name for p in tmp_path.glob("*.gguf"))
     assert names == ["tiny-qwen3-28.gguf", "tiny-qwen3-q8_0.gguf", "tiny-qwen3.gguf"]
     for name in names:
-        assert sha(tmp_path / name) == sha(FIXTURES / name), f"fixtures/{name} is stale: run python fixtures/make_fixtures.py"
+        assert sha(tmp_path / name) == sha(FIXTURES / name), (
+            f"fixtures/{name} is stale: run python fixtures/make_fixtures.py"
+        )
 
 
 def test_fixtures_have_the_promised_shape():
@@ -72,8 +74,12 @@ def test_sigint_to_the_cli_leaves_no_output(tmp_path: Path):
     build_model(big, n_blocks=4, n_embd=1024, ff=4096, n_head=8, n_head_kv=4)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "gguf_surgeon", "interpolate", "0", "1", str(big), str(out_dir / "o.gguf")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gguf_surgeon", "interpolate", "0", "1", str(big), str(out_dir / "o.gguf")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while not any(out_dir.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -92,8 +98,13 @@ def run_in_terminal(args: list[str]) -> tuple[int, bytes]:
     import pty
 
     primary, secondary = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "gguf_surgeon", *args], stdin=secondary, stdout=secondary,
-                            stderr=secondary, close_fds=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gguf_surgeon", *args],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        close_fds=True,
+    )
     os.close(secondary)
     out = b""
     while True:
@@ -112,6 +123,17 @@ def test_progress_bar_on_a_terminal_only(tmp_path: Path):
     status, shown = run_in_terminal(["delete", "2", str(FIXTURES / "tiny-qwen3.gguf"), str(tmp_path / "a.gguf")])
     assert status == 0
     assert b"writing a.gguf" in shown and "━".encode() in shown  # rich's bar, then erased
-    piped = subprocess.run([sys.executable, "-m", "gguf_surgeon", "delete", "2", str(FIXTURES / "tiny-qwen3.gguf"),
-                            str(tmp_path / "b.gguf")], capture_output=True, check=True)
+    piped = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gguf_surgeon",
+            "delete",
+            "2",
+            str(FIXTURES / "tiny-qwen3.gguf"),
+            str(tmp_path / "b.gguf"),
+        ],
+        capture_output=True,
+        check=True,
+    )
     assert piped.stderr == b"" and b"\x1b" not in piped.stdout and piped.stdout.startswith(b"Wrote ")

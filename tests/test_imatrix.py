@@ -10,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from make_fixtures import build_model  # fixtures/ is on sys.path (conftest)
 
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit, plan_for
@@ -17,7 +18,6 @@ from gguf_surgeon.errors import FormatError, PlanError
 from gguf_surgeon.llama.imatrix import Imatrix, ImatrixEntry, read_imatrix, remap_imatrix, write_imatrix
 from gguf_surgeon.llama.quantize import quantize_ladder
 from gguf_surgeon.reader import Model
-from make_fixtures import build_model  # fixtures/ is on sys.path (conftest)
 
 SUFFIXES = ("attn_q.weight", "attn_k.weight", "ffn_down.weight")
 RECIPE = "delete 1; swap 2 3"
@@ -31,9 +31,12 @@ def synthetic(n_blocks: int = 6, legacy: bool = False) -> Imatrix:
     for b in range(n_blocks):
         for s in SUFFIXES:
             name = f"blk.{b}.{s}"
-            entries[name] = ImatrixEntry(name, (100.0 * b + np.arange(8, dtype=np.float32)).reshape(1, 8),
-                                         np.array([10.0 + b], dtype=np.float32))
-    entries["output.weight"] = ImatrixEntry("output.weight", np.full((1, 8), 3.0, np.float32), np.array([2.0], np.float32))
+            entries[name] = ImatrixEntry(
+                name, (100.0 * b + np.arange(8, dtype=np.float32)).reshape(1, 8), np.array([10.0 + b], dtype=np.float32)
+            )
+    entries["output.weight"] = ImatrixEntry(
+        "output.weight", np.full((1, 8), 3.0, np.float32), np.array([2.0], np.float32)
+    )
     return Imatrix(dict(sorted(entries.items())), ("calib.txt",), 7, 0 if legacy else 64, legacy)
 
 
@@ -57,6 +60,7 @@ def plan(n_blocks: int, recipe: str, make_model):
 
 
 # --- formats ---------------------------------------------------------------------------
+
 
 def test_gguf_round_trip(tmp_path: Path):
     im = synthetic()
@@ -97,12 +101,17 @@ def test_legacy_to_gguf_keeps_means(tmp_path: Path):
         np.testing.assert_allclose(back.entries[name].mean, e.mean, rtol=1e-6)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "not an imatrix (neither GGUF nor legacy .dat): truncated at offset 0 while reading the entry count"),
-    (b"\x05\x00\x00\x00abc", "not an imatrix (neither GGUF nor legacy .dat): entry count 5 at offset 0"),
-    (struct.pack("<ii", 1, 3) + b"abc" + struct.pack("<ii", 1, 100),
-     "entry 'abc' claims 100 values at offset 15, more than the file holds"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "not an imatrix (neither GGUF nor legacy .dat): truncated at offset 0 while reading the entry count"),
+        (b"\x05\x00\x00\x00abc", "not an imatrix (neither GGUF nor legacy .dat): entry count 5 at offset 0"),
+        (
+            struct.pack("<ii", 1, 3) + b"abc" + struct.pack("<ii", 1, 100),
+            "entry 'abc' claims 100 values at offset 15, more than the file holds",
+        ),
+    ],
+)
 def test_bad_legacy_files(tmp_path: Path, content: bytes, message: str):
     p = tmp_path / "bad.dat"
     p.write_bytes(content)
@@ -118,6 +127,7 @@ def test_a_model_is_not_an_imatrix(tiny: Path):
 
 
 # --- remapping -------------------------------------------------------------------------
+
 
 def test_remap_follows_the_plan(make_model):
     im = synthetic()
@@ -173,8 +183,9 @@ def test_cli_remap_errors_leave_nothing(make_model, tmp_path: Path):
     out = tmp_path / "out.imatrix"
     result = CliRunner().invoke(main, ["imatrix-remap", "delete 1", str(src), str(out), "--model", str(model)])
     assert result.exit_code == 1
-    assert result.stderr == (f"Error: {src}: imatrix covers 6 blocks, but the source model has 8; "
-                             "was it computed on another model?\n")
+    assert result.stderr == (
+        f"Error: {src}: imatrix covers 6 blocks, but the source model has 8; was it computed on another model?\n"
+    )
     result = CliRunner().invoke(main, ["imatrix-remap", "delete 9", str(src), str(out), "--model", str(model)])
     assert result.exit_code == 1
     assert "step 1 'delete 9': " in result.stderr and result.stderr.startswith("Error: ")
@@ -195,9 +206,27 @@ def computed(tmp_path_factory: pytest.TempPathFactory, llama_bin: Path) -> tuple
     text.write_text(CALIBRATION)
     paths = []
     for out, fmt in ((tmp_path / "k.imatrix.gguf", "gguf"), (tmp_path / "k.imatrix.dat", "dat")):
-        run = subprocess.run([str(llama_bin / "llama-imatrix"), "-m", str(model), "-f", str(text), "-o", str(out),
-                              "-c", "64", "-t", "2", "--output-format", fmt],
-                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        run = subprocess.run(
+            [
+                str(llama_bin / "llama-imatrix"),
+                "-m",
+                str(model),
+                "-f",
+                str(text),
+                "-o",
+                str(out),
+                "-c",
+                "64",
+                "-t",
+                "2",
+                "--output-format",
+                fmt,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
         paths.append(out)
     return model, paths[0], paths[1]
@@ -223,14 +252,17 @@ def test_remapped_imatrix_quantizes_the_edited_model(computed, tmp_path: Path, l
     model, imatrix = computed[0], computed[which]
     source = read_imatrix(imatrix)
     remapped_path = tmp_path / "edited.imatrix"
-    result = CliRunner().invoke(main, ["imatrix-remap", RECIPE, str(imatrix), str(remapped_path), "--model", str(model)])
+    result = CliRunner().invoke(
+        main, ["imatrix-remap", RECIPE, str(imatrix), str(remapped_path), "--model", str(model)]
+    )
     assert result.exit_code == 0, result.output
     remapped = read_imatrix(remapped_path)
     assert len(remapped.entries) == 5 * 7
     for i, src in enumerate(RECIPE_SOURCES):
         for name in ("attn_q.weight", "ffn_down.weight"):
-            np.testing.assert_allclose(remapped.entries[f"blk.{i}.{name}"].mean, source.entries[f"blk.{src}.{name}"].mean,
-                                       rtol=1e-6)
+            np.testing.assert_allclose(
+                remapped.entries[f"blk.{i}.{name}"].mean, source.entries[f"blk.{src}.{name}"].mean, rtol=1e-6
+            )
 
     edited = tmp_path / "edited.gguf"
     edit(model, edited, RECIPE)
@@ -247,8 +279,9 @@ def test_quantize_remaps_with_a_recipe(computed, tmp_path: Path, llama_bin: Path
     model, imatrix, _ = computed
     edited = tmp_path / "edited.gguf"
     edit(model, edited, RECIPE)
-    report = quantize_ladder(edited, ["IQ2_XS", "Q4_K_M"], tmp_path / "q", imatrix=imatrix, recipe=RECIPE,
-                             llama_bin=llama_bin)
+    report = quantize_ladder(
+        edited, ["IQ2_XS", "Q4_K_M"], tmp_path / "q", imatrix=imatrix, recipe=RECIPE, llama_bin=llama_bin
+    )
     assert report.recipe == RECIPE
     for r in report.results:
         with Model(r.path) as m:
@@ -262,9 +295,24 @@ def test_quantize_refuses_an_imatrix_of_the_unedited_model(computed, tmp_path: P
     model, imatrix, _ = computed
     edited = tmp_path / "edited.gguf"
     edit(model, edited, RECIPE)
-    result = CliRunner().invoke(main, ["quantize", str(edited), "--types", "Q4_K_M", "--imatrix", str(imatrix),
-                                       "--out-dir", str(tmp_path / "q"), "--llama-bin", str(llama_bin)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "quantize",
+            str(edited),
+            "--types",
+            "Q4_K_M",
+            "--imatrix",
+            str(imatrix),
+            "--out-dir",
+            str(tmp_path / "q"),
+            "--llama-bin",
+            str(llama_bin),
+        ],
+    )
     assert result.exit_code == 1
-    assert result.stderr == (f"Error: {imatrix}: imatrix covers 6 blocks, {edited} has 5; {edited} was edited with "
-                             f"'{RECIPE}': pass that as --recipe to remap the imatrix\n")
+    assert result.stderr == (
+        f"Error: {imatrix}: imatrix covers 6 blocks, {edited} has 5; {edited} was edited with "
+        f"'{RECIPE}': pass that as --recipe to remap the imatrix\n"
+    )
     assert not (tmp_path / "q").exists()

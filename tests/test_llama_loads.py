@@ -74,16 +74,19 @@ def test_per_layer_arrays_are_reindexed_for_llama_cpp(make_model, tmp_path: Path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [
-    None,
-    "delete 25",
-    "swap 20 21",
-    "duplicate 15",
-    "move 22 --to 23",
-    "bridge 20",
-    "interpolate 18 19 --replace 18",
-    "delete 25; swap 20 21",
-])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        None,
+        "delete 25",
+        "swap 20 21",
+        "duplicate 15",
+        "move 22 --to 23",
+        "bridge 20",
+        "interpolate 18 19 --replace 18",
+        "delete 25; swap 20 21",
+    ],
+)
 def test_smollm2_edits_still_answer(recipe: str | None, smollm2: Path, tmp_path: Path, llama_bin: Path):
     out = smollm2 if recipe is None else tmp_path / "edited.gguf"
     if recipe is not None:

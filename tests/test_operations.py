@@ -27,7 +27,12 @@ from gguf_surgeon.surgery import blend_type
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 FF = [64, 96, 128, 160, 192, 224]  # a feed-forward size per block: arrays and shapes vary by layer
 SOURCE_NAME = "Tiny Qwen3"
-PROVENANCE = ("general.base_model.count", "general.base_model.0.name", "general.base_model.0.organization", "surgery.recipe")
+PROVENANCE = (
+    "general.base_model.count",
+    "general.base_model.0.name",
+    "general.base_model.0.organization",
+    "surgery.recipe",
+)
 
 # a layer-map entry: a source block index, or ((index, weight), ...) for a blend
 Entry = int | tuple[tuple[int, float], ...]
@@ -75,8 +80,12 @@ class Read:
 
 def read(path: Path) -> Read:
     r = gguf.GGUFReader(path)
-    fields = {k: (tuple(int(t) for t in f.types), f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    tensors = {t.name: Tensor(QT(int(t.tensor_type)), tuple(int(d) for d in t.shape), t.data.tobytes()) for t in r.tensors}
+    fields = {
+        k: (tuple(int(t) for t in f.types), f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")
+    }
+    tensors = {
+        t.name: Tensor(QT(int(t.tensor_type)), tuple(int(d) for d in t.shape), t.data.tobytes()) for t in r.tensors
+    }
     start = min(t.data_offset for t in r.tensors)
     return Read(path, fields, tensors, path.read_bytes()[start:])
 
@@ -100,8 +109,9 @@ def primary(entry: Entry) -> int:
     return max(parts(entry), key=lambda p: (p[1], -p[0]))[0]
 
 
-def check_edit(src: Read, out: Read, layer_map: list[Entry], recipe: str, *, name: str | None = None,
-               tolerance: float = 0.0) -> None:
+def check_edit(
+    src: Read, out: Read, layer_map: list[Entry], recipe: str, *, name: str | None = None, tolerance: float = 0.0
+) -> None:
     """`out` is `src` edited per `layer_map`, read independently; blends within `tolerance`."""
     src_blocks, out_blocks = src.blocks(), out.blocks()
     assert len(out_blocks) == len(layer_map)
@@ -219,12 +229,15 @@ def test_toml_recipe(tmp_path: Path, varied: Path) -> None:
 
 
 def test_second_surgery_replaces_provenance(tmp_path: Path, make_model) -> None:
-    src = make_model("prov.gguf", extra_kv={
-        "general.base_model.count": (gguf.GGUFValueType.UINT32, 2),
-        "general.base_model.0.name": (gguf.GGUFValueType.STRING, "Grandparent"),
-        "general.base_model.0.repo_url": (gguf.GGUFValueType.STRING, "https://example.com/gp"),
-        "general.base_model.1.name": (gguf.GGUFValueType.STRING, "Other parent"),
-    })
+    src = make_model(
+        "prov.gguf",
+        extra_kv={
+            "general.base_model.count": (gguf.GGUFValueType.UINT32, 2),
+            "general.base_model.0.name": (gguf.GGUFValueType.STRING, "Grandparent"),
+            "general.base_model.0.repo_url": (gguf.GGUFValueType.STRING, "https://example.com/gp"),
+            "general.base_model.1.name": (gguf.GGUFValueType.STRING, "Other parent"),
+        },
+    )
     first, second = tmp_path / "a.gguf", tmp_path / "b.gguf"
     ok("delete", 0, src, first)
     a = read(first)
@@ -240,17 +253,30 @@ def test_second_surgery_replaces_provenance(tmp_path: Path, make_model) -> None:
 
 BLEND_CASES = [
     (["interpolate", 1, 2, "--t", 0.25], [0, 1, ((1, 0.75), (2, 0.25)), 2, 3, 4, 5], "interpolate 1 2 --t 0.25 --at 2"),
-    (["interpolate", 4, 1, "--replace", 2], [0, 1, ((1, 0.5), (4, 0.5)), 3, 4, 5], "interpolate 4 1 --t 0.5 --replace 2"),
-    (["interpolate", 0, 5, "--t", 0.9, "--at", 0], [((0, 0.1), (5, 0.9)), 0, 1, 2, 3, 4, 5], "interpolate 0 5 --t 0.9 --at 0"),
+    (
+        ["interpolate", 4, 1, "--replace", 2],
+        [0, 1, ((1, 0.5), (4, 0.5)), 3, 4, 5],
+        "interpolate 4 1 --t 0.5 --replace 2",
+    ),
+    (
+        ["interpolate", 0, 5, "--t", 0.9, "--at", 0],
+        [((0, 0.1), (5, 0.9)), 0, 1, 2, 3, 4, 5],
+        "interpolate 0 5 --t 0.9 --at 0",
+    ),
     (["interpolate", 2, 3, "--t", 0], [0, 1, 2, 2, 3, 4, 5], "interpolate 2 3 --t 0 --at 3"),
     (["bridge", 4], [0, 1, 2, 3, 4, ((4, 0.5), (5, 0.5)), 5], "bridge 4 --t 0.5"),
-    (["apply", "bridge 0 --t 0.5; interpolate 1 2 --t 0.5 --replace 1"],
-     [0, ((0, 0.25), (1, 0.75)), 1, 2, 3, 4, 5], "bridge 0 --t 0.5; interpolate 1 2 --t 0.5 --replace 1"),
+    (
+        ["apply", "bridge 0 --t 0.5; interpolate 1 2 --t 0.5 --replace 1"],
+        [0, ((0, 0.25), (1, 0.75)), 1, 2, 3, 4, 5],
+        "bridge 0 --t 0.5; interpolate 1 2 --t 0.5 --replace 1",
+    ),
 ]
 
 
 @pytest.mark.parametrize("command, layer_map, recipe", BLEND_CASES, ids=[" ".join(map(str, c[0])) for c in BLEND_CASES])
-def test_blend_operations_f32(tmp_path: Path, uniform: Path, command: list, layer_map: list[Entry], recipe: str) -> None:
+def test_blend_operations_f32(
+    tmp_path: Path, uniform: Path, command: list, layer_map: list[Entry], recipe: str
+) -> None:
     out = tmp_path / "out.gguf"
     data = json.loads(ok(*command, uniform, out, "--json").stdout)
     assert data["recipe"] == recipe
@@ -282,8 +308,12 @@ def _q4_k_bytes(rng: np.random.Generator, rows: int) -> np.ndarray:
     return raw
 
 
-def write_gguf(path: Path, arch: str, blocks: list[dict[str, tuple[np.ndarray, QT | None]]],
-               globals_: dict[str, np.ndarray] | None = None) -> Path:
+def write_gguf(
+    path: Path,
+    arch: str,
+    blocks: list[dict[str, tuple[np.ndarray, QT | None]]],
+    globals_: dict[str, np.ndarray] | None = None,
+) -> Path:
     """A GGUF made by hand: `blocks[i]` maps a suffix to (array, raw type or None for float arrays)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("Hand made")
@@ -304,8 +334,13 @@ def write_gguf(path: Path, arch: str, blocks: list[dict[str, tuple[np.ndarray, Q
 
 def test_blend_of_k_quant_falls_back_to_f16(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    blocks = [{"attn_norm.weight": (rng.standard_normal(256).astype(np.float32), None),
-               "ffn_up.weight": (_q4_k_bytes(rng, 4), QT.Q4_K)} for _ in range(3)]
+    blocks = [
+        {
+            "attn_norm.weight": (rng.standard_normal(256).astype(np.float32), None),
+            "ffn_up.weight": (_q4_k_bytes(rng, 4), QT.Q4_K),
+        }
+        for _ in range(3)
+    ]
     src = write_gguf(tmp_path / "k.gguf", "llama", blocks)
     out = tmp_path / "out.gguf"
     result = ok("interpolate", 0, 1, src, out)
@@ -325,12 +360,21 @@ def _info(ggml_type: QT) -> TensorInfo:
     return TensorInfo("blk.0.x", (256, 2), ggml_type, 0, 0, Path("x.gguf"))
 
 
-@pytest.mark.parametrize("types, expected", [
-    ((QT.F32, QT.F32), QT.F32), ((QT.F16, QT.F16), QT.F16), ((QT.BF16, QT.BF16), QT.BF16),
-    ((QT.Q8_0, QT.Q8_0), QT.Q8_0), ((QT.Q4_0, QT.Q4_0, QT.Q4_0), QT.Q4_0),
-    ((QT.Q4_K, QT.Q4_K), QT.F16), ((QT.Q6_K, QT.Q6_K), QT.F16), ((QT.IQ4_NL, QT.IQ4_NL), QT.F16),
-    ((QT.F32, QT.F16), QT.F16), ((QT.Q8_0, QT.F32), QT.F16),
-])
+@pytest.mark.parametrize(
+    "types, expected",
+    [
+        ((QT.F32, QT.F32), QT.F32),
+        ((QT.F16, QT.F16), QT.F16),
+        ((QT.BF16, QT.BF16), QT.BF16),
+        ((QT.Q8_0, QT.Q8_0), QT.Q8_0),
+        ((QT.Q4_0, QT.Q4_0, QT.Q4_0), QT.Q4_0),
+        ((QT.Q4_K, QT.Q4_K), QT.F16),
+        ((QT.Q6_K, QT.Q6_K), QT.F16),
+        ((QT.IQ4_NL, QT.IQ4_NL), QT.F16),
+        ((QT.F32, QT.F16), QT.F16),
+        ((QT.Q8_0, QT.F32), QT.F16),
+    ],
+)
 def test_blend_type_rule(types: tuple[QT, ...], expected: QT) -> None:
     assert blend_type([_info(t) for t in types]) == expected
 
@@ -352,7 +396,9 @@ def test_chained_recipe_equals_steps(tmp_path: Path, varied: Path) -> None:
     # so is every key but the two that record the route: the recipe, and the parent each step read
     assert list(a.fields) == list(b.fields)
     route = {"surgery.recipe", "general.base_model.0.name"}
-    assert {k: v for k, v in a.fields.items() if k not in route} == {k: v for k, v in b.fields.items() if k not in route}
+    assert {k: v for k, v in a.fields.items() if k not in route} == {
+        k: v for k, v in b.fields.items() if k not in route
+    }
     assert a.value("surgery.recipe") == "delete 1; swap 2 3; duplicate 0 --at 1"
     assert b.value("surgery.recipe") == "duplicate 0 --at 1"
     assert a.value("general.base_model.0.name") == SOURCE_NAME
@@ -387,7 +433,9 @@ def test_diff_recovers_the_recipe(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command, layer_map, recipe", COPY_CASES, ids=[" ".join(map(str, c[0])) for c in COPY_CASES])
-def test_diff_recipe_reproduces_the_order(tmp_path: Path, varied: Path, command: list, layer_map: list[int], recipe: str) -> None:
+def test_diff_recipe_reproduces_the_order(
+    tmp_path: Path, varied: Path, command: list, layer_map: list[int], recipe: str
+) -> None:
     out = tmp_path / "out.gguf"
     ok(*command, varied, out)
     found = json.loads(ok("diff", varied, out, "--json").stdout)
@@ -402,7 +450,9 @@ def test_diff_of_a_blend(tmp_path: Path, uniform: Path) -> None:
     data = json.loads(ok("diff", uniform, out, "--json").stdout)
     assert data["block_map"] == [0, 1, 2, None, 3, 4, 5]
     assert data["recipe"] is None
-    assert "Recipe: none (B's blocks [3] match no block of A: blended or new weights)" in ok("diff", uniform, out).stdout
+    assert (
+        "Recipe: none (B's blocks [3] match no block of A: blended or new weights)" in ok("diff", uniform, out).stdout
+    )
 
 
 # --- dry runs, --json, verify -----------------------------------------------------------------
@@ -419,12 +469,15 @@ def _parse_dry_run(stdout: str) -> tuple[str, list[str], int]:
     return plan, [" ".join(r[1:]) for r in rows], int(m.group(1))
 
 
-@pytest.mark.parametrize("command, layer_map", [
-    (["delete", 1], ["0", "2", "3", "4", "5"]),
-    (["duplicate", 5, "--at", 0], ["5", "0", "1", "2", "3", "4", "5"]),
-    (["apply", "delete 0; swap 0 4"], ["5", "2", "3", "4", "1"]),
-    (["interpolate", 1, 2, "--t", 0.25], ["0", "1", "0.75*1 + 0.25*2", "2", "3", "4", "5"]),
-])
+@pytest.mark.parametrize(
+    "command, layer_map",
+    [
+        (["delete", 1], ["0", "2", "3", "4", "5"]),
+        (["duplicate", 5, "--at", 0], ["5", "0", "1", "2", "3", "4", "5"]),
+        (["apply", "delete 0; swap 0 4"], ["5", "2", "3", "4", "1"]),
+        (["interpolate", 1, 2, "--t", 0.25], ["0", "1", "0.75*1 + 0.25*2", "2", "3", "4", "5"]),
+    ],
+)
 def test_dry_run(tmp_path: Path, uniform: Path, command: list, layer_map: list[str]) -> None:
     out = tmp_path / "out.gguf"
     before = sorted(os.listdir(tmp_path))
@@ -453,8 +506,9 @@ def test_dry_run_of_a_split(tmp_path: Path, uniform: Path) -> None:
     assert sum(Path(f).stat().st_size for f in data["files"]) == data["output_size"]
 
 
-def test_copy_file_range_and_buffered_copies_write_the_same_bytes(tmp_path: Path, uniform: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_copy_file_range_and_buffered_copies_write_the_same_bytes(
+    tmp_path: Path, uniform: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Kernel copies (cut at 64 KiB output boundaries) and the buffered fallback write
     byte-identical files; --json names what moved the bytes."""
     import errno
@@ -494,6 +548,7 @@ def test_folio_padding(tmp_path: Path, uniform: Path, monkeypatch: pytest.Monkey
     assert [(t.name, bytes(t.data)) for t in b.tensors] == [(t.name, bytes(t.data)) for t in a.tensors]
     # blk.1 and blk.2 moved; every other tensor keeps its offset within a 64 KiB folio
     src_offsets = {t.name: t.data_offset for t in src.tensors}
+
     def kept(r: gguf.GGUFReader) -> list:
         return [t for t in r.tensors if not t.name.startswith(("blk.1.", "blk.2."))]
 
@@ -508,8 +563,11 @@ def test_json_everywhere(tmp_path: Path, uniform: Path) -> None:
     written = json.loads(ok("apply", "swap 0 1; bridge 3", uniform, out, "--json").stdout)
     assert written["written"] is True and written["copy_method"] in ("copy_file_range", "buffered")
     assert written["source_blocks"] == 6 and written["output_blocks"] == 7
-    assert written["metadata_changes"][0] == {"key": "general.name", "old": SOURCE_NAME,
-                                              "new": f"{SOURCE_NAME} (gguf-surgeon: swap 0 1; bridge 3 --t 0.5)"}
+    assert written["metadata_changes"][0] == {
+        "key": "general.name",
+        "old": SOURCE_NAME,
+        "new": f"{SOURCE_NAME} (gguf-surgeon: swap 0 1; bridge 3 --t 0.5)",
+    }
     planned = json.loads(ok("plan", "swap 0 1; bridge 3", uniform, "--json").stdout)
     assert planned["layers"] == written["layers"] and planned["output_size"] == written["output_size"]
     assert json.loads(ok("diff", uniform, out, "--json").stdout)["block_map"] == [1, 0, 2, 3, None, 4, 5]
@@ -519,7 +577,9 @@ def test_json_everywhere(tmp_path: Path, uniform: Path) -> None:
     assert inspected["block_count"] == 7 and len(inspected["layers"]) == 7
 
 
-@pytest.mark.parametrize("recipe", ["delete 1", "swap 0 5; move 1 --to 3", "keep 5,5,0", "bridge 2", "interpolate 0 3 --replace 0 --t 0.7"])
+@pytest.mark.parametrize(
+    "recipe", ["delete 1", "swap 0 5; move 1 --to 3", "keep 5,5,0", "bridge 2", "interpolate 0 3 --replace 0 --t 0.7"]
+)
 def test_verify_against_passes(tmp_path: Path, uniform: Path, recipe: str) -> None:
     out = tmp_path / "out.gguf"
     ok("apply", recipe, uniform, out)
@@ -537,11 +597,14 @@ def _flip_byte_in(path: Path, tensor: str) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("recipe, tensor", [
-    ("delete 1", "blk.3.ffn_down.weight"),
-    ("bridge 2", "blk.3.attn_q.weight"),  # the blended block
-    ("swap 0 1", "token_embd.weight"),
-])
+@pytest.mark.parametrize(
+    "recipe, tensor",
+    [
+        ("delete 1", "blk.3.ffn_down.weight"),
+        ("bridge 2", "blk.3.attn_q.weight"),  # the blended block
+        ("swap 0 1", "token_embd.weight"),
+    ],
+)
 def test_verify_against_fails_on_a_tampered_file(tmp_path: Path, uniform: Path, recipe: str, tensor: str) -> None:
     out = tmp_path / "out.gguf"
     ok("apply", recipe, uniform, out)
@@ -550,7 +613,10 @@ def test_verify_against_fails_on_a_tampered_file(tmp_path: Path, uniform: Path, 
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     lines = result.stdout.splitlines()
     assert lines[-1] == "verification failed"
-    assert any(l.startswith("FAIL tensor bytes equal their source: ") and l.endswith(f"; 1 differ, first {tensor}") for l in lines), lines
+    assert any(
+        l.startswith("FAIL tensor bytes equal their source: ") and l.endswith(f"; 1 differ, first {tensor}")
+        for l in lines
+    ), lines
     ok("verify", out)  # the structure is still fine
     assert not json.loads(run("verify", out, "--against", uniform, "--json").stdout)["ok"]
 
@@ -621,8 +687,10 @@ def test_gemma3_warns(tmp_path: Path, make_model) -> None:
     src = make_model("gemma.gguf", arch="gemma3")
     out = tmp_path / "out.gguf"
     result = ok("swap", 1, 2, src, out)
-    warning = ("hazard: gemma3 uses global attention on every 6th block by index (sliding-window pattern); "
-               "the edited model may behave differently than the order suggests")
+    warning = (
+        "hazard: gemma3 uses global attention on every 6th block by index (sliding-window pattern); "
+        "the edited model may behave differently than the order suggests"
+    )
     assert result.stderr.splitlines() == [f"warning: {warning}"]
     assert json.loads(ok("plan", "swap 1 2", src, "--json").stdout)["warnings"] == [warning]
     check_edit(read(src), read(out), [0, 2, 1, 3, 4, 5], "swap 1 2")
@@ -633,8 +701,10 @@ def test_gemma3_warns(tmp_path: Path, make_model) -> None:
 def test_leading_dense_blocks_warn(tmp_path: Path, make_model) -> None:
     src = make_model("dense.gguf", extra_kv={"qwen3.leading_dense_block_count": (gguf.GGUFValueType.UINT32, 1)})
     data = json.loads(ok("plan", "delete 3", src, "--json").stdout)
-    assert data["warnings"] == ["hazard: qwen3.leading_dense_block_count = 1: the first blocks are dense, the rest MoE; "
-                                "llama.cpp decides which by index"]
+    assert data["warnings"] == [
+        "hazard: qwen3.leading_dense_block_count = 1: the first blocks are dense, the rest MoE; "
+        "llama.cpp decides which by index"
+    ]
 
 
 def _moe_model(path: Path) -> Path:
@@ -642,8 +712,10 @@ def _moe_model(path: Path) -> Path:
     rng = np.random.default_rng(2)
     blocks = []
     for i in range(4):
-        b = {"attn_norm.weight": (rng.standard_normal(32).astype(np.float32), None),
-             "ffn_up.weight": (rng.standard_normal((16, 32)).astype(np.float32), None)}
+        b = {
+            "attn_norm.weight": (rng.standard_normal(32).astype(np.float32), None),
+            "ffn_up.weight": (rng.standard_normal((16, 32)).astype(np.float32), None),
+        }
         if i >= 2:
             b["ffn_gate_inp.weight"] = (rng.standard_normal((4, 32)).astype(np.float32), None)
         blocks.append(b)
@@ -656,7 +728,10 @@ def test_block_with_different_tensor_set_needs_force(tmp_path: Path) -> None:
     refused = run("swap", 1, 2, src, out)
     moved = "block 2 goes to position 1, whose tensor set differs (differs in: ffn_gate_inp.weight)"
     assert refused.exit_code == 1
-    assert refused.stderr == f"Error: {src}: {moved}; llama.cpp would reject or misuse it (use --force to write it anyway)\n"
+    assert (
+        refused.stderr
+        == f"Error: {src}: {moved}; llama.cpp would reject or misuse it (use --force to write it anyway)\n"
+    )
     assert not out.exists()
     # a move among blocks of the same kind is fine
     ok("swap", 2, 3, src, out)
@@ -684,9 +759,14 @@ def test_blend_conversions_match_gguf(qtype: QT) -> None:
     finite[0, 2:4] = 1.0  # the two NaNs out; infinities, subnormals, -0 and rounding ties stay
     plain = rows.copy()
     plain[0, :8] = 1.0  # block quantizers are not asked to carry infinities
-    for data in ((plain,) if qtype == QT.Q8_0 else (rows, finite)):  # with and without NaN (the fast BF16 path needs none)
+    for data in (
+        (plain,) if qtype == QT.Q8_0 else (rows, finite)
+    ):  # with and without NaN (the fast BF16 path needs none)
         want = np.ascontiguousarray(quantize(data, qtype)).tobytes()
         assert writer.encode_rows(data.copy(), qtype) == want
         raw = np.frombuffer(want, dtype=np.uint8).copy()
         got = writer.rows_f32(raw, qtype, 64, 256)
-        assert got.tobytes() == dequantize(np.frombuffer(want, dtype=np.uint8).reshape(64, -1), qtype).reshape(64, 256).tobytes()
+        assert (
+            got.tobytes()
+            == dequantize(np.frombuffer(want, dtype=np.uint8).reshape(64, -1), qtype).reshape(64, 256).tobytes()
+        )

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from gguf_surgeon.edit import edit
 from gguf_surgeon.errors import SurgeonError
-from gguf_surgeon.plan import build_plan
+from gguf_surgeon.operations import build_plan
 from gguf_surgeon.reader import Model
 from gguf_surgeon.recipe import parse_recipe
 from gguf_surgeon.surgery import plan_surgery
@@ -77,7 +77,11 @@ def recipes(draw: st.DrawFn, n_blocks: int = N_BLOCKS, max_steps: int = 5) -> tu
     texts = []
     for _ in range(draw(st.integers(1, max_steps))):
         n = len(layers)
-        ops = ["keep"] + (["delete", "swap", "move"] if n >= 2 else []) + (["duplicate", "interpolate"] if n < MAX_LAYERS else [])
+        ops = (
+            ["keep"]
+            + (["delete", "swap", "move"] if n >= 2 else [])
+            + (["duplicate", "interpolate"] if n < MAX_LAYERS else [])
+        )
         if n >= 2 and n < MAX_LAYERS:
             ops.append("bridge")
         op = draw(st.sampled_from(ops))
@@ -94,7 +98,9 @@ def recipes(draw: st.DrawFn, n_blocks: int = N_BLOCKS, max_steps: int = 5) -> tu
             i = draw(index)
             at = draw(st.none() | st.integers(0, n))
             args = (i, i + 1 if at is None else at)
-            text = f"duplicate {i}" + ("" if at is None else draw(st.sampled_from([f" --at {at}", f" --at={at}", f" at={at}"])))
+            text = f"duplicate {i}" + (
+                "" if at is None else draw(st.sampled_from([f" --at {at}", f" --at={at}", f" at={at}"]))
+            )
         elif op == "move":
             i, to = draw(index), draw(index)
             args, text = (i, to), f"move {i} --to {to}"
@@ -124,7 +130,8 @@ def as_layers(plan_layers) -> list[Layer]:
 
 def same_layers(got: list[Layer], want: list[Layer]) -> bool:
     return len(got) == len(want) and all(
-        g.keys() == w.keys() and all(abs(g[i] - w[i]) < 1e-9 for i in g) for g, w in zip(got, want))
+        g.keys() == w.keys() and all(abs(g[i] - w[i]) < 1e-9 for i in g) for g, w in zip(got, want)
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -146,8 +153,15 @@ def test_plan_matches_the_reference(case: tuple[str, list[Layer]]) -> None:
 def small_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
     from make_fixtures import build_model
 
-    path = build_model(tmp_path_factory.mktemp("prop") / "small.gguf", n_blocks=N_BLOCKS, n_embd=32, n_head=2, n_head_kv=1,
-                       ff=64, per_layer_arrays=True)
+    path = build_model(
+        tmp_path_factory.mktemp("prop") / "small.gguf",
+        n_blocks=N_BLOCKS,
+        n_embd=32,
+        n_head=2,
+        n_head_kv=1,
+        ff=64,
+        per_layer_arrays=True,
+    )
     reader = gguf.GGUFReader(path)
     return path, {t.name: np.array(t.data) for t in reader.tensors}
 
@@ -164,7 +178,7 @@ def test_written_file_matches_the_reference(small_model, case: tuple[str, list[L
         got = {t.name: np.array(t.data) for t in reader.tensors}
         ff = reader.fields["qwen3.feed_forward_length"].contents()
         assert reader.fields["qwen3.block_count"].contents() == len(want)
-    suffixes = [n[len("blk.0."):] for n in source if n.startswith("blk.0.")]
+    suffixes = [n[len("blk.0.") :] for n in source if n.startswith("blk.0.")]
     globals_ = [n for n in source if not n.startswith("blk.")]
     assert set(got) == set(globals_) | {f"blk.{i}.{s}" for i in range(len(want)) for s in suffixes}
     assert len(ff) == len(want)
@@ -177,7 +191,9 @@ def test_written_file_matches_the_reference(small_model, case: tuple[str, list[L
                 assert got[f"blk.{i}.{s}"].tobytes() == source[f"blk.{j}.{s}"].tobytes(), (text, i, s)
             else:
                 blend = sum(np.float32(w) * source[f"blk.{j}.{s}"] for j, w in layer.items())
-                np.testing.assert_allclose(got[f"blk.{i}.{s}"], blend, rtol=1e-5, atol=1e-6, err_msg=f"{text}: blk.{i}.{s}")
+                np.testing.assert_allclose(
+                    got[f"blk.{i}.{s}"], blend, rtol=1e-5, atol=1e-6, err_msg=f"{text}: blk.{i}.{s}"
+                )
 
 
 # --- corrupted headers: load, or raise a SurgeonError -----------------------------------------

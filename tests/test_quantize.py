@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
 from gguf_surgeon.errors import ModelError
-from gguf_surgeon.llama.server import LlamaServer
 from gguf_surgeon.llama.quantize import DEFAULT_LADDER, default_name, quant_types, quantize_ladder, resolve_types
-from gguf_surgeon.reader import Model
+from gguf_surgeon.llama.server import LlamaServer
 from gguf_surgeon.llama.tools import ENV_VAR, HOW_TO_GET
+from gguf_surgeon.reader import Model
 
 # ChatML as SmolLM2's chat template renders one user turn (with its default system prompt)
 SMOLLM2_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -45,6 +45,7 @@ def run_cli(*args: str):
 
 # --- without llama.cpp ------------------------------------------------------------------
 
+
 def test_default_ladder_is_the_seed_cards():
     assert DEFAULT_LADDER == ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K")
 
@@ -63,8 +64,10 @@ def test_quantized_input_needs_allow_requantize(make_model, tmp_path: Path):
     out = tmp_path / "out"
     result = run_cli("quantize", str(src), "--types", "Q4_0", "--out-dir", str(out))
     assert result.exit_code == 1
-    assert result.stderr == (f"Error: {src}: is already quantized (blk.0.attn_q.weight is Q8_0); requantizing compounds "
-                             "the quantization error: quantize from the F16/BF16/F32 source, or pass --allow-requantize\n")
+    assert result.stderr == (
+        f"Error: {src}: is already quantized (blk.0.attn_q.weight is Q8_0); requantizing compounds "
+        "the quantization error: quantize from the F16/BF16/F32 source, or pass --allow-requantize\n"
+    )
     assert not out.exists()
     with pytest.raises(ModelError):
         quantize_ladder(src, ["Q4_0"], out)
@@ -73,7 +76,9 @@ def test_quantized_input_needs_allow_requantize(make_model, tmp_path: Path):
 def test_extra_args_must_start_with_an_option(tiny: Path, tmp_path: Path):
     result = run_cli("quantize", str(tiny), "--out-dir", str(tmp_path / "o"), "Q8_0")
     assert result.exit_code == 1
-    assert result.stderr == "Error: extra llama-quantize arguments must start with an option (like --pure), got 'Q8_0'\n"
+    assert (
+        result.stderr == "Error: extra llama-quantize arguments must start with an option (like --pure), got 'Q8_0'\n"
+    )
 
 
 def test_missing_llama_quantize(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -83,7 +88,10 @@ def test_missing_llama_quantize(tiny: Path, tmp_path: Path, monkeypatch: pytest.
     monkeypatch.delenv(ENV_VAR, raising=False)
     result = run_cli("quantize", str(tiny), "--out-dir", str(tmp_path / "o"), "--llama-bin", str(empty))
     assert result.exit_code == 1
-    assert result.stderr == f"Error: llama-quantize not found (looked in --llama-bin {empty}, PATH); to get it, {HOW_TO_GET}\n"
+    assert (
+        result.stderr
+        == f"Error: llama-quantize not found (looked in --llama-bin {empty}, PATH); to get it, {HOW_TO_GET}\n"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -95,12 +103,14 @@ def test_missing_input(tmp_path: Path):
 
 # --- with llama-quantize ----------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_ladder_writes_one_file_per_type(k_model: Path, tmp_path: Path, llama_bin: Path):
     out = tmp_path / "quants"
     seen: dict[str, list[tuple[int, int]]] = {}
-    report = quantize_ladder(k_model, out_dir=out, llama_bin=llama_bin,
-                             progress=lambda t, i, n: seen.setdefault(t, []).append((i, n)))
+    report = quantize_ladder(
+        k_model, out_dir=out, llama_bin=llama_bin, progress=lambda t, i, n: seen.setdefault(t, []).append((i, n))
+    )
     assert files_in(out) == sorted(f"k-{t}.gguf" for t in DEFAULT_LADDER)  # nothing else: no temp files
     assert [r.type for r in report.results] == list(DEFAULT_LADDER)
     assert report.warnings == ()
@@ -128,8 +138,20 @@ def test_ladder_writes_one_file_per_type(k_model: Path, tmp_path: Path, llama_bi
 @pytest.mark.slow
 def test_cli_table_and_json(k_model: Path, tmp_path: Path, llama_bin: Path):
     out = tmp_path / "q"
-    result = run_cli("quantize", str(k_model), "--types", "q8_0", "--types", "Q4_K_M", "--out-dir", str(out),
-                     "--name", "Tiny-v1", "--llama-bin", str(llama_bin))
+    result = run_cli(
+        "quantize",
+        str(k_model),
+        "--types",
+        "q8_0",
+        "--types",
+        "Q4_K_M",
+        "--out-dir",
+        str(out),
+        "--name",
+        "Tiny-v1",
+        "--llama-bin",
+        str(llama_bin),
+    )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == f"Quantized {k_model} into {out}:"
@@ -139,19 +161,45 @@ def test_cli_table_and_json(k_model: Path, tmp_path: Path, llama_bin: Path):
     assert lines[3].split()[0] == "Q4_K_M" and lines[3].split()[-1] == "Tiny-v1-Q4_K_M.gguf"
     assert files_in(out) == ["Tiny-v1-Q4_K_M.gguf", "Tiny-v1-Q8_0.gguf"]
 
-    result = run_cli("quantize", str(k_model), "--types", "Q8_0", "--out-dir", str(out), "--name", "Tiny-v1",
-                     "--llama-bin", str(llama_bin), "--json", "--force")
+    result = run_cli(
+        "quantize",
+        str(k_model),
+        "--types",
+        "Q8_0",
+        "--out-dir",
+        str(out),
+        "--name",
+        "Tiny-v1",
+        "--llama-bin",
+        str(llama_bin),
+        "--json",
+        "--force",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     (r,) = data["results"]
-    assert (r["type"], r["path"], r["tensor_types"]) == ("Q8_0", str(out / "Tiny-v1-Q8_0.gguf"), {"F32": 25, "Q8_0": 44})
+    assert (r["type"], r["path"], r["tensor_types"]) == (
+        "Q8_0",
+        str(out / "Tiny-v1-Q8_0.gguf"),
+        {"F32": 25, "Q8_0": 44},
+    )
     assert r["bits_per_weight"] == pytest.approx(independent_bpw(out / "Tiny-v1-Q8_0.gguf"), abs=1e-4)
 
 
 @pytest.mark.slow
 def test_extra_args_pass_through(k_model: Path, tmp_path: Path, llama_bin: Path):
-    result = run_cli("quantize", str(k_model), "--types", "Q4_K_M", "--out-dir", str(tmp_path),
-                     "--llama-bin", str(llama_bin), "--", "--pure")
+    result = run_cli(
+        "quantize",
+        str(k_model),
+        "--types",
+        "Q4_K_M",
+        "--out-dir",
+        str(tmp_path),
+        "--llama-bin",
+        str(llama_bin),
+        "--",
+        "--pure",
+    )
     assert result.exit_code == 0, result.output
     with Model(tmp_path / "k-Q4_K_M.gguf") as m:
         assert {t.ggml_type.name for t in m.tensors} == {"Q4_K", "F32"}  # --pure: no Q6_K mixture
@@ -159,8 +207,16 @@ def test_extra_args_pass_through(k_model: Path, tmp_path: Path, llama_bin: Path)
 
 @pytest.mark.slow
 def test_unknown_type_lists_valid_ones(k_model: Path, tmp_path: Path, llama_bin: Path):
-    result = run_cli("quantize", str(k_model), "--types", "Q8_0,Q9_K", "--out-dir", str(tmp_path / "o"),
-                     "--llama-bin", str(llama_bin))
+    result = run_cli(
+        "quantize",
+        str(k_model),
+        "--types",
+        "Q8_0,Q9_K",
+        "--out-dir",
+        str(tmp_path / "o"),
+        "--llama-bin",
+        str(llama_bin),
+    )
     valid = quant_types(llama_bin / "llama-quantize")
     assert {"Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ2_XS", "F16", "COPY"} <= set(valid)
     assert result.exit_code == 1
@@ -171,7 +227,9 @@ def test_unknown_type_lists_valid_ones(k_model: Path, tmp_path: Path, llama_bin:
 @pytest.mark.slow
 def test_existing_output_is_kept_without_force(k_model: Path, tmp_path: Path, llama_bin: Path):
     (tmp_path / "k-Q8_0.gguf").write_bytes(b"mine")
-    result = run_cli("quantize", str(k_model), "--types", "Q2_K,Q8_0", "--out-dir", str(tmp_path), "--llama-bin", str(llama_bin))
+    result = run_cli(
+        "quantize", str(k_model), "--types", "Q2_K,Q8_0", "--out-dir", str(tmp_path), "--llama-bin", str(llama_bin)
+    )
     assert result.exit_code == 1
     assert result.stderr == f"Error: {tmp_path / 'k-Q8_0.gguf'}: exists; pass --force to overwrite\n"
     assert (tmp_path / "k-Q8_0.gguf").read_bytes() == b"mine"
@@ -184,35 +242,60 @@ def test_tool_failure_leaves_no_file(make_model, tmp_path: Path, llama_bin: Path
     out = tmp_path / "out"
     result = run_cli("quantize", str(src), "--types", "Q8_0", "--out-dir", str(out), "--llama-bin", str(llama_bin))
     assert result.exit_code == 1
-    assert result.stderr == (f"Error: llama-quantize failed (exit 1) for Q8_0 of {src}: "
-                             "llama_model_quantize: failed to quantize: unknown model architecture: 'nosucharch' | "
-                             f"llama_quantize: failed to quantize model from '{src.resolve()}'\n")
+    assert result.stderr == (
+        f"Error: llama-quantize failed (exit 1) for Q8_0 of {src}: "
+        "llama_model_quantize: failed to quantize: unknown model architecture: 'nosucharch' | "
+        f"llama_quantize: failed to quantize model from '{src.resolve()}'\n"
+    )
     assert files_in(out) == []
 
 
 @pytest.mark.slow
 def test_rejected_extra_args_leave_no_file(k_model: Path, tmp_path: Path, llama_bin: Path):
-    result = run_cli("quantize", str(k_model), "--types", "Q8_0", "--out-dir", str(tmp_path / "o"),
-                     "--llama-bin", str(llama_bin), "--", "--no-such-flag")
+    result = run_cli(
+        "quantize",
+        str(k_model),
+        "--types",
+        "Q8_0",
+        "--out-dir",
+        str(tmp_path / "o"),
+        "--llama-bin",
+        str(llama_bin),
+        "--",
+        "--no-such-flag",
+    )
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: llama-quantize rejected its arguments (extra arguments: --no-such-flag) "
-                                    f"for Q8_0 of {k_model}: usage: ")
+    assert result.stderr.startswith(
+        f"Error: llama-quantize rejected its arguments (extra arguments: --no-such-flag) for Q8_0 of {k_model}: usage: "
+    )
     assert files_in(tmp_path / "o") == []
 
 
 @pytest.mark.slow
 def test_allow_requantize_warns(make_model, tmp_path: Path, llama_bin: Path):
     src = make_model("q8.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
-    result = run_cli("quantize", str(src), "--types", "Q4_0", "--out-dir", str(tmp_path / "o"), "--allow-requantize",
-                     "--llama-bin", str(llama_bin))
+    result = run_cli(
+        "quantize",
+        str(src),
+        "--types",
+        "Q4_0",
+        "--out-dir",
+        str(tmp_path / "o"),
+        "--allow-requantize",
+        "--llama-bin",
+        str(llama_bin),
+    )
     assert result.exit_code == 0, result.output
-    assert result.stderr == (f"warning: {src} is already quantized (Q8_0); requantizing compounds the quantization "
-                             "error, so outputs are worse than the same types made from an F16/BF16 source\n")
+    assert result.stderr == (
+        f"warning: {src} is already quantized (Q8_0); requantizing compounds the quantization "
+        "error, so outputs are worse than the same types made from an F16/BF16 source\n"
+    )
     with Model(tmp_path / "o" / "q8-Q4_0.gguf") as m:
         assert m.tensor("blk.0.attn_q.weight").ggml_type == gguf.GGMLQuantizationType.Q4_0
 
 
 # --- the real model -----------------------------------------------------------------------
+
 
 def complete(llama_bin: Path, model: Path, prompt: str) -> str:
     # llama-server, not llama-completion: the latter's asynchronous log thread can drop output at exit
@@ -224,7 +307,9 @@ def complete(llama_bin: Path, model: Path, prompt: str) -> str:
 def test_smollm2_edited_and_quantized_still_answers(smollm2: Path, tmp_path: Path, llama_bin: Path):
     edited = tmp_path / "SmolLM2-135M-Instruct-d10.gguf"
     edit(smollm2, edited, "delete 10")
-    report = quantize_ladder(edited, ["Q8_0", "Q4_K_M"], tmp_path / "quants", allow_requantize=True, llama_bin=llama_bin)
+    report = quantize_ladder(
+        edited, ["Q8_0", "Q4_K_M"], tmp_path / "quants", allow_requantize=True, llama_bin=llama_bin
+    )
     assert len(report.warnings) == 1 and "already quantized (Q4_1)" in report.warnings[0]
     by_type = {r.type: r for r in report.results}
     # 576-wide rows are not a multiple of 256: Q4_K_M falls back to Q5_0 for most weights

@@ -123,8 +123,22 @@ def test_bars():
 def test_rank_cli_on_smollm2_gives_one_score_per_block_and_a_png(smollm2: Path, tmp_path: Path, llama_bin: Path):
     png = tmp_path / "rank.png"
     saved = tmp_path / "rank.json"
-    r = CliRunner().invoke(main, ["rank", str(smollm2), "--tokens", "32", "--plot", str(png), "--save", str(saved),
-                                  "--llama-bin", str(llama_bin), "--json"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "rank",
+            str(smollm2),
+            "--tokens",
+            "32",
+            "--plot",
+            str(png),
+            "--save",
+            str(saved),
+            "--llama-bin",
+            str(llama_bin),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert data["tokenizer"] == "llama.cpp" and data["n_tokens"] == 32
@@ -134,7 +148,9 @@ def test_rank_cli_on_smollm2_gives_one_score_per_block_and_a_png(smollm2: Path, 
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
     assert json.loads(saved.read_text())["blocks"] == data["blocks"]
     # the terminal view: one bar row per block
-    r = CliRunner().invoke(main, ["rank", str(smollm2), "--tokens", "16", "--windows", "3", "--llama-bin", str(llama_bin)])
+    r = CliRunner().invoke(
+        main, ["rank", str(smollm2), "--tokens", "16", "--windows", "3", "--llama-bin", str(llama_bin)]
+    )
     assert r.exit_code == 0, r.output
     rows = [l for l in r.output.splitlines() if l[:2].strip().isdigit() and "█" in l]
     assert len(rows) == 30

@@ -22,25 +22,35 @@ from make_fixtures import build_model  # fixtures/ is on sys.path via conftest
 import gguf_surgeon.cli.search  # noqa: F401  (registers rank, search, release, card, modelfile)
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
+from gguf_surgeon.errors import ReleaseError
 from gguf_surgeon.llama.server import LlamaServer
 from gguf_surgeon.reader import Model
-from gguf_surgeon.errors import ReleaseError
 from gguf_surgeon.release.card import CardOptions, QuantFile, model_card
-from gguf_surgeon.release.ollama import CHATML_GO_TEMPLATE, DEFAULT_PARAMETERS, build_modelfile, parse_parameters, recognize_chat_template
+from gguf_surgeon.release.ollama import (
+    CHATML_GO_TEMPLATE,
+    DEFAULT_PARAMETERS,
+    build_modelfile,
+    parse_parameters,
+    recognize_chat_template,
+)
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # Qwen-style: the role in a Jinja expression, escapes written as \\n, a thinking switch, tools
 QWEN_STYLE_TEMPLATE = (
     "{%- if tools %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}"
     "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
-LLAMA3_TEMPLATE = ("{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-                   " + message['content'] + '<|eot_id|>' }}{% endfor %}")
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] + '<|eot_id|>' }}{% endfor %}"
+)
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -48,9 +58,11 @@ CONVERSATION = [
     {"role": "assistant", "content": "Hello!"},
     {"role": "user", "content": "Capital of France?"},
 ]
-CHATML_EXPECTED = ("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                   "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
-                   "<|im_start|>assistant\n")
+CHATML_EXPECTED = (
+    "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 
 
 # a Go text/template interpreter for the subset Ollama templates use ------------------------------
@@ -64,7 +76,7 @@ def _lex(template: str) -> list[tuple[str, str]]:
     pos = 0
     trim_next = False
     for m in _ACTION.finditer(template):
-        text = template[pos:m.start()]
+        text = template[pos : m.start()]
         if trim_next:
             text = text.lstrip()
         if m.group(1):
@@ -97,7 +109,7 @@ def _parse(tokens: list[tuple[str, str]], i: int = 0, stops: tuple[str, ...] = (
                 if stop == "end":
                     break
                 if stop.startswith("else if "):
-                    cond = stop[len("else if "):]
+                    cond = stop[len("else if ") :]
                     continue
                 else_body, i, stop = _parse(tokens, i + 1, ("end",))
                 break
@@ -105,7 +117,7 @@ def _parse(tokens: list[tuple[str, str]], i: int = 0, stops: tuple[str, ...] = (
             i += 1
         elif word == "range":
             body, i, _ = _parse(tokens, i + 1, ("end",))
-            nodes.append(("range", val[len("range "):], body))
+            nodes.append(("range", val[len("range ") :], body))
             i += 1
         else:
             nodes.append(("expr", val))
@@ -180,6 +192,7 @@ def write_gguf(path: Path, chat_template: str | None, name: str = "Tiny") -> Pat
 
 # the TEMPLATE --------------------------------------------------------------------------------
 
+
 def test_the_interpreter_reads_go_trim_markers():
     assert render_ollama("a  {{- .System -}}  b\n{{ .System }}", [{"role": "system", "content": "S"}]) == "aSb\nS"
 
@@ -191,7 +204,8 @@ def test_chatml_template_renders_the_turns(jinja: str):
     assert render_ollama(t.template, CONVERSATION) == CHATML_EXPECTED
     # no system message: the Modelfile's SYSTEM fills .System
     assert render_ollama(t.template, CONVERSATION[1:2], "Be kind.") == (
-        "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     # and with no system prompt at all, none is written
     assert render_ollama(t.template, CONVERSATION[1:2]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
@@ -209,9 +223,14 @@ def test_features_and_default_system_come_from_the_template_text():
 
 def test_the_chat_template_is_never_executed(tmp_path: Path):
     marker = tmp_path / "pwned"
-    hostile = (SMOLLM2_TEMPLATE.replace("You are a helpful AI assistant named SmolLM, trained by Hugging Face",
-                                        'Hi"""\nFROM /etc/passwd')
-               + "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}")
+    hostile = (
+        SMOLLM2_TEMPLATE.replace(
+            "You are a helpful AI assistant named SmolLM, trained by Hugging Face", 'Hi"""\nFROM /etc/passwd'
+        )
+        + "{{ cycler.__init__.__globals__.os.system('touch "
+        + str(marker)
+        + "') }}"
+    )
     model = write_gguf(tmp_path / "hostile.gguf", hostile)
     mf = build_modelfile(model)
     assert not marker.exists()
@@ -227,9 +246,11 @@ def test_modelfile_layout_defaults_and_overrides(tiny: Path):
     lines = mf.text.splitlines()
     assert lines[0] == "FROM ./tiny-Q8_0.gguf"
     params = [l.split(" ", 2)[1:] for l in lines if l.startswith("PARAMETER ")]
-    expected = dict(DEFAULT_PARAMETERS, temperature="0.7", num_ctx="256", repeat_last_n="256")  # capped: 256-token model
-    assert params[:len(expected)] == [[k, v] for k, v in expected.items()]
-    assert params[len(expected):] == [["stop", '"<|im_start|>"'], ["stop", '"<|im_end|>"']]
+    expected = dict(
+        DEFAULT_PARAMETERS, temperature="0.7", num_ctx="256", repeat_last_n="256"
+    )  # capped: 256-token model
+    assert params[: len(expected)] == [[k, v] for k, v in expected.items()]
+    assert params[len(expected) :] == [["stop", '"<|im_start|>"'], ["stop", '"<|im_end|>"']]
     assert lines[-1] == 'SYSTEM "Be brief."'
     assert "# not carried into TEMPLATE: the chat template's enable_thinking switch" in mf.text
 
@@ -249,7 +270,9 @@ def test_modelfile_cli_and_bad_parameters(tiny: Path, tmp_path: Path):
     r = runner.invoke(main, ["modelfile", str(tiny), "--out", str(out)])
     assert r.exit_code == 1 and r.output == f"Error: {out}: exists; pass --force to overwrite\n"
     r = runner.invoke(main, ["modelfile", str(tiny), "--param", "temprature=1"])
-    assert r.exit_code == 1 and r.output.startswith("Error: --param 'temprature=1': Ollama has no parameter 'temprature'")
+    assert r.exit_code == 1 and r.output.startswith(
+        "Error: --param 'temprature=1': Ollama has no parameter 'temprature'"
+    )
     with pytest.raises(ReleaseError, match="expected NAME=VALUE"):
         parse_parameters(["temperature"])
     r = runner.invoke(main, ["modelfile", str(tiny), "--json"])
@@ -258,9 +281,20 @@ def test_modelfile_cli_and_bad_parameters(tiny: Path, tmp_path: Path):
 
 # the card ------------------------------------------------------------------------------------
 
-SECTIONS = ["## Available Quantizations", "## Model Details", "## Surgery Operations", "## Benchmark Results",
-            "## Features", "## Usage", "### With Ollama", "### With llama.cpp", "### With Python (llama-cpp-python)",
-            "## System Requirements", "## Credits", "## License"]
+SECTIONS = [
+    "## Available Quantizations",
+    "## Model Details",
+    "## Surgery Operations",
+    "## Benchmark Results",
+    "## Features",
+    "## Usage",
+    "### With Ollama",
+    "### With llama.cpp",
+    "### With Python (llama-cpp-python)",
+    "## System Requirements",
+    "## Credits",
+    "## License",
+]
 
 
 def front_matter(card: str) -> dict:
@@ -289,20 +323,25 @@ def test_card_layout_from_metadata(tmp_path: Path):
     # general.name as the editor wrote it, quoted for YAML; no base_model: not a Hugging Face id
     assert fm["license"] == "apache-2.0" and fm["model_name"] == 'Tiny | "Qwen3" <b> (gguf-surgeon: delete 2; swap 3 4)'
     assert "base_model" not in fm
-    assert card.split("---\n", 2)[2].startswith('# Tiny \\| "Qwen3" \\<b\\> (gguf-surgeon: delete 2; swap 3 4) — GGUF\n')
+    assert card.split("---\n", 2)[2].startswith(
+        '# Tiny \\| "Qwen3" \\<b\\> (gguf-surgeon: delete 2; swap 3 4) — GGUF\n'
+    )
     assert fm["tags"] == ["qwen3", "gguf", "layer-surgery", "gguf-surgeon", "pruned", "thinking", "text-generation"]
     assert fm["library_name"] == "llama.cpp" and fm["quantized_by"] == "me"
     positions = [card.index(s + "\n") for s in SECTIONS]
     assert positions == sorted(positions)
     assert "| **Q8_0** | 8.50 | 123.46 KB | Highest quality, virtually lossless (recommended) |" in card
     size = edited.stat().st_size / 1e3
-    assert f"| **F32** | 32.00 | {size:.2f} KB | Full precision, largest; the edited model as written by the surgery |" in card
+    assert (
+        f"| **F32** | 32.00 | {size:.2f} KB | Full precision, largest; the edited model as written by the surgery |"
+        in card
+    )
     assert "| Layers | **5** (6 original, 1 deleted) |" in card
     assert "| Attention Heads | 4 query / 2 key-value (GQA) |" in card
     assert "1. **Delete layer 2**\n2. **Swap layers 3 ↔ 4** (indices after the previous step)" in card
     assert "Resulting layer order, by original layer: `0-1,3,5,4`." in card
     assert bench in card
-    assert "FROM ./tiny-edited-Q8_0.gguf" in card and 'llama-cli -m tiny-edited-Q8_0.gguf --jinja -cnv' in card
+    assert "FROM ./tiny-edited-Q8_0.gguf" in card and "llama-cli -m tiny-edited-Q8_0.gguf --jinja -cnv" in card
     assert "<b>" not in card.split("---\n", 2)[2]  # metadata text is escaped in the Markdown body
     fm = front_matter(model_card(edited, CardOptions(base_model="Org/Tiny-Qwen3")))
     assert fm["base_model"] == "Org/Tiny-Qwen3" and fm["model_name"].startswith("Tiny")
@@ -324,21 +363,47 @@ def test_card_cli_lists_and_measures_the_ladder(make_model, tmp_path: Path):
 
 # the release folder ----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_release_files_load_in_llama_cpp(smollm2: Path, tmp_path: Path, llama_bin: Path):
     out = tmp_path / "release"
     bench = tmp_path / "bench.md"
     bench.write_text("| Metric | base | edited |\n|:---|:---:|:---:|\n| KLD | — | 0.23 |\n")
-    r = CliRunner().invoke(main, ["release", str(smollm2), "--recipe", "delete 25", "--out", str(out), "--name",
-                                  "SmolLM2-edited", "--types", "Q8_0,Q4_K_M", "--allow-requantize", "--benchmarks",
-                                  str(bench), "--llama-bin", str(llama_bin), "--json"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "release",
+            str(smollm2),
+            "--recipe",
+            "delete 25",
+            "--out",
+            str(out),
+            "--name",
+            "SmolLM2-edited",
+            "--types",
+            "Q8_0,Q4_K_M",
+            "--allow-requantize",
+            "--benchmarks",
+            str(bench),
+            "--llama-bin",
+            str(llama_bin),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     names = [f["file"] for f in report["files"]]
     # the edited file itself is listed last, in the base's own type, measured too
-    assert re.search(r"\| \*\*Q4_1\*\* \| \d\.\d\d \| [\d.]+ MB \| Legacy 4-bit; the edited model", (out / "README.md").read_text())
-    assert names == ["SmolLM2-edited.gguf", "SmolLM2-edited-Q8_0.gguf", "SmolLM2-edited-Q4_K_M.gguf", "Modelfile",
-                     "README.md"]
+    assert re.search(
+        r"\| \*\*Q4_1\*\* \| \d\.\d\d \| [\d.]+ MB \| Legacy 4-bit; the edited model", (out / "README.md").read_text()
+    )
+    assert names == [
+        "SmolLM2-edited.gguf",
+        "SmolLM2-edited-Q8_0.gguf",
+        "SmolLM2-edited-Q4_K_M.gguf",
+        "Modelfile",
+        "README.md",
+    ]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     card = (out / "README.md").read_text()
     for q in report["quantized"]["results"]:
@@ -361,4 +426,5 @@ def test_release_files_load_in_llama_cpp(smollm2: Path, tmp_path: Path, llama_bi
                 system = re.search(r'^SYSTEM "(.*)"$', modelfile, re.MULTILINE).group(1)
                 assert apply_chat_template(server.url, CONVERSATION, None) == render_ollama(template, CONVERSATION)
                 assert apply_chat_template(server.url, CONVERSATION[1:], None) == render_ollama(
-                    template, CONVERSATION[1:], system)
+                    template, CONVERSATION[1:], system
+                )

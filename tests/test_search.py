@@ -34,8 +34,9 @@ THREADS = 1
 
 def tiny_options(tmp_path: Path, **kw) -> SearchOptions:
     kw.setdefault("threads", THREADS)
-    return SearchOptions(work_dir=tmp_path / "work", ctx=TINY_CTX, short_chars=TINY_CHARS, leaders=0,
-                         cache_dir=tmp_path / "cache", **kw)
+    return SearchOptions(
+        work_dir=tmp_path / "work", ctx=TINY_CTX, short_chars=TINY_CHARS, leaders=0, cache_dir=tmp_path / "cache", **kw
+    )
 
 
 class CountingScorer(CandidateScorer):
@@ -54,11 +55,19 @@ class CountingScorer(CandidateScorer):
 
 
 def scorer_for(base: Path, tmp_path: Path, **kw) -> CountingScorer:
-    return CountingScorer(base, tmp_path / "work", ctx=TINY_CTX, short_chars=TINY_CHARS, cache_dir=tmp_path / "cache",
-                          threads=THREADS, **kw)
+    return CountingScorer(
+        base,
+        tmp_path / "work",
+        ctx=TINY_CTX,
+        short_chars=TINY_CHARS,
+        cache_dir=tmp_path / "cache",
+        threads=THREADS,
+        **kw,
+    )
 
 
 # spaces and moves (no llama.cpp) -------------------------------------------------------------
+
 
 def test_moves_compose_in_post_edit_indices():
     # the reference card: delete layer 10, then swap original 12 and 13 = "swap 11 12" after the deletion
@@ -80,15 +89,19 @@ def test_spaces_presets_and_toml(tmp_path: Path):
     # the card's phase-1 sweep on a 28-block model: 150+ configurations with the combinations
     assert len(ordered_moves(PRESETS["phase1"], 28, None)) == 28 + 27 + 28 + 27 + 27
     space = tmp_path / "s.toml"
-    space.write_text('name = "mine"\nprune = 0.5\nleaders = 1\n[[family]]\nop = "delete"\nblocks = "2-5"\n'
-                     '[[family]]\nop = "delete-window"\nsizes = [2]\n[beam]\nwidth = 1\ndepth = 3\n')
+    space.write_text(
+        'name = "mine"\nprune = 0.5\nleaders = 1\n[[family]]\nop = "delete"\nblocks = "2-5"\n'
+        '[[family]]\nop = "delete-window"\nsizes = [2]\n[beam]\nwidth = 1\ndepth = 3\n'
+    )
     s = load_space(str(space))
     assert (s.name, s.prune, s.leaders, s.beam_width, s.beam_depth) == ("mine", 0.5, 1, 1, 3)
     assert s.families[0].blocks == (2, 3, 4, 5) and s.families[1].sizes == (2,)
-    for text, message in (('[[family]]\nop = "explode"\n', "'op' must be one of"),
-                          ('colour = 1\n[[family]]\nop = "delete"\n', "unknown key(s) colour"),
-                          ('name = "x"\n', "needs at least one [[family]]"),
-                          ('[[family]]\nop = "bridge"\nt = [1.5]\n', "strictly between 0 and 1")):
+    for text, message in (
+        ('[[family]]\nop = "explode"\n', "'op' must be one of"),
+        ('colour = 1\n[[family]]\nop = "delete"\n', "unknown key(s) colour"),
+        ('name = "x"\n', "needs at least one [[family]]"),
+        ('[[family]]\nop = "bridge"\nt = [1.5]\n', "strictly between 0 and 1"),
+    ):
         space.write_text(text)
         with pytest.raises(SearchError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             load_space(str(space))
@@ -109,6 +122,7 @@ def test_rank_orders_and_prunes(tiny: Path):
 
 # the study (real llama.cpp) --------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_search_finds_the_brute_force_best_deletion(smollm2: Path, tmp_path: Path, llama_bin: Path):
     """On SmolLM2, search over single deletions (blocks 25-28, budget = the whole space) picks
@@ -116,15 +130,29 @@ def test_search_finds_the_brute_force_best_deletion(smollm2: Path, tmp_path: Pat
     each model and measuring it against the base with the eval suite's KLD."""
     space = tmp_path / "late.toml"
     space.write_text('name = "late-deletions"\nleaders = 0\n[[family]]\nop = "delete"\nblocks = "25-28"\n')
-    options = SearchOptions(budget=4, work_dir=tmp_path / "work", ctx=64, short_chars=900, llama_bin=llama_bin,
-                            cache_dir=tmp_path / "cache", threads=THREADS)
+    options = SearchOptions(
+        budget=4,
+        work_dir=tmp_path / "work",
+        ctx=64,
+        short_chars=900,
+        llama_bin=llama_bin,
+        cache_dir=tmp_path / "cache",
+        threads=THREADS,
+    )
     result = run_search(smollm2, load_space(str(space)), options)
     assert result.evaluated == 4 and result.candidates == 4
     assert not list((tmp_path / "work" / "candidates").glob("*.gguf"))  # deleted after scoring
 
     # brute force: a separate cache, every deletion written and measured
-    brute = CandidateScorer(smollm2, tmp_path / "brute", llama_bin=llama_bin, ctx=64, short_chars=900,
-                            cache_dir=tmp_path / "brute-cache", threads=THREADS)
+    brute = CandidateScorer(
+        smollm2,
+        tmp_path / "brute",
+        llama_bin=llama_bin,
+        ctx=64,
+        short_chars=900,
+        cache_dir=tmp_path / "brute-cache",
+        threads=THREADS,
+    )
     kld = {}
     for block in range(25, 29):
         path = tmp_path / f"delete-{block}.gguf"
@@ -173,14 +201,18 @@ def test_two_workers_share_a_study(tiny: Path, tmp_path: Path, llama_bin: Path):
 @pytest.mark.slow
 def test_large_spaces_are_sampled_with_tpe_and_beams_combine_the_best(tiny: Path, tmp_path: Path, llama_bin: Path):
     space = tmp_path / "pairs.toml"
-    space.write_text('name = "pairs"\nmax_steps = 2\nexhaustive_limit = 10\nleaders = 0\n'
-                     '[[family]]\nop = "delete"\n[[family]]\nop = "swap"\n')
+    space.write_text(
+        'name = "pairs"\nmax_steps = 2\nexhaustive_limit = 10\nleaders = 0\n'
+        '[[family]]\nop = "delete"\n[[family]]\nop = "swap"\n'
+    )
     result = run_search(tiny, load_space(str(space)), tiny_options(tmp_path, budget=6, llama_bin=llama_bin))
     assert result.candidates is None and result.evaluated == 6  # 66 combinations > 10: sampled, to the budget
     assert {e.phase for e in result.leaderboard} == {"tpe"}
     greedy = tmp_path / "greedy.toml"
-    greedy.write_text('name = "greedy"\nleaders = 0\n[[family]]\nop = "delete"\nblocks = "3-5"\n'
-                      '[beam]\nwidth = 1\ndepth = 2\ntop = 3\n')
+    greedy.write_text(
+        'name = "greedy"\nleaders = 0\n[[family]]\nop = "delete"\nblocks = "3-5"\n'
+        "[beam]\nwidth = 1\ndepth = 2\ntop = 3\n"
+    )
     result = run_search(tiny, load_space(str(greedy)), tiny_options(tmp_path, llama_bin=llama_bin))
     singles = sorted((e for e in result.leaderboard if e.phase == "singles"), key=lambda e: e.kld)
     pairs = [e for e in result.leaderboard if e.phase == "beam2"]
@@ -193,19 +225,40 @@ def test_large_spaces_are_sampled_with_tpe_and_beams_combine_the_best(tiny: Path
 @pytest.mark.slow
 def test_search_cli_json_and_a_study_of_another_base(tiny: Path, make_model, tmp_path: Path, llama_bin: Path):
     runner = CliRunner()
-    args = ["--space", "swaps", "--work-dir", str(tmp_path / "work"), "--ctx", str(TINY_CTX), "--short-chars",
-            str(TINY_CHARS), "--leaders", "0", "--threads", "1", "--budget", "2", "--llama-bin", str(llama_bin)]
+    args = [
+        "--space",
+        "swaps",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--ctx",
+        str(TINY_CTX),
+        "--short-chars",
+        str(TINY_CHARS),
+        "--leaders",
+        "0",
+        "--threads",
+        "1",
+        "--budget",
+        "2",
+        "--llama-bin",
+        str(llama_bin),
+    ]
     r = runner.invoke(main, ["search", str(tiny), *args, "--json"], env={"GGUF_SURGEON_CACHE": str(tmp_path / "c")})
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert data["evaluated"] == 2 and data["budget"] == 2 and data["champion"]["recipe"].startswith("swap ")
     assert np.isfinite(data["champion"]["kld"])
     # a larger budget continues the same study: only the difference is scored
-    r = runner.invoke(main, ["search", str(tiny), *args[:-4], "--budget", "4", "--llama-bin", str(llama_bin), "--json"],
-                      env={"GGUF_SURGEON_CACHE": str(tmp_path / "c")})
+    r = runner.invoke(
+        main,
+        ["search", str(tiny), *args[:-4], "--budget", "4", "--llama-bin", str(llama_bin), "--json"],
+        env={"GGUF_SURGEON_CACHE": str(tmp_path / "c")},
+    )
     assert r.exit_code == 0, r.output
     assert (json.loads(r.output)["evaluated"], json.loads(r.output)["evaluated_now"]) == (4, 2)
     other = make_model("tiny.gguf", seed=1, n_blocks=5)  # same file name, other model
     r = runner.invoke(main, ["search", str(other), *args], env={"GGUF_SURGEON_CACHE": str(tmp_path / "c")})
     assert r.exit_code == 1
-    assert r.output.startswith("Error: study 'tiny:swaps' in sqlite:///") and "made for another base or space" in r.output
+    assert (
+        r.output.startswith("Error: study 'tiny:swaps' in sqlite:///") and "made for another base or space" in r.output
+    )

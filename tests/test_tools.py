@@ -12,8 +12,17 @@ from click.testing import CliRunner
 
 from gguf_surgeon.cli import main
 from gguf_surgeon.errors import ToolError
-from gguf_surgeon.llama.tools import (ENV_VAR, HOW_TO_GET, TOOLS, ToolVersion, doctor, find_tool, parse_version, run_tool,
-                                tool_version)
+from gguf_surgeon.llama.tools import (
+    ENV_VAR,
+    HOW_TO_GET,
+    TOOLS,
+    ToolVersion,
+    doctor,
+    find_tool,
+    parse_version,
+    run_tool,
+    tool_version,
+)
 
 
 def fake_tool(folder: Path, name: str, script: str = "echo 'version: 4567 (abc1234)'") -> Path:
@@ -52,8 +61,10 @@ def test_missing_tool_names_it_and_how_to_get_it(tmp_path: Path, no_tools: Path,
     monkeypatch.setenv(ENV_VAR, str(stale))
     with pytest.raises(ToolError) as e:
         find_tool("llama-imatrix", no_tools)
-    assert str(e.value) == (f"llama-imatrix not found (looked in --llama-bin {no_tools}, {ENV_VAR} {stale} (no such folder), "
-                            f"PATH); to get it, {HOW_TO_GET}")
+    assert str(e.value) == (
+        f"llama-imatrix not found (looked in --llama-bin {no_tools}, {ENV_VAR} {stale} (no such folder), "
+        f"PATH); to get it, {HOW_TO_GET}"
+    )
     assert "bash scripts/build-llama-cpp.sh" in str(e.value)
     assert "package manager" in str(e.value)
     assert "github.com/ggml-org/llama.cpp/releases" in str(e.value)
@@ -64,12 +75,15 @@ def test_llama_bin_must_be_a_folder(tmp_path: Path):
         find_tool("llama-quantize", tmp_path / "nope")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("version: 0.5.0-dev (build 1, commit 0c1e570)\nbuilt with GNU 12.2.0", ToolVersion("0.5.0-dev", 1, "0c1e570")),
-    ("version: 4567 (abc1234)\nbuilt with cc", ToolVersion("4567", 4567, "abc1234")),
-    ("load_backend: ...\nversion: 6100 (2241453a)\n", ToolVersion("6100", 6100, "2241453a")),
-    ("usage: llama-foo [options]", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("version: 0.5.0-dev (build 1, commit 0c1e570)\nbuilt with GNU 12.2.0", ToolVersion("0.5.0-dev", 1, "0c1e570")),
+        ("version: 4567 (abc1234)\nbuilt with cc", ToolVersion("4567", 4567, "abc1234")),
+        ("load_backend: ...\nversion: 6100 (2241453a)\n", ToolVersion("6100", 6100, "2241453a")),
+        ("usage: llama-foo [options]", None),
+    ],
+)
 def test_parse_version(text: str, expected: ToolVersion | None):
     assert parse_version(text) == expected
 
@@ -80,12 +94,16 @@ def test_version_renders_build_and_commit():
 
 
 def test_tool_version_of_a_fake_tool(tmp_path: Path):
-    assert tool_version(fake_tool(tmp_path, "llama-server", "echo 'version: 4567 (abc1234)' >&2")) == ToolVersion("4567", 4567, "abc1234")
+    assert tool_version(fake_tool(tmp_path, "llama-server", "echo 'version: 4567 (abc1234)' >&2")) == ToolVersion(
+        "4567", 4567, "abc1234"
+    )
     assert tool_version(fake_tool(tmp_path, "llama-x", "echo hello")) is None
 
 
 def test_run_tool_feeds_lines_and_keeps_error_lines(tmp_path: Path):
-    tool = fake_tool(tmp_path, "llama-x", "echo '[   1/   2] a'; echo 'main: error: bad thing' >&2; echo 'last'; exit 3")
+    tool = fake_tool(
+        tmp_path, "llama-x", "echo '[   1/   2] a'; echo 'main: error: bad thing' >&2; echo 'last'; exit 3"
+    )
     lines: list[str] = []
     run = run_tool(tool, [], lines.append)
     assert lines == ["[   1/   2] a", "main: error: bad thing", "last"]
@@ -103,7 +121,12 @@ def test_doctor_records(tmp_path: Path, no_tools: Path, monkeypatch: pytest.Monk
     assert list(records) == list(TOOLS)
     q = records["llama-quantize"]
     assert (q.found, q.path, q.found_via, q.version, q.how_to_get) == (
-        True, bin_dir / "llama-quantize", ENV_VAR, ToolVersion("0.5.0-dev", 1, "0c1e570"), None)
+        True,
+        bin_dir / "llama-quantize",
+        ENV_VAR,
+        ToolVersion("0.5.0-dev", 1, "0c1e570"),
+        None,
+    )
     missing = records["llama-imatrix"]
     assert not missing.found and missing.path is None and missing.version is None
     assert missing.how_to_get == f"not found (looked in {ENV_VAR} {bin_dir}, PATH); {HOW_TO_GET}"
@@ -115,10 +138,14 @@ def test_doctor_cli_reports_missing_tools_and_exits_1(tmp_path: Path, no_tools: 
     result = CliRunner().invoke(main, ["doctor", "--llama-bin", str(bin_dir)])
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
-    assert lines[0] == f"llama-quantize    found    build 4567, commit abc1234  {bin_dir / 'llama-quantize'} (via --llama-bin)"
+    assert (
+        lines[0]
+        == f"llama-quantize    found    build 4567, commit abc1234  {bin_dir / 'llama-quantize'} (via --llama-bin)"
+    )
     assert lines[1] == "llama-imatrix     missing  needed to compute importance matrices for low-bit quants"
-    assert lines[-1] == (f"Missing: llama-imatrix, llama-perplexity, llama-completion, llama-server. "
-                         f"To get them, {HOW_TO_GET}.")
+    assert lines[-1] == (
+        f"Missing: llama-imatrix, llama-perplexity, llama-completion, llama-server. To get them, {HOW_TO_GET}."
+    )
 
 
 def test_doctor_json(tmp_path: Path, no_tools: Path):
@@ -130,10 +157,17 @@ def test_doctor_json(tmp_path: Path, no_tools: Path):
     data = json.loads(result.stdout)
     assert data["ok"] is True
     assert [t["name"] for t in data["tools"]] == list(TOOLS)
-    assert data["tools"][0] == {"name": "llama-quantize", "purpose": TOOLS["llama-quantize"], "found": True,
-                                "path": str(bin_dir / "llama-quantize"), "found_via": "--llama-bin",
-                                "version": "build 4567, commit abc1234", "build": 4567, "commit": "abc1234",
-                                "how_to_get": None}
+    assert data["tools"][0] == {
+        "name": "llama-quantize",
+        "purpose": TOOLS["llama-quantize"],
+        "found": True,
+        "path": str(bin_dir / "llama-quantize"),
+        "found_via": "--llama-bin",
+        "version": "build 4567, commit abc1234",
+        "build": 4567,
+        "commit": "abc1234",
+        "how_to_get": None,
+    }
 
 
 def test_doctor_bad_llama_bin(tmp_path: Path):

@@ -49,7 +49,6 @@ FALLBACK_TEXT = (
 RankProgress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
-
 @dataclass(frozen=True)
 class BlockScore:
     """The importance of one block."""
@@ -104,8 +103,11 @@ class Ranking:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "architecture": self.architecture, "n_tokens": self.n_tokens,
-            "tokenizer": self.tokenizer, "seconds": round(self.seconds, 3),
+            "model": self.model,
+            "architecture": self.architecture,
+            "n_tokens": self.n_tokens,
+            "tokenizer": self.tokenizer,
+            "seconds": round(self.seconds, 3),
             "blocks": [asdict(b) for b in self.blocks],
             "windows": [asdict(w) for w in self.windows],
             "best_windows": [asdict(w) for w in self.best_windows()],
@@ -114,9 +116,15 @@ class Ranking:
 
     @staticmethod
     def from_dict(data: dict) -> Ranking:
-        return Ranking(data["model"], data["architecture"], data["n_tokens"], data["tokenizer"],
-                       tuple(BlockScore(**b) for b in data["blocks"]),
-                       tuple(WindowScore(**w) for w in data["windows"]), data.get("seconds", 0.0))
+        return Ranking(
+            data["model"],
+            data["architecture"],
+            data["n_tokens"],
+            data["tokenizer"],
+            tuple(BlockScore(**b) for b in data["blocks"]),
+            tuple(WindowScore(**w) for w in data["windows"]),
+            data.get("seconds", 0.0),
+        )
 
 
 def block_damage(b: BlockScore) -> float:
@@ -125,6 +133,7 @@ def block_damage(b: BlockScore) -> float:
 
 
 # text and tokens -------------------------------------------------------------------------
+
 
 def default_text() -> str:
     """The eval suite's text when the package ships it, else a short built-in paragraph."""
@@ -152,7 +161,9 @@ def tokenize(model_path: Path, text: str, llama_bin: str | Path | None = None) -
 
 def _byte_to_unicode() -> dict[int, str]:
     # GPT-2's reversible byte -> printable character table (tokenizer.ggml.model == "gpt2")
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, n = {}, 0
     for b in range(256):
         if b in printable:
@@ -185,7 +196,7 @@ def greedy_tokenize(model: Model, text: str) -> list[int]:
     pos = 0
     while pos < len(spelled):
         for size in range(min(longest, len(spelled) - pos), 0, -1):
-            hit = index.get(spelled[pos:pos + size])
+            hit = index.get(spelled[pos : pos + size])
             if hit is not None:
                 ids.append(hit)
                 pos += size
@@ -196,6 +207,7 @@ def greedy_tokenize(model: Model, text: str) -> list[int]:
 
 
 # the scores --------------------------------------------------------------------------------
+
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of two (tokens, n_embd) arrays, in float64."""
@@ -222,8 +234,9 @@ def angular_distances(hidden: Sequence[np.ndarray], max_size: int | None = None)
     return out
 
 
-def ablation_klds(ref: ReferenceModel, tokens: Sequence[int], base_hidden: Sequence[np.ndarray],
-                  progress: RankProgress | None = None) -> list[float]:
+def ablation_klds(
+    ref: ReferenceModel, tokens: Sequence[int], base_hidden: Sequence[np.ndarray], progress: RankProgress | None = None
+) -> list[float]:
     """Mean per-token KL(base || block i deleted) for every block i, from one joint pass.
 
     Stream i skips block i: it starts as base_hidden[i] and then runs blocks i+1..N-1. Block
@@ -276,9 +289,17 @@ def _kl_to_base(ref: ReferenceModel, base_final: np.ndarray, finals: list[np.nda
     return [float(max(v, 0.0)) for v in kl.mean(-1)]
 
 
-def rank_model(path: str | Path, text: str | None = None, *, tokens: Sequence[int] | None = None,
-               max_tokens: int = DEFAULT_TOKENS, ablation: bool = False, max_window: int | None = None,
-               llama_bin: str | Path | None = None, progress: RankProgress | None = None) -> Ranking:
+def rank_model(
+    path: str | Path,
+    text: str | None = None,
+    *,
+    tokens: Sequence[int] | None = None,
+    max_tokens: int = DEFAULT_TOKENS,
+    ablation: bool = False,
+    max_window: int | None = None,
+    llama_bin: str | Path | None = None,
+    progress: RankProgress | None = None,
+) -> Ranking:
     """Score every block of the model at `path` on `text` (default: the eval text's start).
 
     `tokens` skips tokenization. The text is cut to `max_tokens` tokens. `ablation` adds the

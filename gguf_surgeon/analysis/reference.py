@@ -29,7 +29,6 @@ from ..reader import Model, TensorInfo
 HEAD_ROWS_PER_SLICE = 8192  # output-head rows dequantized at a time
 
 
-
 @dataclass(frozen=True)
 class ArchSpec:
     """What differs between the supported architectures' block graphs."""
@@ -99,7 +98,9 @@ def dequantize_rows(model: Model, t: TensorInfo, start: int = 0, stop: int | Non
     try:
         out = dequantize(raw, t.ggml_type)
     except NotImplementedError:
-        raise ForwardError(f"{t.path}: tensor {t.name!r} has type {t.ggml_type.name}, which gguf-py cannot dequantize") from None
+        raise ForwardError(
+            f"{t.path}: tensor {t.name!r} has type {t.ggml_type.name}, which gguf-py cannot dequantize"
+        ) from None
     return out.reshape(stop - start, t.shape[0])
 
 
@@ -109,8 +110,15 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(ms + np.float32(eps))) * weight
 
 
-def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, base: float, neox: bool,
-         freq_scale: float = 1.0, freq_factors: np.ndarray | None = None) -> np.ndarray:
+def rope(
+    x: np.ndarray,
+    positions: np.ndarray,
+    n_rot: int,
+    base: float,
+    neox: bool,
+    freq_scale: float = 1.0,
+    freq_factors: np.ndarray | None = None,
+) -> np.ndarray:
     """Rotary position embedding as ggml_rope_ext applies it, without YaRN.
 
     x is (n_tokens, n_heads, head_dim); only the first `n_rot` values of each head rotate.
@@ -203,7 +211,9 @@ class ReferenceModel:
         self.model = model
         arch = model.architecture
         if arch not in ARCHS:
-            raise ForwardError(f"{model.path}: architecture {arch!r} is not supported by the reference forward pass (supported: {', '.join(ARCHS)})")
+            raise ForwardError(
+                f"{model.path}: architecture {arch!r} is not supported by the reference forward pass (supported: {', '.join(ARCHS)})"
+            )
         self.spec = ARCHS[arch]
         self.block_count = len(model.blocks())
         embd = self.tensor("token_embd.weight")
@@ -211,7 +221,9 @@ class ReferenceModel:
         scaling = model.value(model.arch_key(Keys.Rope.SCALING_TYPE), "none")
         factor = model.value(model.arch_key(Keys.Rope.SCALING_FACTOR))
         if scaling not in ("none", "linear") and factor not in (None, 0.0, 1.0):
-            raise ForwardError(f"{model.path}: RoPE scaling {scaling!r} is not implemented by the reference forward pass")
+            raise ForwardError(
+                f"{model.path}: RoPE scaling {scaling!r} is not implemented by the reference forward pass"
+            )
         freq_scale = 1.0 / factor if scaling == "linear" and factor else 1.0
         scale = model.value(model.arch_key(Keys.Attention.SCALE)) if self.spec.honours_attention_scale else None
         self.hparams = Hyperparams(
@@ -262,12 +274,18 @@ class ReferenceModel:
     def load_block(self, index: int) -> BlockWeights:
         """Dequantize source block `index`; the caller drops it when done."""
         if not 0 <= index < self.block_count:
-            raise ForwardError(f"{self.model.path}: block {index} out of range (the model has blocks 0..{self.block_count - 1})")
+            raise ForwardError(
+                f"{self.model.path}: block {index} out of range (the model has blocks 0..{self.block_count - 1})"
+            )
         p = f"blk.{index}."
         if self.tensor(p + "ffn_gate_inp.weight", required=False) is not None:
-            raise ForwardError(f"{self.model.path}: block {index} is mixture-of-experts; the reference forward pass is dense only")
+            raise ForwardError(
+                f"{self.model.path}: block {index} is mixture-of-experts; the reference forward pass is dense only"
+            )
         if self.tensor(p + "attn_qkv.weight", required=False) is not None:
-            raise ForwardError(f"{self.model.path}: block {index} has a fused attn_qkv tensor, which the reference forward pass does not split")
+            raise ForwardError(
+                f"{self.model.path}: block {index} has a fused attn_qkv tensor, which the reference forward pass does not split"
+            )
         head_dim = self.head_dim(index)
         n_rot = self.model.value(self.model.arch_key(Keys.Rope.DIMENSION_COUNT)) or head_dim
         biases = {}
@@ -310,8 +328,9 @@ class ReferenceModel:
             rows.append(dequantize_rows(self.model, t, tok, tok + 1))
         return np.concatenate(rows).astype(np.float32, copy=True)
 
-    def run_block(self, w: BlockWeights, x: np.ndarray, positions: np.ndarray,
-                  rope_factors: np.ndarray | None = None) -> np.ndarray:
+    def run_block(
+        self, w: BlockWeights, x: np.ndarray, positions: np.ndarray, rope_factors: np.ndarray | None = None
+    ) -> np.ndarray:
         """One transformer block on the residual stream x (n_tokens, n_embd); returns the new stream."""
         hp = self.hparams
         n = x.shape[0]
@@ -364,7 +383,9 @@ class ReferenceModel:
         order = tuple(range(self.block_count)) if layer_order is None else tuple(int(i) for i in layer_order)
         for i in order:
             if not 0 <= i < self.block_count:
-                raise ForwardError(f"{self.model.path}: block {i} in layer_order out of range (the model has blocks 0..{self.block_count - 1})")
+                raise ForwardError(
+                    f"{self.model.path}: block {i} in layer_order out of range (the model has blocks 0..{self.block_count - 1})"
+                )
         positions = np.arange(len(tokens))
         factors = self.rope_factors()
         x = self.embed(tokens)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,27 +19,47 @@ if TYPE_CHECKING:
 
 def eval_options(f: Callable) -> Callable:
     """Options eval and compare share."""
-    for opt in reversed([
-        click.option("--text", type=click.Path(path_type=Path, dir_okay=False),
-                     help="Perplexity/KLD text file (default: the bundled evaluation text)."),
-        click.option("--questions", type=click.IntRange(min=1),
-                     help="Ask only the first N factual questions (quick runs; scores differ from full runs)."),
-        click.option("--threads", type=click.IntRange(min=1),
-                     help="llama.cpp threads (default: min(4, CPUs)); results are cached per thread count."),
-        click.option("--no-cache", is_flag=True, help="Recompute everything and keep nothing."),
-        click.option("--llama-bin", type=click.Path(path_type=Path, file_okay=False),
-                     help="Folder holding llama-perplexity and llama-server."),
-    ]):
+    for opt in reversed(
+        [
+            click.option(
+                "--text",
+                type=click.Path(path_type=Path, dir_okay=False),
+                help="Perplexity/KLD text file (default: the bundled evaluation text).",
+            ),
+            click.option(
+                "--questions",
+                type=click.IntRange(min=1),
+                help="Ask only the first N factual questions (quick runs; scores differ from full runs).",
+            ),
+            click.option(
+                "--threads",
+                type=click.IntRange(min=1),
+                help="llama.cpp threads (default: min(4, CPUs)); results are cached per thread count.",
+            ),
+            click.option("--no-cache", is_flag=True, help="Recompute everything and keep nothing."),
+            click.option(
+                "--llama-bin",
+                type=click.Path(path_type=Path, file_okay=False),
+                help="Folder holding llama-perplexity and llama-server.",
+            ),
+        ]
+    ):
         f = opt(f)
     return f
 
 
-def make_options(text: Path | None, questions: int | None, threads: int | None, no_cache: bool,
-                 llama_bin: Path | None) -> "EvalOptions":
+def make_options(
+    text: Path | None, questions: int | None, threads: int | None, no_cache: bool, llama_bin: Path | None
+) -> EvalOptions:
     from ..evaluation.runner import EvalOptions, default_threads
 
-    return EvalOptions(llama_bin=llama_bin, text=text, questions=questions, threads=threads or default_threads(),
-                       use_cache=not no_cache)
+    return EvalOptions(
+        llama_bin=llama_bin,
+        text=text,
+        questions=questions,
+        threads=threads or default_threads(),
+        use_cache=not no_cache,
+    )
 
 
 def useful_rows(rows: list[list[str]]) -> list[list[str]]:
@@ -59,32 +80,51 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     def esc(cell: str) -> str:
         return cell.replace("|", "\\|")
 
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |",
-             "|:---|" + ":---:|" * (len(header) - 1)]
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|:---|" + ":---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def footer(reports: Sequence["EvalReport"]) -> None:
+def footer(reports: Sequence[EvalReport]) -> None:
     r = reports[-1]
     s = r.settings
-    out_console.print(f"{s['questions']} questions, {r.perplexity.chunks} chunks of {s['ctx']} tokens of {s['text']}, "
-                      f"{len(r.generation.continuations)} open prompts; {s['threads']} threads, seed {s['seed']}; "
-                      f"intervals: {s['confidence']:.0%} bootstrap ({s['bootstrap_samples']} draws)")
+    out_console.print(
+        f"{s['questions']} questions, {r.perplexity.chunks} chunks of {s['ctx']} tokens of {s['text']}, "
+        f"{len(r.generation.continuations)} open prompts; {s['threads']} threads, seed {s['seed']}; "
+        f"intervals: {s['confidence']:.0%} bootstrap ({s['bootstrap_samples']} draws)"
+    )
     t = r.timings
-    out_console.print(f"Time: {t.total:.1f} s" + (" (all from cache)" if all(x.cached for x in reports) else
-                      f" (llama.cpp {t.llama:.1f} s, gguf-surgeon {t.overhead:.1f} s)"))
+    out_console.print(
+        f"Time: {t.total:.1f} s"
+        + (
+            " (all from cache)"
+            if all(x.cached for x in reports)
+            else f" (llama.cpp {t.llama:.1f} s, gguf-surgeon {t.overhead:.1f} s)"
+        )
+    )
 
 
 @click.command("eval")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--base", type=click.Path(path_type=Path, dir_okay=False),
-              help="The model MODEL was made from: adds KL divergence and differences with intervals.")
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The model MODEL was made from: adds KL divergence and differences with intervals.",
+)
 @eval_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Also write the JSON report to this file.")
-def eval_cmd(model: Path, base: Path | None, text: Path | None, questions: int | None, threads: int | None,
-             no_cache: bool, llama_bin: Path | None, as_json: bool, out: Path | None) -> None:
+def eval_cmd(
+    model: Path,
+    base: Path | None,
+    text: Path | None,
+    questions: int | None,
+    threads: int | None,
+    no_cache: bool,
+    llama_bin: Path | None,
+    as_json: bool,
+    out: Path | None,
+) -> None:
     """Score MODEL 0-100 (factual questions, perplexity, coherence, repetition, thinking modes),
     each with a 95% bootstrap interval; with --base also KL divergence, same-top-token rate,
     differences to the base and a verdict: better, worse or not distinguishable.
@@ -112,9 +152,12 @@ def eval_cmd(model: Path, base: Path | None, text: Path | None, questions: int |
     render_table(*comparison_table(reports))
     if report.versus_base:
         d = report.versus_base.differences[0].delta
-        out_console.print(f"Verdict: [bold]{report.versus_base.verdict}[/] than the base"
-                          if report.versus_base.verdict != "not distinguishable" else
-                          "Verdict: [bold]not distinguishable[/] from the base", end="")
+        out_console.print(
+            f"Verdict: [bold]{report.versus_base.verdict}[/] than the base"
+            if report.versus_base.verdict != "not distinguishable"
+            else "Verdict: [bold]not distinguishable[/] from the base",
+            end="",
+        )
         out_console.print(f" (overall Δ {d.value:+.1f}, 95% interval [{d.low:+.1f}, {d.high:+.1f}])")
     footer(reports)
 
@@ -124,8 +167,16 @@ def eval_cmd(model: Path, base: Path | None, text: Path | None, questions: int |
 @eval_options
 @click.option("--markdown", is_flag=True, help="Print the table as Markdown, for a model card.")
 @click.option("--json", "as_json", is_flag=True, help="Print every report as JSON.")
-def compare_cmd(models: tuple[Path, ...], text: Path | None, questions: int | None, threads: int | None,
-                no_cache: bool, llama_bin: Path | None, markdown: bool, as_json: bool) -> None:
+def compare_cmd(
+    models: tuple[Path, ...],
+    text: Path | None,
+    questions: int | None,
+    threads: int | None,
+    no_cache: bool,
+    llama_bin: Path | None,
+    markdown: bool,
+    as_json: bool,
+) -> None:
     """Evaluate models side by side, each against the first: overall score, factual accuracy,
     perplexity, KLD vs the first, thinking and non-thinking checks, deltas with 95% intervals.
 

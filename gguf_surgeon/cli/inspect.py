@@ -46,13 +46,26 @@ def inspect(model: Path, layers: bool, tensors: bool, meta: bool, as_json: bool)
     tmpl = s.chat_template
     rows = [
         ("file", f"{s.path} (GGUF v{s.version}" + (f", {s.shards} shards)" if s.shards > 1 else ")")),
-        ("name", s.name), ("architecture", s.architecture),
-        ("blocks", f"{s.block_count}" + ("" if s.block_count_key == s.block_count else f" (block_count key says {s.block_count_key})")),
-        ("embedding", s.embedding_length), ("feed-forward", s.feed_forward_length),
-        ("heads / kv heads", f"{s.head_count} / {s.head_count_kv}"), ("context", s.context_length),
-        ("rope base", s.rope_freq_base), ("vocab", s.vocab_size), ("tokenizer", f"{s.tokenizer_model} / {s.tokenizer_pre}"),
-        ("chat template", "none" if tmpl is None else
-         f"sha256 {tmpl.sha256}, {tmpl.length} chars, thinking switch: {'yes' if tmpl.thinking_switch else 'no'}"),
+        ("name", s.name),
+        ("architecture", s.architecture),
+        (
+            "blocks",
+            f"{s.block_count}"
+            + ("" if s.block_count_key == s.block_count else f" (block_count key says {s.block_count_key})"),
+        ),
+        ("embedding", s.embedding_length),
+        ("feed-forward", s.feed_forward_length),
+        ("heads / kv heads", f"{s.head_count} / {s.head_count_kv}"),
+        ("context", s.context_length),
+        ("rope base", s.rope_freq_base),
+        ("vocab", s.vocab_size),
+        ("tokenizer", f"{s.tokenizer_model} / {s.tokenizer_pre}"),
+        (
+            "chat template",
+            "none"
+            if tmpl is None
+            else f"sha256 {tmpl.sha256}, {tmpl.length} chars, thinking switch: {'yes' if tmpl.thinking_switch else 'no'}",
+        ),
         ("template starts", None if tmpl is None else tmpl.first_line),
         ("file type", s.file_type),
         ("tensor types", ", ".join(f"{k} x{v}" for k, v in s.tensor_types.items())),
@@ -66,8 +79,13 @@ def inspect(model: Path, layers: bool, tensors: bool, meta: bool, as_json: bool)
     if layers:
         lt = Table("block", "tensors", "parameters", "size", "types", box=None)
         for l in data["layers"]:
-            lt.add_row(str(l["index"]), str(l["tensors"]), f"{l['parameters']:,}", human_size(l["bytes"]),
-                       ", ".join(f"{k} x{v}" for k, v in l["types"].items()))
+            lt.add_row(
+                str(l["index"]),
+                str(l["tensors"]),
+                f"{l['parameters']:,}",
+                human_size(l["bytes"]),
+                ", ".join(f"{k} x{v}" for k, v in l["types"].items()),
+            )
         out_console.print(lt)
     if tensors:
         tt = Table("tensor", "shape", "type", "size", box=None)

@@ -15,8 +15,10 @@ from ..reader import Model
 from .common import IN_ARG, emit_json, err_console, human_size, out_console, step_progress
 
 LLAMA_BIN_OPTION = click.option(
-    "--llama-bin", type=click.Path(path_type=Path, file_okay=False),
-    help=f"Folder holding the llama.cpp tools (searched before ${ENV_VAR} and PATH).")
+    "--llama-bin",
+    type=click.Path(path_type=Path, file_okay=False),
+    help=f"Folder holding the llama.cpp tools (searched before ${ENV_VAR} and PATH).",
+)
 
 
 @click.command("doctor")
@@ -66,23 +68,48 @@ def type_progress(enabled: bool = True) -> step_progress:
 @click.command("quantize")
 @IN_ARG
 @click.argument("extra", nargs=-1, metavar="[-- LLAMA_QUANTIZE_ARGS...]")
-@click.option("--types", "types", multiple=True, metavar="TYPES",
-              help=f"Types to write, comma-separated or repeated (default: {','.join(DEFAULT_LADDER)}).")
-@click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Folder for the outputs (default: IN's folder; created when missing).")
+@click.option(
+    "--types",
+    "types",
+    multiple=True,
+    metavar="TYPES",
+    help=f"Types to write, comma-separated or repeated (default: {','.join(DEFAULT_LADDER)}).",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for the outputs (default: IN's folder; created when missing).",
+)
 @click.option("--name", help="Output files are NAME-TYPE.gguf (default: IN's file name without .gguf).")
-@click.option("--imatrix", type=click.Path(path_type=Path, dir_okay=False),
-              help="Importance matrix (llama-imatrix GGUF or legacy .dat) passed to llama-quantize.")
+@click.option(
+    "--imatrix",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Importance matrix (llama-imatrix GGUF or legacy .dat) passed to llama-quantize.",
+)
 @click.option("--recipe", help="The recipe that made IN from the imatrix's model: the imatrix is remapped through it.")
-@click.option("--allow-requantize", is_flag=True,
-              help="Allow a quantized IN (quality loss compounds: quantize from F16/BF16 when you can).")
+@click.option(
+    "--allow-requantize",
+    is_flag=True,
+    help="Allow a quantized IN (quality loss compounds: quantize from F16/BF16 when you can).",
+)
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for llama-quantize (default: its own).")
 @LLAMA_BIN_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize_cmd(source: Path, extra: tuple[str, ...], types: tuple[str, ...], out_dir: Path | None, name: str | None,
-                 imatrix: Path | None, recipe: str | None, allow_requantize: bool, force: bool, threads: int | None,
-                 llama_bin: Path | None, as_json: bool) -> None:
+def quantize_cmd(
+    source: Path,
+    extra: tuple[str, ...],
+    types: tuple[str, ...],
+    out_dir: Path | None,
+    name: str | None,
+    imatrix: Path | None,
+    recipe: str | None,
+    allow_requantize: bool,
+    force: bool,
+    threads: int | None,
+    llama_bin: Path | None,
+    as_json: bool,
+) -> None:
     """Quantize IN with llama-quantize, one NAME-TYPE.gguf per type, and report bits per weight,
     size and time of each. Arguments after -- go to llama-quantize unchanged.
 
@@ -93,9 +120,20 @@ def quantize_cmd(source: Path, extra: tuple[str, ...], types: tuple[str, ...], o
     from ..llama.quantize import quantize_ladder
 
     with type_progress(enabled=not as_json) as progress:
-        report = quantize_ladder(source, split_types(types) or DEFAULT_LADDER, out_dir, name=name, imatrix=imatrix,
-                                 recipe=recipe, allow_requantize=allow_requantize, force=force, llama_bin=llama_bin,
-                                 extra_args=extra, threads=threads, progress=progress)
+        report = quantize_ladder(
+            source,
+            split_types(types) or DEFAULT_LADDER,
+            out_dir,
+            name=name,
+            imatrix=imatrix,
+            recipe=recipe,
+            allow_requantize=allow_requantize,
+            force=force,
+            llama_bin=llama_bin,
+            extra_args=extra,
+            threads=threads,
+            progress=progress,
+        )
     if as_json:
         return emit_json(report.to_dict())
     render_quantize(report)
@@ -118,8 +156,13 @@ def render_quantize(report: Any) -> None:
 @click.argument("recipe")
 @click.argument("source", metavar="IN.imatrix", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("out", metavar="OUT.imatrix", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--model", "model", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="The model the imatrix was computed on (gives the block count).")
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The model the imatrix was computed on (gives the block count).",
+)
 @click.option("--force", is_flag=True, help="Overwrite OUT.imatrix.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def imatrix_remap_cmd(recipe: str, source: Path, out: Path, model: Path, force: bool, as_json: bool) -> None:
@@ -140,10 +183,14 @@ def imatrix_remap_cmd(recipe: str, source: Path, out: Path, model: Path, force: 
     if as_json:
         return emit_json(report.to_dict())
     blended = f"; blended blocks: {', '.join(map(str, report.blended))}" if report.blended else ""
-    out_console.print(f"Wrote {report.out}: {report.entries_out} entries for {report.output_blocks} blocks "
-                      f"(from {report.entries_in} for {report.source_blocks}; {report.source_format} format in){blended}")
+    out_console.print(
+        f"Wrote {report.out}: {report.entries_out} entries for {report.output_blocks} blocks "
+        f"(from {report.entries_in} for {report.source_blocks}; {report.source_format} format in){blended}"
+    )
 
 
 COMMANDS: dict[str, click.Command] = {
-    "doctor": doctor_cmd, "quantize": quantize_cmd, "imatrix-remap": imatrix_remap_cmd,
+    "doctor": doctor_cmd,
+    "quantize": quantize_cmd,
+    "imatrix-remap": imatrix_remap_cmd,
 }

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 from rich.table import Table
 
-from .common import emit_json, err_console, human_size, live_terminal, main, out_console, step_progress
 from ..errors import SurgeonError
+from .common import emit_json, err_console, human_size, live_terminal, main, out_console, step_progress
 
-LLAMA_BIN_OPTION = click.option("--llama-bin", type=click.Path(path_type=Path, file_okay=False),
-                                help="Folder holding the llama.cpp tools (searched before $GGUF_SURGEON_LLAMA_BIN and PATH).")
+LLAMA_BIN_OPTION = click.option(
+    "--llama-bin",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder holding the llama.cpp tools (searched before $GGUF_SURGEON_LLAMA_BIN and PATH).",
+)
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 BAR_WIDTH = 36
 PARTIAL_BLOCKS = " ▏▎▍▌▋▊▉"
@@ -42,24 +46,57 @@ def bar_scale(values: Sequence[float]) -> float:
 
 # --- rank ---------------------------------------------------------------------------------
 
+
 @main.command("rank")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--text", "text_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Text to score the blocks on (default: the start of the bundled evaluation text).")
-@click.option("--tokens", "max_tokens", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Use at most this many tokens of the text.")
-@click.option("--ablation", is_flag=True,
-              help="Also the KL divergence to the base when each block alone is deleted (about N/2 times slower).")
-@click.option("--windows", "max_window", type=click.IntRange(min=1),
-              help="Angular distances for windows of at most this many blocks (default: all sizes).")
-@click.option("--plot", type=click.Path(path_type=Path, dir_okay=False),
-              help="Write a PNG of the scores (needs matplotlib: pip install 'gguf-surgeon[plot]').")
-@click.option("--save", type=click.Path(path_type=Path, dir_okay=False),
-              help="Also write the JSON report to this file (search --rank reads it).")
+@click.option(
+    "--text",
+    "text_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Text to score the blocks on (default: the start of the bundled evaluation text).",
+)
+@click.option(
+    "--tokens",
+    "max_tokens",
+    type=click.IntRange(min=2),
+    default=128,
+    show_default=True,
+    help="Use at most this many tokens of the text.",
+)
+@click.option(
+    "--ablation",
+    is_flag=True,
+    help="Also the KL divergence to the base when each block alone is deleted (about N/2 times slower).",
+)
+@click.option(
+    "--windows",
+    "max_window",
+    type=click.IntRange(min=1),
+    help="Angular distances for windows of at most this many blocks (default: all sizes).",
+)
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write a PNG of the scores (needs matplotlib: pip install 'gguf-surgeon[plot]').",
+)
+@click.option(
+    "--save",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the JSON report to this file (search --rank reads it).",
+)
 @LLAMA_BIN_OPTION
 @JSON_OPTION
-def rank_cmd(model: Path, text_file: Path | None, max_tokens: int, ablation: bool, max_window: int | None,
-             plot: Path | None, save: Path | None, llama_bin: Path | None, as_json: bool) -> None:
+def rank_cmd(
+    model: Path,
+    text_file: Path | None,
+    max_tokens: int,
+    ablation: bool,
+    max_window: int | None,
+    plot: Path | None,
+    save: Path | None,
+    llama_bin: Path | None,
+    as_json: bool,
+) -> None:
     """Score every block's importance with the numpy reference forward pass (no torch): Block
     Influence 1 - cos(block input, block output), the angular distance across every window
     of n blocks, and with --ablation the KL divergence when the block is deleted. Low scores
@@ -83,8 +120,15 @@ def rank_cmd(model: Path, text_file: Path | None, max_tokens: int, ablation: boo
         except (OSError, UnicodeDecodeError) as e:
             raise RankError(f"--text {text_file}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     with step_progress(enabled=not as_json) as progress:
-        ranking = rank_model(model, text, max_tokens=max_tokens, ablation=ablation, max_window=max_window,
-                             llama_bin=llama_bin, progress=progress)
+        ranking = rank_model(
+            model,
+            text,
+            max_tokens=max_tokens,
+            ablation=ablation,
+            max_window=max_window,
+            llama_bin=llama_bin,
+            progress=progress,
+        )
     data = ranking.to_dict()
     if plot is not None:
         data["plot"] = str(plot_ranking(ranking, plot))
@@ -100,8 +144,10 @@ def rank_cmd(model: Path, text_file: Path | None, max_tokens: int, ablation: boo
 def render_ranking(ranking: Any, plot: Path | None) -> None:
     blocks = ranking.blocks
     has_kld = any(b.ablation_kld is not None for b in blocks)
-    out_console.print(f"{Path(ranking.model).name}: {ranking.block_count} blocks ({ranking.architecture}), "
-                      f"{ranking.n_tokens} tokens, tokenizer: {ranking.tokenizer}")
+    out_console.print(
+        f"{Path(ranking.model).name}: {ranking.block_count} blocks ({ranking.architecture}), "
+        f"{ranking.n_tokens} tokens, tokenizer: {ranking.tokenizer}"
+    )
     bi_scale = bar_scale([b.block_influence for b in blocks])
     kld_scale = bar_scale([b.ablation_kld or 0.0 for b in blocks])
     columns = ["block", "block influence", ""]
@@ -118,8 +164,11 @@ def render_ranking(ranking: Any, plot: Path | None) -> None:
     if best:
         wt = Table("window size", "blocks", "angular distance", box=None, pad_edge=False)
         for w in best[:8]:
-            wt.add_row(str(w.size), f"{w.start}-{w.start + w.size - 1}" if w.size > 1 else str(w.start),
-                       f"{w.angular_distance:.4f}")
+            wt.add_row(
+                str(w.size),
+                f"{w.start}-{w.start + w.size - 1}" if w.size > 1 else str(w.start),
+                f"{w.angular_distance:.4f}",
+            )
         out_console.print("Most prunable window of each size (smallest angular distance):")
         out_console.print(wt)
     order = ", ".join(map(str, ranking.least_important()[:10]))
@@ -146,8 +195,15 @@ def leaderboard_table(entries: Sequence[Any], top: int = 10) -> Table:
         if e.full:
             f = e.full
             full = f"{f['score'][0]:.1f} ({f['base_score'][0]:.1f}) {VERDICT_MARK.get(f['verdict'], f['verdict'])}"
-        table.add_row(str(i), e.recipe, str(e.blocks), f"{e.kld:.4f}", interval,
-                      f"{e.same_top:.1f}" if math.isfinite(e.same_top) else "", *([full] if has_full else []))
+        table.add_row(
+            str(i),
+            e.recipe,
+            str(e.blocks),
+            f"{e.kld:.4f}",
+            interval,
+            f"{e.same_top:.1f}" if math.isfinite(e.same_top) else "",
+            *([full] if has_full else []),
+        )
     return table
 
 
@@ -186,8 +242,11 @@ class live_leaderboard:
             except SurgeonError:
                 entries = []
             budget = f"/{event.budget}" if event.budget else ""
-            what = {"full": f"full eval of {event.recipe}", "waiting": "waiting for other workers",
-                    "phase": f"phase {event.phase}"}.get(event.kind, f"scored {event.recipe or ''}")
+            what = {
+                "full": f"full eval of {event.recipe}",
+                "waiting": "waiting for other workers",
+                "phase": f"phase {event.phase}",
+            }.get(event.kind, f"scored {event.recipe or ''}")
             head = Text(f"search: {event.evaluated}{budget} candidates scored — {what}")
             self.live.update(Group(head, leaderboard_table(entries)))
 
@@ -200,38 +259,98 @@ class live_leaderboard:
 
 @main.command("search")
 @click.argument("base", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--space", "space_spec", default="deletions", show_default=True, metavar="PRESET|FILE",
-              help="A preset (deletions, swaps, duplications, blends, windows, phase1, combos) or a TOML space file.")
-@click.option("--budget", type=click.IntRange(min=1),
-              help="Candidates to score, over all workers and reruns (default: the whole space; required for sampled spaces).")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes on this machine, sharing one study.")
-@click.option("--storage", metavar="URL",
-              help="Optuna storage URL shared by all workers, e.g. postgresql://host/db (default: sqlite in --work-dir).")
+@click.option(
+    "--space",
+    "space_spec",
+    default="deletions",
+    show_default=True,
+    metavar="PRESET|FILE",
+    help="A preset (deletions, swaps, duplications, blends, windows, phase1, combos) or a TOML space file.",
+)
+@click.option(
+    "--budget",
+    type=click.IntRange(min=1),
+    help="Candidates to score, over all workers and reruns (default: the whole space; required for sampled spaces).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes on this machine, sharing one study.",
+)
+@click.option(
+    "--storage",
+    metavar="URL",
+    help="Optuna storage URL shared by all workers, e.g. postgresql://host/db (default: sqlite in --work-dir).",
+)
 @click.option("--study-name", help="Study to create or continue (default: BASE's file name and the space's name).")
-@click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("gguf-surgeon-search"),
-              show_default=True, help="Candidate files, the short text and the default database.")
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("gguf-surgeon-search"),
+    show_default=True,
+    help="Candidate files, the short text and the default database.",
+)
 @click.option("--keep", is_flag=True, help="Keep every candidate file after scoring (default: deleted at once).")
-@click.option("--leaders", type=click.IntRange(min=0), help="Candidates that get the full eval suite (default: the space's, 3).")
+@click.option(
+    "--leaders", type=click.IntRange(min=0), help="Candidates that get the full eval suite (default: the space's, 3)."
+)
 @click.option("--questions", type=click.IntRange(min=1), help="Full eval: ask only the first N factual questions.")
-@click.option("--ctx", type=click.IntRange(min=16), default=128, show_default=True,
-              help="Chunk length of the short KL-divergence stage.")
-@click.option("--short-chars", type=click.IntRange(min=200), default=2500, show_default=True,
-              help="Characters of the bundled evaluation text used by the short stage.")
-@click.option("--rank", "rank_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="A `rank --save` file to guide the order (default: Block Influence computed now).")
+@click.option(
+    "--ctx",
+    type=click.IntRange(min=16),
+    default=128,
+    show_default=True,
+    help="Chunk length of the short KL-divergence stage.",
+)
+@click.option(
+    "--short-chars",
+    type=click.IntRange(min=200),
+    default=2500,
+    show_default=True,
+    help="Characters of the bundled evaluation text used by the short stage.",
+)
+@click.option(
+    "--rank",
+    "rank_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A `rank --save` file to guide the order (default: Block Influence computed now).",
+)
 @click.option("--no-rank", is_flag=True, help="No guidance: natural order, no pruning.")
 @click.option("--threads", type=click.IntRange(min=1), help="llama.cpp threads per worker (default: cores / jobs).")
-@click.option("--export", "export_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Release the champion into this folder (edited GGUF, ladder, Modelfile, README.md).")
+@click.option(
+    "--export",
+    "export_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Release the champion into this folder (edited GGUF, ladder, Modelfile, README.md).",
+)
 @click.option("--allow-requantize", is_flag=True, help="With --export: quantize a quantized BASE's edit.")
 @click.option("--force", is_flag=True, help="With --export: write into a non-empty folder.")
 @LLAMA_BIN_OPTION
 @JSON_OPTION
-def search_cmd(base: Path, space_spec: str, budget: int | None, jobs: int, storage: str | None, study_name: str | None,
-               work_dir: Path, keep: bool, leaders: int | None, questions: int | None, ctx: int, short_chars: int,
-               rank_file: Path | None, no_rank: bool, threads: int | None, export_dir: Path | None,
-               allow_requantize: bool, force: bool, llama_bin: Path | None, as_json: bool) -> None:
+def search_cmd(
+    base: Path,
+    space_spec: str,
+    budget: int | None,
+    jobs: int,
+    storage: str | None,
+    study_name: str | None,
+    work_dir: Path,
+    keep: bool,
+    leaders: int | None,
+    questions: int | None,
+    ctx: int,
+    short_chars: int,
+    rank_file: Path | None,
+    no_rank: bool,
+    threads: int | None,
+    export_dir: Path | None,
+    allow_requantize: bool,
+    force: bool,
+    llama_bin: Path | None,
+    as_json: bool,
+) -> None:
     """Search a space of surgeries for the one closest to (or better than) BASE: every candidate
     gets the KL divergence to BASE on a short text, the leaders the full eval suite. Rank's
     scores order and prune the candidates; an Optuna study (SQLite by default) keeps every
@@ -246,34 +365,60 @@ def search_cmd(base: Path, space_spec: str, budget: int | None, jobs: int, stora
     from ..search.study import run_search
 
     space = load_space(space_spec)
-    options = SearchOptions(budget=budget, jobs=jobs, storage=storage, study_name=study_name, work_dir=work_dir,
-                            keep=keep, llama_bin=llama_bin, ctx=ctx, short_chars=short_chars, leaders=leaders,
-                            full_questions=questions, rank_file=rank_file, use_rank=not no_rank, threads=threads)
+    options = SearchOptions(
+        budget=budget,
+        jobs=jobs,
+        storage=storage,
+        study_name=study_name,
+        work_dir=work_dir,
+        keep=keep,
+        llama_bin=llama_bin,
+        ctx=ctx,
+        short_chars=short_chars,
+        leaders=leaders,
+        full_questions=questions,
+        rank_file=rank_file,
+        use_rank=not no_rank,
+        threads=threads,
+    )
     url = storage_url(options)
     name = study_name or default_study_name(base, space)
     try:
         with live_leaderboard(url, name, enabled=not as_json) as progress:
             result = run_search(base, space, options, progress)
     except KeyboardInterrupt:
-        click.echo(f"Error: interrupted; every finished result is kept in {url} (study {name!r}): "
-                   "rerun the same command to continue", err=True)
+        click.echo(
+            f"Error: interrupted; every finished result is kept in {url} (study {name!r}): "
+            "rerun the same command to continue",
+            err=True,
+        )
         raise SystemExit(130)
     data = result.to_dict()
     if export_dir is not None and result.champion is not None:
         from ..release.folder import ReleaseOptions, export_champion
 
         with step_progress(enabled=not as_json) as qprogress:
-            report = export_champion(base, result, space.name, leaders if leaders is not None else space.leaders,
-                                     export_dir, ReleaseOptions(allow_requantize=allow_requantize, llama_bin=llama_bin,
-                                                                force=force, eval_questions=questions),
-                                     quant_progress=lambda t, d, n: qprogress(f"quantizing {t}", d, n))
+            report = export_champion(
+                base,
+                result,
+                space.name,
+                leaders if leaders is not None else space.leaders,
+                export_dir,
+                ReleaseOptions(
+                    allow_requantize=allow_requantize, llama_bin=llama_bin, force=force, eval_questions=questions
+                ),
+                quant_progress=lambda t, d, n: qprogress(f"quantizing {t}", d, n),
+            )
         data["export"] = report.to_dict()
     if as_json:
         return emit_json(data)
-    out_console.print(f"Study {result.study_name!r} in {result.storage}: {result.evaluated} candidates scored "
-                      f"({result.evaluated_now} now) of "
-                      + (f"{result.candidates} in space {result.space!r}" if result.candidates else f"sampled space {result.space!r}")
-                      + (f", budget {result.budget}" if result.budget else "") + f", {result.seconds:.1f} s")
+    out_console.print(
+        f"Study {result.study_name!r} in {result.storage}: {result.evaluated} candidates scored "
+        f"({result.evaluated_now} now) of "
+        + (f"{result.candidates} in space {result.space!r}" if result.candidates else f"sampled space {result.space!r}")
+        + (f", budget {result.budget}" if result.budget else "")
+        + f", {result.seconds:.1f} s"
+    )
     out_console.print(leaderboard_table(result.leaderboard))
     if result.champion is not None:
         out_console.print(f"Champion: [bold]{result.champion.recipe}[/] — {result.verdict}")
@@ -283,9 +428,16 @@ def search_cmd(base: Path, space_spec: str, budget: int | None, jobs: int, stora
 
 # --- release, card, modelfile -------------------------------------------------------------
 
-PARAM_OPTION = click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
-                            help="Modelfile PARAMETER, overriding the default set (repeatable), e.g. temperature=0.7.")
-SYSTEM_OPTION = click.option("--system", help="Modelfile SYSTEM prompt (default: the chat template's own, else a generic one).")
+PARAM_OPTION = click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Modelfile PARAMETER, overriding the default set (repeatable), e.g. temperature=0.7.",
+)
+SYSTEM_OPTION = click.option(
+    "--system", help="Modelfile SYSTEM prompt (default: the chat template's own, else a generic one)."
+)
 
 
 def _read_markdown(path: Path | None) -> str | None:
@@ -302,16 +454,31 @@ def _read_markdown(path: Path | None) -> str | None:
 @main.command("release")
 @click.argument("base", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--recipe", required=True, help="The surgery (text or a .toml file).")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Release folder (created; must be empty unless --force).")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Release folder (created; must be empty unless --force).",
+)
 @click.option("--name", help="Model and file name (default: BASE's name + '-edited').")
-@click.option("--types", "types", multiple=True, metavar="TYPES",
-              help="Quant ladder, comma-separated or repeated (default: Q8_0,Q6_K,Q4_K_M,Q3_K_M,Q2_K).")
+@click.option(
+    "--types",
+    "types",
+    multiple=True,
+    metavar="TYPES",
+    help="Quant ladder, comma-separated or repeated (default: Q8_0,Q6_K,Q4_K_M,Q3_K_M,Q2_K).",
+)
 @click.option("--no-quantize", is_flag=True, help="No ladder: the edited GGUF only.")
 @click.option("--allow-requantize", is_flag=True, help="Quantize although BASE is quantized (quality loss compounds).")
-@click.option("--benchmarks", type=click.Path(path_type=Path, dir_okay=False),
-              help="A Markdown benchmark table for the card (e.g. from `compare --markdown`).")
-@click.option("--eval", "run_eval", is_flag=True, help="Run the eval suite on BASE and the edit for the benchmark table.")
+@click.option(
+    "--benchmarks",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A Markdown benchmark table for the card (e.g. from `compare --markdown`).",
+)
+@click.option(
+    "--eval", "run_eval", is_flag=True, help="Run the eval suite on BASE and the edit for the benchmark table."
+)
 @click.option("--questions", type=click.IntRange(min=1), help="With --eval: ask only the first N factual questions.")
 @click.option("--base-model", help="Hugging Face id of the base for the card (default: from metadata).")
 @click.option("--author", help="quantized_by and credits in the card.")
@@ -320,10 +487,25 @@ def _read_markdown(path: Path | None) -> str | None:
 @click.option("--force", is_flag=True, help="Write into a non-empty folder, overwriting files.")
 @LLAMA_BIN_OPTION
 @JSON_OPTION
-def release_cmd(base: Path, recipe: str, out_dir: Path, name: str | None, types: tuple[str, ...], no_quantize: bool,
-                allow_requantize: bool, benchmarks: Path | None, run_eval: bool, questions: int | None,
-                base_model: str | None, author: str | None, params: tuple[str, ...], system: str | None, force: bool,
-                llama_bin: Path | None, as_json: bool) -> None:
+def release_cmd(
+    base: Path,
+    recipe: str,
+    out_dir: Path,
+    name: str | None,
+    types: tuple[str, ...],
+    no_quantize: bool,
+    allow_requantize: bool,
+    benchmarks: Path | None,
+    run_eval: bool,
+    questions: int | None,
+    base_model: str | None,
+    author: str | None,
+    params: tuple[str, ...],
+    system: str | None,
+    force: bool,
+    llama_bin: Path | None,
+    as_json: bool,
+) -> None:
     """Write a release folder: the edited GGUF, its quant ladder, an Ollama Modelfile (TEMPLATE
     derived from the embedded chat template, which is never executed) and a README.md model
     card with measured bits/weight and sizes, model details, the surgery and benchmarks.
@@ -337,14 +519,29 @@ def release_cmd(base: Path, recipe: str, out_dir: Path, name: str | None, types:
     from ..release.ollama import parse_parameters
     from .llama import split_types
 
-    options = ReleaseOptions(name=name, types=() if no_quantize else (split_types(types) or DEFAULT_LADDER),
-                             allow_requantize=allow_requantize, llama_bin=llama_bin, force=force,
-                             base_model=base_model, author=author, benchmarks=_read_markdown(benchmarks),
-                             evaluate=run_eval, eval_questions=questions, parameters=parse_parameters(params),
-                             system=system)
+    options = ReleaseOptions(
+        name=name,
+        types=() if no_quantize else (split_types(types) or DEFAULT_LADDER),
+        allow_requantize=allow_requantize,
+        llama_bin=llama_bin,
+        force=force,
+        base_model=base_model,
+        author=author,
+        benchmarks=_read_markdown(benchmarks),
+        evaluate=run_eval,
+        eval_questions=questions,
+        parameters=parse_parameters(params),
+        system=system,
+    )
     with step_progress(enabled=not as_json) as progress:
-        report = release(base, recipe, out_dir, options, progress=lambda s: progress(s, 0, None),
-                         quant_progress=lambda t, d, n: progress(f"quantizing {t}", d, n))
+        report = release(
+            base,
+            recipe,
+            out_dir,
+            options,
+            progress=lambda s: progress(s, 0, None),
+            quant_progress=lambda t, d, n: progress(f"quantizing {t}", d, n),
+        )
     if as_json:
         return emit_json(report.to_dict())
     if report.quants:
@@ -360,18 +557,34 @@ def release_cmd(base: Path, recipe: str, out_dir: Path, name: str | None, types:
 
 @main.command("card")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--quants", "quants_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Folder holding NAME-TYPE.gguf files to list (measured), NAME being --name or MODEL's stem.")
+@click.option(
+    "--quants",
+    "quants_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder holding NAME-TYPE.gguf files to list (measured), NAME being --name or MODEL's stem.",
+)
 @click.option("--name", help="Model name in the title and of the ladder files (default: MODEL's file name).")
-@click.option("--benchmarks", type=click.Path(path_type=Path, dir_okay=False),
-              help="A Markdown benchmark table (e.g. from `compare --markdown`).")
+@click.option(
+    "--benchmarks",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A Markdown benchmark table (e.g. from `compare --markdown`).",
+)
 @click.option("--base-model", help="Hugging Face id of the base (default: from metadata).")
 @click.option("--author", help="quantized_by and credits.")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Write the card here (default: print it).")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 @JSON_OPTION
-def card_cmd(model: Path, quants_dir: Path | None, name: str | None, benchmarks: Path | None, base_model: str | None,
-             author: str | None, out: Path | None, force: bool, as_json: bool) -> None:
+def card_cmd(
+    model: Path,
+    quants_dir: Path | None,
+    name: str | None,
+    benchmarks: Path | None,
+    base_model: str | None,
+    author: str | None,
+    out: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Write the README.md model card of an edited GGUF: YAML front matter from its metadata,
     the quant table (measured), model details, the surgery from surgery.recipe, benchmarks,
     and usage for Ollama, llama.cpp and llama-cpp-python.
@@ -380,18 +593,23 @@ def card_cmd(model: Path, quants_dir: Path | None, name: str | None, benchmarks:
     Example:
       gguf-surgeon card release/model.gguf --quants release/ --out release/README.md
     """
-    from ..llama.quantize import default_name
     from ..files import write_text_atomic
+    from ..llama.quantize import default_name
     from ..release.card import CardOptions, model_card, scan_quants
 
     files = scan_quants(quants_dir, name or default_name(model)) if quants_dir else ()
-    text = model_card(model, CardOptions(name=name, quants=files, benchmarks=_read_markdown(benchmarks),
-                                         base_model=base_model, author=author))
+    text = model_card(
+        model,
+        CardOptions(
+            name=name, quants=files, benchmarks=_read_markdown(benchmarks), base_model=base_model, author=author
+        ),
+    )
     if out is not None:
         write_text_atomic(out, text, force)
     if as_json:
-        return emit_json({"model": str(model), "out": str(out) if out else None,
-                          "quants": [q.__dict__ for q in files], "card": text})
+        return emit_json(
+            {"model": str(model), "out": str(out) if out else None, "quants": [q.__dict__ for q in files], "card": text}
+        )
     if out is None:
         click.echo(text, nl=False)
     else:
@@ -403,11 +621,20 @@ def card_cmd(model: Path, quants_dir: Path | None, name: str | None, benchmarks:
 @click.option("--from", "source", help="The FROM line's target (default: ./MODEL's file name).")
 @PARAM_OPTION
 @SYSTEM_OPTION
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Write the Modelfile here (default: print it).")
+@click.option(
+    "--out", type=click.Path(path_type=Path, dir_okay=False), help="Write the Modelfile here (default: print it)."
+)
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 @JSON_OPTION
-def modelfile_cmd(model: Path, source: str | None, params: tuple[str, ...], system: str | None, out: Path | None,
-                  force: bool, as_json: bool) -> None:
+def modelfile_cmd(
+    model: Path,
+    source: str | None,
+    params: tuple[str, ...],
+    system: str | None,
+    out: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Write an Ollama Modelfile for a GGUF: a TEMPLATE in Ollama's Go syntax recognized from the
     embedded chat template (ChatML; the template is read as text, never executed), the
     reference card's PARAMETER set as defaults, and a SYSTEM line.

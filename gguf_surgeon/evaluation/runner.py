@@ -35,21 +35,20 @@ import urllib.error
 import urllib.request
 import zlib
 from collections import deque
-from dataclasses import dataclass, field, fields, is_dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from gguf import Keys
 
 from ..errors import EvalError, OutputError, SurgeonError, ToolError
+from ..files import read_toml, write_text_atomic
 from ..llama.server import LlamaServer
-from ..reader import Model
-from ..records import Record, plain
 from ..llama.tools import find_tool, run_tool
-from ..files import read_toml
-from ..files import write_text_atomic
-
+from ..reader import Model
+from ..records import Record
 
 SUITE_VERSION = 1  # bump when a change alters any score of an unchanged model
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -85,8 +84,8 @@ Progress = Callable[[str, int, "int | None"], None]
 """progress(step, done, total): called as each long step advances; total None when unknown."""
 
 
-
 # --- options and suite ----------------------------------------------------------------
+
 
 def default_threads() -> int:
     """A fixed thread count: 4, or fewer on smaller machines (recorded in every report)."""
@@ -190,11 +189,37 @@ def load_suite(options: EvalOptions = EvalOptions()) -> Suite:
 
 # --- answers, n-grams, thinking -------------------------------------------------------
 
-NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen twenty".split())}
-NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70",
-                     "eighty": "80", "ninety": "90"})
+NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+            "twenty",
+        ]
+    )
+}
+NUMBER_WORDS.update(
+    {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80", "ninety": "90"}
+)
 ARTICLES = frozenset({"a", "an", "the"})
 _TOKEN = re.compile(r"\d+(?:\.\d+)?|[^\W\d_]+")
 _THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?(?:" + re.escape(THINK_CLOSE) + r"|$)", re.DOTALL)
@@ -221,15 +246,16 @@ def strip_thinking(text: str) -> str:
 
 def _contains(hay: list[str], needle: list[str]) -> bool:
     n = len(needle)
-    return n > 0 and any(hay[i:i + n] == needle for i in range(len(hay) - n + 1))
+    return n > 0 and any(hay[i : i + n] == needle for i in range(len(hay) - n + 1))
 
 
 def is_correct(reply: str, question: Question) -> bool:
     """True when the reply (thinking removed) holds an accepted answer as whole words and no
     rejected one."""
     toks = answer_tokens(strip_thinking(reply))
-    return (any(_contains(toks, answer_tokens(a)) for a in question.answers)
-            and not any(_contains(toks, answer_tokens(r)) for r in question.reject))
+    return any(_contains(toks, answer_tokens(a)) for a in question.answers) and not any(
+        _contains(toks, answer_tokens(r)) for r in question.reject
+    )
 
 
 def words(text: str) -> list[str]:
@@ -239,7 +265,7 @@ def words(text: str) -> list[str]:
 
 def distinct_ratio(ws: Sequence[str], n: int) -> float:
     """Distinct word n-grams over all word n-grams; 0 when there are none."""
-    grams = [tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)]
+    grams = [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -291,6 +317,7 @@ def thinking_check(mode: str, prompt: str, reply: str) -> bool:
 
 
 # --- records --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Estimate(Record):
@@ -428,7 +455,7 @@ class Timings(Record):
 
 @dataclass(frozen=True)
 class BaseComparison(Record):
-    base: "EvalReport"  # the base scored alone (same suite, same bootstrap draws)
+    base: EvalReport  # the base scored alone (same suite, same bootstrap draws)
     kld: KldResult
     continuation_ppl: Estimate | None  # base's perplexity of this model's continuations
     base_continuation_ppl: Estimate | None  # base's perplexity of its own continuations
@@ -453,6 +480,7 @@ class EvalReport(Record):
 
 
 # --- cache ----------------------------------------------------------------------------
+
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -543,6 +571,7 @@ class EvalCache:
 
 # --- running llama.cpp ----------------------------------------------------------------
 
+
 class _Clock:
     """Accumulates the seconds spent waiting on llama.cpp, by kind."""
 
@@ -556,12 +585,15 @@ class _Clock:
 # real models (0 in 10 SmolLM2 runs at load 5). Such a run is repeated, after a short pause.
 OUTPUT_ATTEMPTS = 6
 _CHUNKS_LINE = re.compile(r"over (\d+) chunks")
-_ERROR_LINE = re.compile(r"error|failed|invalid|cannot|unable|abort|exception|what\(\)|not enough|you need", re.IGNORECASE)
+_ERROR_LINE = re.compile(
+    r"error|failed|invalid|cannot|unable|abort|exception|what\(\)|not enough|you need", re.IGNORECASE
+)
 _LOADED_LINE = re.compile(r"calculating perplexity over|computing over \d+ chunks")
 
 
-def _run_perplexity_tool(binary: Path, args: Sequence[str], clock: _Clock, timeout: float,
-                         on_line: Callable[[str], None]) -> tuple[int, list[str], list[str]]:
+def _run_perplexity_tool(
+    binary: Path, args: Sequence[str], clock: _Clock, timeout: float, on_line: Callable[[str], None]
+) -> tuple[int, list[str], list[str]]:
     """Run llama-perplexity through run_tool (killed on timeout or Ctrl-C), each line to
     `on_line`; the time until the model has loaded goes to clock.load, the rest to
     clock.perplexity. Returns (exit status, all lines, error lines without log prefixes)."""
@@ -594,10 +626,24 @@ def _run_perplexity_tool(binary: Path, args: Sequence[str], clock: _Clock, timeo
 _PPL_LINE = re.compile(r"^\s*\d+\s+(\S+)\s+(\S+)\s+(\S+)\s*$")
 # "   3    20.1405 ±    0.0123    0.00012 ±    0.00003    0.00045 ±  ...  %    99.123 ±  0.123 %"
 _PM = r"\s*±\s*"
-_KLD_LINE = re.compile(r"^\s*(\d+)\s+(\S+)" + _PM + r"(\S+)\s+(\S+)" + _PM + r"(\S+)\s+(\S+)" + _PM
-                       + r"(\S+)\s+(\S+)" + _PM + r"(\S+)\s*%\s+(\S+)" + _PM + r"(\S+)\s*%\s*$")
-_KLD_STAT = {"median": re.compile(r"^Median\s+KLD:\s*(\S+)"), "p99": re.compile(r"^99\.0%\s+KLD:\s*(\S+)"),
-             "maximum": re.compile(r"^Maximum\s+KLD:\s*(\S+)")}
+_KLD_LINE = re.compile(
+    r"^\s*(\d+)\s+(\S+)"
+    + _PM
+    + r"(\S+)\s+(\S+)"
+    + _PM
+    + r"(\S+)\s+(\S+)"
+    + _PM
+    + r"(\S+)\s+(\S+)"
+    + _PM
+    + r"(\S+)\s*%\s+(\S+)"
+    + _PM
+    + r"(\S+)\s*%\s*$"
+)
+_KLD_STAT = {
+    "median": re.compile(r"^Median\s+KLD:\s*(\S+)"),
+    "p99": re.compile(r"^99\.0%\s+KLD:\s*(\S+)"),
+    "maximum": re.compile(r"^Maximum\s+KLD:\s*(\S+)"),
+}
 
 
 def _per_chunk(cumulative: Sequence[float]) -> list[float]:
@@ -608,8 +654,10 @@ def _per_chunk(cumulative: Sequence[float]) -> list[float]:
 def _finite(values: Sequence[float], what: str, model: Path) -> list[float]:
     bad = [i + 1 for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
-        raise EvalError(f"{model.name}: llama-perplexity gave a non-finite {what} for chunk {bad[0]}: "
-                        f"the model produces NaN or infinite logits")
+        raise EvalError(
+            f"{model.name}: llama-perplexity gave a non-finite {what} for chunk {bad[0]}: "
+            f"the model produces NaN or infinite logits"
+        )
     return list(values)
 
 
@@ -642,8 +690,12 @@ def parse_kld_output(lines: Iterable[str]) -> dict[str, Any]:
             if s:
                 stats[name] = float(s.group(1)) + 0.0  # "-0.000000" -> 0.0
     nll = _per_chunk([math.log(p) if p > 0 else float("nan") for p in ppl])
-    return {"chunk_nll": nll, "chunk_kld": [max(0.0, v) for v in _per_chunk(kld)],
-            "chunk_same_top": [min(1.0, max(0.0, v)) for v in _per_chunk(top)], **stats}
+    return {
+        "chunk_nll": nll,
+        "chunk_kld": [max(0.0, v) for v in _per_chunk(kld)],
+        "chunk_same_top": [min(1.0, max(0.0, v)) for v in _per_chunk(top)],
+        **stats,
+    }
 
 
 def _tool_failure(binary: Path, model: Path, rc: int, errors: list[str], lines: list[str]) -> SurgeonError:
@@ -656,10 +708,15 @@ def _tool_failure(binary: Path, model: Path, rc: int, errors: list[str], lines: 
 
 # --- HTTP helpers for llama-server (functions of the server's base URL) ----------------
 
+
 def post_json(base_url: str, path: str, body: dict[str, Any], timeout: float) -> Any:
     """POST a JSON body to llama-server and decode its answer; ToolError on any failure."""
-    req = urllib.request.Request(base_url + path, data=json.dumps(body).encode("utf-8"), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        base_url + path,
+        data=json.dumps(body).encode("utf-8"),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read().decode("utf-8"))
@@ -670,8 +727,9 @@ def post_json(base_url: str, path: str, body: dict[str, Any], timeout: float) ->
         raise ToolError(f"llama-server POST {path}: {getattr(e, 'reason', e)}") from None
 
 
-def apply_chat_template(base_url: str, messages: list[dict[str, str]], enable_thinking: bool | None,
-                        timeout: float = 60.0) -> str:
+def apply_chat_template(
+    base_url: str, messages: list[dict[str, str]], enable_thinking: bool | None, timeout: float = 60.0
+) -> str:
     """The prompt text the model's own template (--jinja) makes of `messages`, with the
     generation prompt added; `enable_thinking` goes to the template as a kwarg when not None."""
     body: dict[str, Any] = {"messages": messages}
@@ -687,13 +745,27 @@ class Completion(Record):
     logprobs: tuple[float, ...]  # of each generated token under the serving model (EOS excluded)
 
 
-def complete(base_url: str, prompt: str, n_predict: int, seed: int, timeout: float,
-             grammar: str | None = None, logprobs: bool = True) -> Completion:
+def complete(
+    base_url: str,
+    prompt: str,
+    n_predict: int,
+    seed: int,
+    timeout: float,
+    grammar: str | None = None,
+    logprobs: bool = True,
+) -> Completion:
     """Greedy continuation of a raw prompt (special tokens in it are parsed), no prompt cache,
     so an answer does not depend on earlier requests."""
-    body: dict[str, Any] = {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "top_k": 1,
-                            "seed": seed, "cache_prompt": False, "n_probs": 1 if logprobs else 0,
-                            "post_sampling_probs": False}
+    body: dict[str, Any] = {
+        "prompt": prompt,
+        "n_predict": n_predict,
+        "temperature": 0.0,
+        "top_k": 1,
+        "seed": seed,
+        "cache_prompt": False,
+        "n_probs": 1 if logprobs else 0,
+        "post_sampling_probs": False,
+    }
     if grammar is not None:
         body["grammar"] = grammar
     ans = post_json(base_url, "/completion", body, timeout)
@@ -726,6 +798,7 @@ def gbnf_literal(text: str) -> str:
 
 # --- measuring one model --------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Target:
     info: ModelInfo
@@ -740,8 +813,13 @@ def identify(path: Path, cache: EvalCache) -> ModelInfo:
         name = m.value(Keys.General.NAME)
         tokens = m.fields.get(Keys.Tokenizer.LIST)
         shard_paths = [s.path for s in m.shards]
-    return ModelInfo(path, cache.file_sha256(shard_paths), name if isinstance(name, str) else None,
-                     isinstance(tmpl, str) and "enable_thinking" in tmpl, tokens.count if tokens else 0)
+    return ModelInfo(
+        path,
+        cache.file_sha256(shard_paths),
+        name if isinstance(name, str) else None,
+        isinstance(tmpl, str) and "enable_thinking" in tmpl,
+        tokens.count if tokens else 0,
+    )
 
 
 class _Evaluator:
@@ -755,16 +833,25 @@ class _Evaluator:
         self.llama_bin = options.llama_bin
         o = options
         self.text_key = _key(SUITE_VERSION, suite.text_sha256, o.ctx, o.batch, o.threads)
-        self.gen_key = _key(SUITE_VERSION, o.seed, o.threads, SERVER_CTX, FACTUAL_N_PREDICT, COHERENCE_N_PREDICT,
-                            THINKING_N_PREDICT, NON_THINKING_N_PREDICT)
+        self.gen_key = _key(
+            SUITE_VERSION,
+            o.seed,
+            o.threads,
+            SERVER_CTX,
+            FACTUAL_N_PREDICT,
+            COHERENCE_N_PREDICT,
+            THINKING_N_PREDICT,
+            NON_THINKING_N_PREDICT,
+        )
 
     # perplexity and KLD
     def _perplexity_args(self, *extra: str) -> list[str]:
         o = self.options
         return ["-c", str(o.ctx), "-b", str(o.batch), "-t", str(o.threads), "--seed", str(o.seed), *extra]
 
-    def _run_ppl(self, target: _Target, args: list[str], step: str, count_lines: re.Pattern,
-                 needs_stats: bool = False) -> list[str]:
+    def _run_ppl(
+        self, target: _Target, args: list[str], step: str, count_lines: re.Pattern, needs_stats: bool = False
+    ) -> list[str]:
         """Run llama-perplexity until its output is complete: llama.cpp's logger may drop the
         last lines at exit (its queue is not flushed), so a run whose chunk lines (or, with
         `needs_stats`, KLD statistics) fall short of what it announced is repeated."""
@@ -782,8 +869,9 @@ class _Evaluator:
                 self.progress(step, done, total)
 
             self.progress(step, 0, None)
-            rc, lines, errors = _run_perplexity_tool(self.perplexity_bin, ["-m", str(target.info.path), *args],
-                                                     self.clock, self.options.timeout, on_line)
+            rc, lines, errors = _run_perplexity_tool(
+                self.perplexity_bin, ["-m", str(target.info.path), *args], self.clock, self.options.timeout, on_line
+            )
             if (rc != 0 and (errors or attempt == OUTPUT_ATTEMPTS)) or (done == 0 and errors):
                 raise _tool_failure(self.perplexity_bin, target.info.path, rc, errors, lines)
             if rc != 0:
@@ -794,8 +882,10 @@ class _Evaluator:
                     return lines
         if done == 0:
             raise _tool_failure(self.perplexity_bin, target.info.path, rc, errors, lines)
-        raise ToolError(f"{self.perplexity_bin.name} output for {target.info.path.name} was cut short "
-                        f"{OUTPUT_ATTEMPTS} times ({done} of {total} chunk lines)")
+        raise ToolError(
+            f"{self.perplexity_bin.name} output for {target.info.path.name} was cut short "
+            f"{OUTPUT_ATTEMPTS} times ({done} of {total} chunk lines)"
+        )
 
     def perplexity(self, target: _Target, save_logits: bool = False) -> list[float]:
         """Per-chunk NLL of the text; with save_logits also writes the base logits file."""
@@ -846,8 +936,11 @@ class _Evaluator:
         items = []
         for q in self.suite.questions:
             msgs = [{"role": "system", "content": FACTUAL_SYSTEM_PROMPT}, {"role": "user", "content": q.question}]
-            req = {"messages": msgs, "enable_thinking": False if target.info.thinking_switch else None,
-                   "n_predict": FACTUAL_N_PREDICT}
+            req = {
+                "messages": msgs,
+                "enable_thinking": False if target.info.thinking_switch else None,
+                "n_predict": FACTUAL_N_PREDICT,
+            }
             items.append(("factual questions", _key("chat", req), req))
         for p in self.suite.coherence_prompts:
             req = {"prompt": p, "n_predict": COHERENCE_N_PREDICT}
@@ -855,8 +948,11 @@ class _Evaluator:
         if target.info.thinking_switch:
             for mode, n in (("thinking", THINKING_N_PREDICT), ("non-thinking", NON_THINKING_N_PREDICT)):
                 for p in self.suite.thinking_prompts:
-                    req = {"messages": [{"role": "user", "content": p}], "enable_thinking": mode == "thinking",
-                           "n_predict": n}
+                    req = {
+                        "messages": [{"role": "user", "content": p}],
+                        "enable_thinking": mode == "thinking",
+                        "n_predict": n,
+                    }
                     items.append((f"{mode} mode", _key("chat", req), req))
         return items
 
@@ -870,7 +966,9 @@ class _Evaluator:
             if k not in scores and k in own:
                 scores[k] = own[k]
 
-    def generations(self, target: _Target, forced: Sequence[tuple[str, str]] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    def generations(
+        self, target: _Target, forced: Sequence[tuple[str, str]] = ()
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The model's replies to every item (key -> {prompt, text, stop, logprobs}), and for
         each (prompt, text) in `forced` the model's log-probabilities of `text` after `prompt`
         (key -> [token logprobs] or None when the text could not be forced)."""
@@ -889,9 +987,14 @@ class _Evaluator:
         done = {s: 0 for s in totals}
         start = time.perf_counter()
         server_dir = find_tool("llama-server", self.llama_bin).parent  # only generation needs it
-        server = LlamaServer(server_dir, target.info.path, ctx_size=SERVER_CTX, threads=o.threads,
-                             extra_args=("--jinja", "--seed", str(o.seed), "-b", str(o.batch)),
-                             request_timeout=o.request_timeout)
+        server = LlamaServer(
+            server_dir,
+            target.info.path,
+            ctx_size=SERVER_CTX,
+            threads=o.threads,
+            extra_args=("--jinja", "--seed", str(o.seed), "-b", str(o.batch)),
+            request_timeout=o.request_timeout,
+        )
         self.clock.ran = True
         try:
             self.progress(f"{target.label}: starting llama-server", 0, 1)
@@ -924,7 +1027,9 @@ class _Evaluator:
                 self.progress(f"{target.label}: scoring continuations", i + 1, len(todo_forced))
         except ToolError as e:
             tail = server.log_tail(1500).strip()
-            raise ToolError(f"{target.info.path.name}: {e}" + (f"\nllama-server log:\n{tail}" if tail else "")) from None
+            raise ToolError(
+                f"{target.info.path.name}: {e}" + (f"\nllama-server log:\n{tail}" if tail else "")
+            ) from None
         finally:
             t0 = time.perf_counter()
             server.stop()
@@ -935,6 +1040,7 @@ class _Evaluator:
 
 
 # --- scoring --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Raw:
@@ -961,7 +1067,9 @@ class _Draws:
     def __call__(self, kind: str, n: int) -> np.ndarray:
         if (kind, n) not in self._by_kind:
             rng = np.random.default_rng([self.seed, zlib.crc32(kind.encode()), n])
-            self._by_kind[(kind, n)] = rng.integers(0, n, size=(self.samples, n)) if n else np.zeros((self.samples, 0), int)
+            self._by_kind[(kind, n)] = (
+                rng.integers(0, n, size=(self.samples, n)) if n else np.zeros((self.samples, 0), int)
+            )
         return self._by_kind[(kind, n)]
 
 
@@ -1028,14 +1136,22 @@ def _verdict(delta: Estimate, higher_is_better: bool) -> str:
     return "better" if up == higher_is_better else "worse"
 
 
-def _difference(metric: str, higher_is_better: bool, model: tuple[float, np.ndarray],
-                base: tuple[float, np.ndarray]) -> Difference:
+def _difference(
+    metric: str, higher_is_better: bool, model: tuple[float, np.ndarray], base: tuple[float, np.ndarray]
+) -> Difference:
     d = _interval(model[0] - base[0], model[1] - base[1])
     return Difference(metric, higher_is_better, d, _verdict(d, higher_is_better))
 
 
-def _report(raw: _Raw, scored: _Scored, options: EvalOptions, suite: Suite, timings: Timings, cached: bool,
-            versus: BaseComparison | None = None) -> EvalReport:
+def _report(
+    raw: _Raw,
+    scored: _Scored,
+    options: EvalOptions,
+    suite: Suite,
+    timings: Timings,
+    cached: bool,
+    versus: BaseComparison | None = None,
+) -> EvalReport:
     m = scored.metrics
     answers = raw.answers
     ppl = m["perplexity"]
@@ -1045,21 +1161,37 @@ def _report(raw: _Raw, scored: _Scored, options: EvalOptions, suite: Suite, timi
     return EvalReport(
         model=raw.info,
         suite_version=SUITE_VERSION,
-        settings={"threads": options.threads, "seed": options.seed, "ctx": options.ctx, "batch": options.batch,
-                  "bootstrap_samples": options.bootstrap_samples, "confidence": CONFIDENCE,
-                  "questions": len(suite.questions), "text": suite.text_name, "text_sha256": suite.text_sha256,
-                  "weights": dict(WEIGHTS)},
+        settings={
+            "threads": options.threads,
+            "seed": options.seed,
+            "ctx": options.ctx,
+            "batch": options.batch,
+            "bootstrap_samples": options.bootstrap_samples,
+            "confidence": CONFIDENCE,
+            "questions": len(suite.questions),
+            "text": suite.text_name,
+            "text_sha256": suite.text_sha256,
+            "weights": dict(WEIGHTS),
+        },
         score=_interval(*scored.overall),
         parts=scored.report_parts,
         factual=FactualResult(sum(a.correct for a in answers), len(answers), _interval(*m["factual"]), answers),
-        perplexity=PerplexityResult(_interval(*ppl), len(raw.chunk_nll), options.ctx,
-                                    len(raw.chunk_nll) * tokens_per_chunk, suite.text_name,
-                                    tuple(float(x) for x in raw.chunk_nll)),
+        perplexity=PerplexityResult(
+            _interval(*ppl),
+            len(raw.chunk_nll),
+            options.ctx,
+            len(raw.chunk_nll) * tokens_per_chunk,
+            suite.text_name,
+            tuple(float(x) for x in raw.chunk_nll),
+        ),
         generation=GenerationResult(_interval(*m["coherence"]), _interval(*m["repetition"]), raw.continuations),
-        thinking=ThinkingResult(raw.info.thinking_switch,
-                                sum(s.passed for s in thinking_samples if s.mode == "thinking"),
-                                sum(s.passed for s in thinking_samples if s.mode == "non-thinking"),
-                                per_mode, thinking_samples),
+        thinking=ThinkingResult(
+            raw.info.thinking_switch,
+            sum(s.passed for s in thinking_samples if s.mode == "thinking"),
+            sum(s.passed for s in thinking_samples if s.mode == "non-thinking"),
+            per_mode,
+            thinking_samples,
+        ),
         versus_base=versus,
         timings=timings,
         cached=cached,
@@ -1073,28 +1205,51 @@ def _mean_nll(lps: Sequence[float] | None) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _raw(ev: _Evaluator, target: _Target, chunk_nll: Sequence[float], replies: dict[str, Any],
-         base_scores: dict[str, Any] | None) -> _Raw:
+def _raw(
+    ev: _Evaluator,
+    target: _Target,
+    chunk_nll: Sequence[float],
+    replies: dict[str, Any],
+    base_scores: dict[str, Any] | None,
+) -> _Raw:
     suite = ev.suite
     items = ev.generation_items(target)
     by_step: dict[str, list[dict[str, Any]]] = {}
     for step, key, _ in items:
         by_step.setdefault(step, []).append(replies[key])
-    answers = tuple(Answer(q.id, q.question, r["text"], is_correct(r["text"], q))
-                    for q, r in zip(suite.questions, by_step.get("factual questions", [])))
+    answers = tuple(
+        Answer(q.id, q.question, r["text"], is_correct(r["text"], q))
+        for q, r in zip(suite.questions, by_step.get("factual questions", []))
+    )
     conts, base_nll, self_nll = [], [], []
     for p, r in zip(suite.coherence_prompts, by_step.get("open continuations", [])):
         b = None if base_scores is None else _mean_nll(base_scores.get(_key(p, r["text"])))
-        conts.append(Continuation(p, r["text"], len(r["logprobs"]), len(words(r["text"])), coherence_of(r["text"]),
-                                  repetition_of(r["text"]), None if b is None else math.exp(b)))
+        conts.append(
+            Continuation(
+                p,
+                r["text"],
+                len(r["logprobs"]),
+                len(words(r["text"])),
+                coherence_of(r["text"]),
+                repetition_of(r["text"]),
+                None if b is None else math.exp(b),
+            )
+        )
         base_nll.append(b)
         self_nll.append(_mean_nll(r["logprobs"]))
     thinking = []
     for mode in ("thinking", "non-thinking"):
         for p, r in zip(suite.thinking_prompts, by_step.get(f"{mode} mode", [])):
             thinking.append(ThinkingSample(mode, p, r["text"], thinking_check(mode, r["prompt"], r["text"])))
-    return _Raw(target.info, answers, np.array(chunk_nll, float), tuple(conts), tuple(base_nll), tuple(self_nll),
-                tuple(thinking))
+    return _Raw(
+        target.info,
+        answers,
+        np.array(chunk_nll, float),
+        tuple(conts),
+        tuple(base_nll),
+        tuple(self_nll),
+        tuple(thinking),
+    )
 
 
 def _nll_estimate(values: Sequence[float | None], draws: _Draws) -> tuple[float, np.ndarray] | None:
@@ -1109,8 +1264,12 @@ def _nll_estimate(values: Sequence[float | None], draws: _Draws) -> tuple[float,
     return math.exp(float(arr[np.isfinite(arr)].mean())), np.exp(reps)
 
 
-def evaluate(model: str | Path, base: str | Path | None = None, options: EvalOptions = EvalOptions(),
-             progress: Progress | None = None) -> EvalReport:
+def evaluate(
+    model: str | Path,
+    base: str | Path | None = None,
+    options: EvalOptions = EvalOptions(),
+    progress: Progress | None = None,
+) -> EvalReport:
     """Score `model` (and, with `base`, compare it to `base`) on the suite.
 
     Deterministic for fixed options and files; raw results come from the cache when present.
@@ -1149,8 +1308,11 @@ def evaluate(model: str | Path, base: str | Path | None = None, options: EvalOpt
         kld = ev.kld(target, base_target)
         model_nll = ev.perplexity(target)  # cached by the KLD run
         replies, _ = ev.generations(target)
-        conts = [(replies[key]["prompt"], replies[key]["text"]) for step, key, _ in ev.generation_items(target)
-                 if step == "open continuations"]
+        conts = [
+            (replies[key]["prompt"], replies[key]["text"])
+            for step, key, _ in ev.generation_items(target)
+            if step == "open continuations"
+        ]
         base_replies, base_scores = ev.generations(base_target, forced=conts)
         raw = _raw(ev, target, model_nll, replies, base_scores)
         base_raw = _raw(ev, base_target, base_nll, base_replies, base_scores)
@@ -1159,11 +1321,13 @@ def evaluate(model: str | Path, base: str | Path | None = None, options: EvalOpt
         scored, base_scored = _score(raw, draws), _score(base_raw, draws)
         kld_result = _kld_result(Path(model), kld, raw.chunk_nll, base_raw.chunk_nll, draws)
         m, b = scored.metrics, base_scored.metrics
-        diffs = [_difference("overall score", True, scored.overall, base_scored.overall),
-                 _difference("factual accuracy", True, m["factual"], b["factual"]),
-                 _difference("perplexity", False, m["perplexity"], b["perplexity"]),
-                 _difference("coherence", True, m["coherence"], b["coherence"]),
-                 _difference("repetition", False, m["repetition"], b["repetition"])]
+        diffs = [
+            _difference("overall score", True, scored.overall, base_scored.overall),
+            _difference("factual accuracy", True, m["factual"], b["factual"]),
+            _difference("perplexity", False, m["perplexity"], b["perplexity"]),
+            _difference("coherence", True, m["coherence"], b["coherence"]),
+            _difference("repetition", False, m["repetition"], b["repetition"]),
+        ]
         if "thinking" in m and "thinking" in b:
             diffs.append(_difference("thinking checks", True, m["thinking"], b["thinking"]))
         cont = _nll_estimate(raw.continuation_nll, draws)
@@ -1172,30 +1336,46 @@ def evaluate(model: str | Path, base: str | Path | None = None, options: EvalOpt
             diffs.append(_difference("continuation perplexity under base", False, cont, base_cont))
         timings = _timings(ev.clock, t_start)
         base_report = _report(base_raw, base_scored, options, suite, timings, not ev.clock.ran)
-        versus = BaseComparison(base_report, kld_result, _interval(*cont) if cont else None,
-                                _interval(*base_cont) if base_cont else None, tuple(diffs), diffs[0].verdict)
+        versus = BaseComparison(
+            base_report,
+            kld_result,
+            _interval(*cont) if cont else None,
+            _interval(*base_cont) if base_cont else None,
+            tuple(diffs),
+            diffs[0].verdict,
+        )
         return _report(raw, scored, options, suite, timings, not ev.clock.ran, versus)
     finally:
         cache.close()
 
 
-def _kld_result(model: Path, kld: dict[str, Any], model_nll: np.ndarray, base_nll: np.ndarray,
-                draws: _Draws) -> KldResult:
+def _kld_result(
+    model: Path, kld: dict[str, Any], model_nll: np.ndarray, base_nll: np.ndarray, draws: _Draws
+) -> KldResult:
     if not (len(kld["chunk_kld"]) == model_nll.size == base_nll.size):
-        raise EvalError(f"{model.name}: {len(kld['chunk_kld'])} KLD chunks for {model_nll.size} text chunks "
-                        f"({base_nll.size} for the base)")
+        raise EvalError(
+            f"{model.name}: {len(kld['chunk_kld'])} KLD chunks for {model_nll.size} text chunks "
+            f"({base_nll.size} for the base)"
+        )
     kld_point, kld_reps = _mean_reps(np.array(kld["chunk_kld"]), draws, "chunk")
     top_point, top_reps = _mean_reps(np.array(kld["chunk_same_top"]) * 100, draws, "chunk")
     m_point, m_reps = _mean_reps(model_nll, draws, "chunk")
     b_point, b_reps = _mean_reps(base_nll, draws, "chunk")
-    return KldResult(_interval(kld_point, kld_reps), kld.get("median"), kld.get("p99"), kld.get("maximum"),
-                     _interval(top_point, top_reps),
-                     _interval(math.exp(m_point) - math.exp(b_point), np.exp(m_reps) - np.exp(b_reps)),
-                     tuple(kld["chunk_kld"]), tuple(kld["chunk_same_top"]))
+    return KldResult(
+        _interval(kld_point, kld_reps),
+        kld.get("median"),
+        kld.get("p99"),
+        kld.get("maximum"),
+        _interval(top_point, top_reps),
+        _interval(math.exp(m_point) - math.exp(b_point), np.exp(m_reps) - np.exp(b_reps)),
+        tuple(kld["chunk_kld"]),
+        tuple(kld["chunk_same_top"]),
+    )
 
 
-def kl_divergence(model: str | Path, base: str | Path, options: EvalOptions = EvalOptions(),
-                  progress: Progress | None = None) -> KldResult:
+def kl_divergence(
+    model: str | Path, base: str | Path, options: EvalOptions = EvalOptions(), progress: Progress | None = None
+) -> KldResult:
     """Only the KL divergence of `model` to `base` on the options' text (no generation): the
     quick measure for searches over many edits. Shares evaluate()'s cache: the base logits are
     computed once per (base, text, settings), a model's result once per file hash."""
@@ -1209,24 +1389,32 @@ def kl_divergence(model: str | Path, base: str | Path, options: EvalOptions = Ev
         base_nll = ev.perplexity(base_target, save_logits=True)
         kld = ev.kld(target, base_target)
         model_nll = ev.perplexity(target)  # cached by the KLD run
-        return _kld_result(Path(model), kld, np.array(model_nll, float), np.array(base_nll, float),
-                           _Draws(options.seed, options.bootstrap_samples))
+        return _kld_result(
+            Path(model),
+            kld,
+            np.array(model_nll, float),
+            np.array(base_nll, float),
+            _Draws(options.seed, options.bootstrap_samples),
+        )
     finally:
         cache.close()
 
 
 def _check_vocab(target: _Target, base: _Target) -> None:
     if base.info.vocab_size != target.info.vocab_size:
-        raise EvalError(f"{target.info.path.name} has {target.info.vocab_size} tokens and base {base.info.path.name} "
-                        f"{base.info.vocab_size}: KL divergence needs the same vocabulary")
+        raise EvalError(
+            f"{target.info.path.name} has {target.info.vocab_size} tokens and base {base.info.path.name} "
+            f"{base.info.vocab_size}: KL divergence needs the same vocabulary"
+        )
 
 
 def _timings(clock: _Clock, t_start: float) -> Timings:
     return Timings(clock.load, clock.perplexity, clock.generation, time.perf_counter() - t_start)
 
 
-def compare(models: Sequence[str | Path], options: EvalOptions = EvalOptions(),
-            progress: Progress | None = None) -> tuple[EvalReport, ...]:
+def compare(
+    models: Sequence[str | Path], options: EvalOptions = EvalOptions(), progress: Progress | None = None
+) -> tuple[EvalReport, ...]:
     """The first model scored alone, then each other model scored against it."""
     if len(models) < 2:
         raise EvalError("compare needs at least two models")
@@ -1235,6 +1423,7 @@ def compare(models: Sequence[str | Path], options: EvalOptions = EvalOptions(),
 
 
 # --- tables ---------------------------------------------------------------------------
+
 
 def _fmt_ci(e: Estimate, digits: int, pct: bool = False) -> str:
     k = 100 if pct else 1
@@ -1268,19 +1457,30 @@ def comparison_table(reports: Sequence[EvalReport]) -> tuple[list[str], list[lis
 
     rows = [
         ["Overall score / 100"] + cells(lambda r, d: with_delta(_fmt_ci(r.score, 1), d.get("overall score"), 1)),
-        ["Factual accuracy"] + cells(lambda r, d: with_delta(
-            f"{r.factual.correct}/{r.factual.total} ({_fmt_ci(r.factual.accuracy, 0, pct=True)}%)",
-            d.get("factual accuracy"), 0, pct=True)),
+        ["Factual accuracy"]
+        + cells(
+            lambda r, d: with_delta(
+                f"{r.factual.correct}/{r.factual.total} ({_fmt_ci(r.factual.accuracy, 0, pct=True)}%)",
+                d.get("factual accuracy"),
+                0,
+                pct=True,
+            )
+        ),
         ["Perplexity"] + cells(lambda r, d: with_delta(_fmt_ci(r.perplexity.ppl, 2), d.get("perplexity"), 2)),
         ["KLD vs first (mean)"] + cells(lambda r, d: "—" if not r.versus_base else _fmt_ci(r.versus_base.kld.mean, 4)),
-        ["KLD median / p99"] + cells(lambda r, d: "—" if not r.versus_base else
-                                     f"{_num(r.versus_base.kld.median, 4)} / {_num(r.versus_base.kld.p99, 4)}"),
+        ["KLD median / p99"]
+        + cells(
+            lambda r, d: (
+                "—" if not r.versus_base else f"{_num(r.versus_base.kld.median, 4)} / {_num(r.versus_base.kld.p99, 4)}"
+            )
+        ),
         ["Same top token %"] + cells(lambda r, d: "—" if not r.versus_base else _fmt_ci(r.versus_base.kld.same_top, 2)),
         ["Coherence"] + cells(lambda r, d: with_delta(_fmt_ci(r.generation.coherence, 3), d.get("coherence"), 3)),
         ["Repetition"] + cells(lambda r, d: with_delta(_fmt_ci(r.generation.repetition, 3), d.get("repetition"), 3)),
-        ["Thinking mode"] + cells(lambda r, d: _mode(r.thinking.thinking_ok, r.thinking.thinking_passed, r.thinking.per_mode)),
-        ["Non-thinking mode"] + cells(lambda r, d: _mode(r.thinking.non_thinking_ok, r.thinking.non_thinking_passed,
-                                                         r.thinking.per_mode)),
+        ["Thinking mode"]
+        + cells(lambda r, d: _mode(r.thinking.thinking_ok, r.thinking.thinking_passed, r.thinking.per_mode)),
+        ["Non-thinking mode"]
+        + cells(lambda r, d: _mode(r.thinking.non_thinking_ok, r.thinking.non_thinking_passed, r.thinking.per_mode)),
         ["Verdict vs first"] + cells(lambda r, d: "—" if not r.versus_base else r.versus_base.verdict),
     ]
     return header, rows

@@ -28,10 +28,10 @@ from gguf import GGMLQuantizationType, Keys
 from gguf.constants import GGUF_MAGIC
 
 from ..errors import FormatError, OutputError, PlanError
+from ..files import atomic_output
 from ..metadata import RECIPE_KEY
 from ..plan import LayerPlan
 from ..reader import BlockNamed, Model
-from ..files import atomic_output
 
 SUMS_SUFFIX = ".in_sum2"
 COUNTS_SUFFIX = ".counts"
@@ -81,6 +81,7 @@ class Imatrix:
 
 # reading -----------------------------------------------------------------------------
 
+
 def read_imatrix(path: str | Path) -> Imatrix:
     """Read an imatrix in either format (told apart by the GGUF magic, as llama.cpp does)."""
     path = Path(path)
@@ -129,10 +130,18 @@ def _read_gguf(path: Path) -> Imatrix:
             raise FormatError(f"{path}: entry {name!r} has no {name}{missing} tensor")
         s, c = sums[name], counts[name].reshape(-1)
         if s.shape[0] != c.shape[0]:
-            raise FormatError(f"{path}: entry {name!r} has {s.shape[0]} experts in {SUMS_SUFFIX} but {c.shape[0]} counts")
+            raise FormatError(
+                f"{path}: entry {name!r} has {s.shape[0]} experts in {SUMS_SUFFIX} but {c.shape[0]} counts"
+            )
         entries[name] = ImatrixEntry(name, s, c)
-    return Imatrix(entries, tuple(datasets) if isinstance(datasets, list) else (str(datasets),), chunk_count,
-                   chunk_size, legacy=False, path=path)
+    return Imatrix(
+        entries,
+        tuple(datasets) if isinstance(datasets, list) else (str(datasets),),
+        chunk_count,
+        chunk_size,
+        legacy=False,
+        path=path,
+    )
 
 
 def _read_legacy(path: Path) -> Imatrix:
@@ -143,8 +152,9 @@ def _read_legacy(path: Path) -> Imatrix:
         nonlocal pos
         n = struct.calcsize(fmt)
         if pos + n > len(data):
-            raise FormatError(f"{path}: not an imatrix (neither GGUF nor legacy .dat): truncated at offset {pos} "
-                              f"while reading {what}")
+            raise FormatError(
+                f"{path}: not an imatrix (neither GGUF nor legacy .dat): truncated at offset {pos} while reading {what}"
+            )
         v = struct.unpack_from(fmt, data, pos)
         pos += n
         return v
@@ -165,7 +175,9 @@ def _read_legacy(path: Path) -> Imatrix:
         pos += length
         ncall, nval = take("<ii", f"the sizes of entry {name!r}")
         if nval < 1 or nval * 4 > len(data) - pos:
-            raise FormatError(f"{path}: entry {name!r} claims {nval} values at offset {pos - 4}, more than the file holds")
+            raise FormatError(
+                f"{path}: entry {name!r} claims {nval} values at offset {pos - 4}, more than the file holds"
+            )
         values = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
         pos += nval * 4
         entries[name] = ImatrixEntry(name, values.reshape(1, -1), np.array([ncall], dtype=np.float32))
@@ -181,6 +193,7 @@ def _read_legacy(path: Path) -> Imatrix:
 
 # remapping ---------------------------------------------------------------------------
 
+
 def remap_imatrix(imatrix: Imatrix, plan: LayerPlan) -> Imatrix:
     """The imatrix of the model `plan` produces, from the imatrix of its source.
 
@@ -192,8 +205,10 @@ def remap_imatrix(imatrix: Imatrix, plan: LayerPlan) -> Imatrix:
     """
     where = f"{imatrix.path}: " if imatrix.path else ""
     if imatrix.block_count and imatrix.block_count != plan.source_block_count:
-        raise PlanError(f"{where}imatrix covers {imatrix.block_count} blocks, but the source model has "
-                        f"{plan.source_block_count}; was it computed on another model?")
+        raise PlanError(
+            f"{where}imatrix covers {imatrix.block_count} blocks, but the source model has "
+            f"{plan.source_block_count}; was it computed on another model?"
+        )
     by_block = imatrix.blocks()
     out: dict[str, ImatrixEntry] = {n: e for n, e in imatrix.entries.items() if e.block_index is None}
     for i, layer in enumerate(plan.layers):
@@ -212,8 +227,10 @@ def remap_imatrix(imatrix: Imatrix, plan: LayerPlan) -> Imatrix:
 def _blend(name: str, parts: list[tuple[ImatrixEntry, float]], where: str) -> ImatrixEntry:
     shapes = {e.sums.shape for e, _ in parts}
     if len(shapes) > 1:
-        raise PlanError(f"{where}cannot blend imatrix entries for {name!r}: sources have shapes "
-                        + ", ".join(f"{e.name} {e.sums.shape}" for e, _ in parts))
+        raise PlanError(
+            f"{where}cannot blend imatrix entries for {name!r}: sources have shapes "
+            + ", ".join(f"{e.name} {e.sums.shape}" for e, _ in parts)
+        )
     mean = np.zeros(parts[0][0].sums.shape, dtype=np.float64)
     counts = np.zeros(parts[0][0].counts.shape, dtype=np.float64)
     weight = np.zeros(counts.shape, dtype=np.float64)
@@ -231,6 +248,7 @@ def _blend(name: str, parts: list[tuple[ImatrixEntry, float]], where: str) -> Im
 
 
 # writing -----------------------------------------------------------------------------
+
 
 class _ImatrixWriter(gguf.GGUFWriter):
     def add_architecture(self) -> None:
@@ -270,6 +288,7 @@ def write_imatrix(imatrix: Imatrix, out: str | Path, *, force: bool = False, rec
 
 # one call for the CLI and quantize ---------------------------------------------------
 
+
 @dataclass(frozen=True)
 class RemapReport:
     """What `remap_file` did."""
@@ -285,10 +304,17 @@ class RemapReport:
     blended: tuple[int, ...]  # output blocks whose entries are blends
 
     def to_dict(self) -> dict:
-        return {"source": str(self.source), "out": str(self.out), "recipe": self.recipe,
-                "source_format": self.source_format, "source_blocks": self.source_blocks,
-                "output_blocks": self.output_blocks, "entries_in": self.entries_in,
-                "entries_out": self.entries_out, "blended": list(self.blended)}
+        return {
+            "source": str(self.source),
+            "out": str(self.out),
+            "recipe": self.recipe,
+            "source_format": self.source_format,
+            "source_blocks": self.source_blocks,
+            "output_blocks": self.output_blocks,
+            "entries_in": self.entries_in,
+            "entries_out": self.entries_out,
+            "blended": list(self.blended),
+        }
 
 
 def remap_file(source: str | Path, out: str | Path, plan: LayerPlan, *, force: bool = False) -> RemapReport:
@@ -297,6 +323,14 @@ def remap_file(source: str | Path, out: str | Path, plan: LayerPlan, *, force: b
     remapped = remap_imatrix(im, plan)
     write_imatrix(remapped, out, force=force, recipe=plan.recipe)
     blended = tuple(i for i, l in enumerate(plan.layers) if not l.is_copy)
-    return RemapReport(Path(source), Path(out), plan.recipe, "legacy" if im.legacy else "gguf",
-                       plan.source_block_count, len(plan.layers), len(im.entries), len(remapped.entries), blended)
-
+    return RemapReport(
+        Path(source),
+        Path(out),
+        plan.recipe,
+        "legacy" if im.legacy else "gguf",
+        plan.source_block_count,
+        len(plan.layers),
+        len(im.entries),
+        len(remapped.entries),
+        blended,
+    )

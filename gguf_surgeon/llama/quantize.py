@@ -12,21 +12,21 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import gguf
 from gguf import GGMLQuantizationType
 
 from ..errors import ModelError, OptionError, OutputError, PlanError, ToolError
-from .imatrix import Imatrix, read_imatrix, remap_imatrix, write_imatrix
+from ..files import atomic_output
 from ..metadata import RECIPE_KEY
-from ..plan import build_plan
+from ..operations import build_plan
 from ..reader import Model
 from ..recipe import load_recipe
+from .imatrix import Imatrix, read_imatrix, remap_imatrix, write_imatrix
 from .tools import DEFAULT_LADDER, find_tool, run_tool
-from ..files import atomic_output
 
 QUANTIZE_TOOL = "llama-quantize"
 UNQUANTIZED = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
@@ -51,9 +51,15 @@ class QuantResult:
     tensor_types: dict[str, int]  # ggml type name -> tensor count in the file
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "path": str(self.path), "size": self.size, "parameters": self.parameters,
-                "bits_per_weight": round(self.bits_per_weight, 4), "seconds": round(self.seconds, 3),
-                "tensor_types": self.tensor_types}
+        return {
+            "type": self.type,
+            "path": str(self.path),
+            "size": self.size,
+            "parameters": self.parameters,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "seconds": round(self.seconds, 3),
+            "tensor_types": self.tensor_types,
+        }
 
 
 @dataclass(frozen=True)
@@ -69,17 +75,29 @@ class QuantizeReport:
     extra_args: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict:
-        return {"source": str(self.source), "tool": str(self.tool), "imatrix": str(self.imatrix) if self.imatrix else None,
-                "recipe": self.recipe, "extra_args": list(self.extra_args), "warnings": list(self.warnings),
-                "results": [r.to_dict() for r in self.results]}
+        return {
+            "source": str(self.source),
+            "tool": str(self.tool),
+            "imatrix": str(self.imatrix) if self.imatrix else None,
+            "recipe": self.recipe,
+            "extra_args": list(self.extra_args),
+            "warnings": list(self.warnings),
+            "results": [r.to_dict() for r in self.results],
+        }
 
 
 def quant_types(tool: Path) -> tuple[str, ...]:
     """The type names this llama-quantize accepts, from its usage text (it is the authority:
     builds differ). Falls back to gguf's LlamaFileType names if the text cannot be parsed."""
     try:
-        out = subprocess.run([str(tool), "--help"], capture_output=True, text=True, errors="replace", timeout=60,
-                             stdin=subprocess.DEVNULL)
+        out = subprocess.run(
+            [str(tool), "--help"],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise ToolError(f"{tool}: cannot run: {e}") from None
     text = out.stdout + out.stderr
@@ -90,7 +108,9 @@ def quant_types(tool: Path) -> tuple[str, ...]:
             if m and m.group(1) not in names:
                 names.append(m.group(1))
     if not names:
-        names = [n.removeprefix("MOSTLY_").removeprefix("ALL_") for n in gguf.LlamaFileType.__members__ if n != "GUESSED"]
+        names = [
+            n.removeprefix("MOSTLY_").removeprefix("ALL_") for n in gguf.LlamaFileType.__members__ if n != "GUESSED"
+        ]
     return tuple(names)
 
 
@@ -151,11 +171,21 @@ def _check_imatrix(im: Imatrix, model: Model, remapped: bool, label: str) -> Non
         raise PlanError(f"{label}: imatrix covers {im.block_count} blocks, {model.path} has {n_model}{hint}")
 
 
-def quantize_ladder(source: str | Path, types: Sequence[str] = DEFAULT_LADDER, out_dir: str | Path | None = None, *,
-                    name: str | None = None, imatrix: str | Path | None = None, recipe: str | None = None,
-                    allow_requantize: bool = False, force: bool = False, llama_bin: str | Path | None = None,
-                    extra_args: Sequence[str] = (), threads: int | None = None,
-                    progress: QuantProgress | None = None) -> QuantizeReport:
+def quantize_ladder(
+    source: str | Path,
+    types: Sequence[str] = DEFAULT_LADDER,
+    out_dir: str | Path | None = None,
+    *,
+    name: str | None = None,
+    imatrix: str | Path | None = None,
+    recipe: str | None = None,
+    allow_requantize: bool = False,
+    force: bool = False,
+    llama_bin: str | Path | None = None,
+    extra_args: Sequence[str] = (),
+    threads: int | None = None,
+    progress: QuantProgress | None = None,
+) -> QuantizeReport:
     """Quantize `source` once per type into ``out_dir/NAME-TYPE.gguf`` (NAME: the input's stem).
 
     - A quantized input (a 2-D block weight not F32/F16/BF16) needs `allow_requantize`
@@ -187,25 +217,39 @@ def quantize_ladder(source: str | Path, types: Sequence[str] = DEFAULT_LADDER, o
             cwd = Path(work)
             imatrix_arg = re.sub(r"\.(gguf|dat)$", "", Path(str(imatrix)).name) + "-remapped.gguf"
             write_imatrix(remapped, cwd / imatrix_arg, recipe=recipe)
-        results = [_quantize_one(tool, source, outputs[t], t, allow_requantize, imatrix_arg, extra_args, threads,
-                                 progress, cwd) for t in qtypes]
-    return QuantizeReport(source, tool, tuple(results), tuple(warnings), Path(imatrix) if imatrix else None,
-                          recipe if remapped is not None else None, extra_args)
+        results = [
+            _quantize_one(
+                tool, source, outputs[t], t, allow_requantize, imatrix_arg, extra_args, threads, progress, cwd
+            )
+            for t in qtypes
+        ]
+    return QuantizeReport(
+        source,
+        tool,
+        tuple(results),
+        tuple(warnings),
+        Path(imatrix) if imatrix else None,
+        recipe if remapped is not None else None,
+        extra_args,
+    )
 
 
-
-def _check_options(extra_args: tuple[str, ...], threads: int | None, recipe: str | None,
-                   imatrix: str | Path | None) -> None:
+def _check_options(
+    extra_args: tuple[str, ...], threads: int | None, recipe: str | None, imatrix: str | Path | None
+) -> None:
     if extra_args and not extra_args[0].startswith("-"):
-        raise OptionError(f"extra {QUANTIZE_TOOL} arguments must start with an option (like --pure), got {extra_args[0]!r}")
+        raise OptionError(
+            f"extra {QUANTIZE_TOOL} arguments must start with an option (like --pure), got {extra_args[0]!r}"
+        )
     if threads is not None and threads < 1:
         raise OptionError(f"threads must be at least 1, got {threads}")
     if recipe is not None and imatrix is None:
         raise PlanError("a recipe only applies to an imatrix: pass --imatrix with --recipe")
 
 
-def _check_source(source: Path, allow_requantize: bool, imatrix: str | Path | None,
-                  recipe: str | None) -> tuple[list[str], Imatrix | None]:
+def _check_source(
+    source: Path, allow_requantize: bool, imatrix: str | Path | None, recipe: str | None
+) -> tuple[list[str], Imatrix | None]:
     """The warnings for a quantized source, and the imatrix remapped through `recipe` (None without
     one), after checking the imatrix fits the model."""
     warnings: list[str] = []
@@ -214,10 +258,14 @@ def _check_source(source: Path, allow_requantize: bool, imatrix: str | Path | No
         q = quantized_tensor(model)
         if q is not None:
             if not allow_requantize:
-                raise ModelError(f"{source}: is already quantized ({q[0]} is {q[1]}); requantizing compounds the "
-                                "quantization error: quantize from the F16/BF16/F32 source, or pass --allow-requantize")
-            warnings.append(f"{source} is already quantized ({q[1]}); requantizing compounds the quantization error, "
-                            "so outputs are worse than the same types made from an F16/BF16 source")
+                raise ModelError(
+                    f"{source}: is already quantized ({q[0]} is {q[1]}); requantizing compounds the "
+                    "quantization error: quantize from the F16/BF16/F32 source, or pass --allow-requantize"
+                )
+            warnings.append(
+                f"{source} is already quantized ({q[1]}); requantizing compounds the quantization error, "
+                "so outputs are worse than the same types made from an F16/BF16 source"
+            )
         if imatrix is not None:
             im = read_imatrix(imatrix)
             if recipe is not None:
@@ -243,9 +291,19 @@ def _claim_outputs(source: Path, out_dir: Path, name: str, qtypes: Sequence[str]
             raise OutputError(f"{p}: exists; pass --force to overwrite")
     return outputs
 
-def _quantize_one(tool: Path, source: Path, out: Path, qtype: str, allow_requantize: bool, imatrix: str | None,
-                  extra_args: tuple[str, ...], threads: int | None, progress: QuantProgress | None,
-                  cwd: Path | None) -> QuantResult:
+
+def _quantize_one(
+    tool: Path,
+    source: Path,
+    out: Path,
+    qtype: str,
+    allow_requantize: bool,
+    imatrix: str | None,
+    extra_args: tuple[str, ...],
+    threads: int | None,
+    progress: QuantProgress | None,
+    cwd: Path | None,
+) -> QuantResult:
     with atomic_output(out) as tmp:
         args: list[str] = []
         if allow_requantize:
@@ -265,11 +323,15 @@ def _quantize_one(tool: Path, source: Path, out: Path, qtype: str, allow_requant
         run = run_tool(tool, args, on_line, cwd=cwd)
         seconds = time.monotonic() - start
         if run.returncode != 0:
-            what = (f"rejected its arguments (extra arguments: {' '.join(extra_args) or 'none'})" if run.printed_usage
-                    else f"failed (exit {run.returncode})")
+            what = (
+                f"rejected its arguments (extra arguments: {' '.join(extra_args) or 'none'})"
+                if run.printed_usage
+                else f"failed (exit {run.returncode})"
+            )
             raise ToolError(f"{QUANTIZE_TOOL} {what} for {qtype} of {source}: " + " | ".join(run.error_lines))
         if not tmp.exists() or tmp.stat().st_size == 0:
             raise ToolError(f"{QUANTIZE_TOOL} wrote nothing for {qtype} of {source}: " + " | ".join(run.error_lines))
         result = measure(tmp, qtype, seconds)
-    return QuantResult(result.type, out, result.size, result.parameters, result.bits_per_weight, result.seconds,
-                       result.tensor_types)
+    return QuantResult(
+        result.type, out, result.size, result.parameters, result.bits_per_weight, result.seconds, result.tensor_types
+    )

@@ -71,9 +71,18 @@ class LlamaServer:
     or a request fails or takes longer than `request_timeout` seconds.
     """
 
-    def __init__(self, bin_dir: str | Path, model: str | Path, *, ctx_size: int | None = None,
-                 threads: int | None = None, extra_args: Sequence[str] = (),
-                 startup_timeout: float = 60.0, request_timeout: float = 120.0, stop_timeout: float = 10.0):
+    def __init__(
+        self,
+        bin_dir: str | Path,
+        model: str | Path,
+        *,
+        ctx_size: int | None = None,
+        threads: int | None = None,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 60.0,
+        request_timeout: float = 120.0,
+        stop_timeout: float = 10.0,
+    ):
         self.binary = Path(bin_dir) / SERVER_BINARY
         self.model = Path(model).resolve()
         self.ctx_size = ctx_size
@@ -100,15 +109,25 @@ class LlamaServer:
 
     # lifecycle
     def command(self, port: int) -> list[str]:
-        cmd = [str(self.binary), "-m", str(self.model), "--host", HOST, "--port", str(port),
-               "--parallel", "1", "--no-webui"]
+        cmd = [
+            str(self.binary),
+            "-m",
+            str(self.model),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--parallel",
+            "1",
+            "--no-webui",
+        ]
         if self.ctx_size is not None:
             cmd += ["-c", str(self.ctx_size)]
         if self.threads is not None:
             cmd += ["-t", str(self.threads)]
         return cmd + list(self.extra_args)
 
-    def start(self) -> "LlamaServer":
+    def start(self) -> LlamaServer:
         """Start the server and wait until it is healthy; on any failure nothing is left running."""
         if self._proc is not None:
             raise ToolError(f"{SERVER_BINARY} for {self.model.name} is already running on port {self.port}")
@@ -131,8 +150,9 @@ class LlamaServer:
         self._log = tempfile.TemporaryFile(prefix="llama-server-", suffix=".log")
         self.port = port
         try:
-            self._proc = subprocess.Popen(self.command(port), stdin=subprocess.DEVNULL, stdout=self._log,
-                                          stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(
+                self.command(port), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            )
         except OSError as e:
             raise ToolError(f"{self.binary}: cannot start: {e.strerror}") from None
         # a server started but never stopped (no `with`, no stop()) is killed at exit or GC
@@ -156,7 +176,9 @@ class LlamaServer:
             except (OSError, http.client.HTTPException):
                 pass  # not listening yet, or 503 (an HTTPError) while the model loads
             time.sleep(0.05)
-        raise ToolError(f"{SERVER_BINARY} did not become healthy within {self.startup_timeout:g} s for {self.model.name}:\n{self.log_tail()}")
+        raise ToolError(
+            f"{SERVER_BINARY} did not become healthy within {self.startup_timeout:g} s for {self.model.name}:\n{self.log_tail()}"
+        )
 
     def stop(self) -> None:
         """Stop the process (SIGTERM, then SIGKILL after `stop_timeout`) and drop its log; safe to call twice."""
@@ -187,7 +209,7 @@ class LlamaServer:
         self._log.seek(max(0, size - n_bytes))
         return self._log.read().decode("utf-8", "replace")
 
-    def __enter__(self) -> "LlamaServer":
+    def __enter__(self) -> LlamaServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -197,8 +219,9 @@ class LlamaServer:
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """One JSON request; returns the decoded JSON answer or raises ToolError."""
         data = None if body is None else json.dumps(body).encode("utf-8")
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.request_timeout) as resp:
                 return json.loads(resp.read().decode("utf-8"))
@@ -207,15 +230,28 @@ class LlamaServer:
             raise ToolError(f"{SERVER_BINARY} {method} {path} for {self.model.name}: HTTP {e.code}: {detail}") from None
         except (OSError, http.client.HTTPException, ValueError) as e:  # ValueError: not JSON
             reason = getattr(e, "reason", None) or e
-            raise ToolError(f"{SERVER_BINARY} {method} {path} for {self.model.name}: {reason}\n{self.log_tail()}") from None
+            raise ToolError(
+                f"{SERVER_BINARY} {method} {path} for {self.model.name}: {reason}\n{self.log_tail()}"
+            ) from None
 
-    def completion(self, prompt: str | Sequence[int], *, n_predict: int = 1, n_probs: int = 0,
-                   temperature: float = 0.0, **params: Any) -> dict[str, Any]:
+    def completion(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        n_predict: int = 1,
+        n_probs: int = 0,
+        temperature: float = 0.0,
+        **params: Any,
+    ) -> dict[str, Any]:
         """POST /completion; `prompt` is text or a list of token ids (no BOS is added for ids
         unless the model's tokenizer adds one). Extra `params` go into the request as given.
         Returns the server's JSON answer unchanged."""
-        body: dict[str, Any] = {"prompt": prompt if isinstance(prompt, str) else [int(t) for t in prompt],
-                                "n_predict": n_predict, "n_probs": n_probs, "temperature": temperature}
+        body: dict[str, Any] = {
+            "prompt": prompt if isinstance(prompt, str) else [int(t) for t in prompt],
+            "n_predict": n_predict,
+            "n_probs": n_probs,
+            "temperature": temperature,
+        }
         body.update(params)
         return self.request("POST", "/completion", body)
 
@@ -228,16 +264,29 @@ class LlamaServer:
         # The server withholds the probabilities of a sampled token that ends inside a UTF-8
         # character (byte tokens); a huge bias on the tokens of "a" makes the sampled token
         # plain ASCII. Biases act on the sampler's copy of the logits, not on the reported ones.
-        answer = self.completion(tokens, n_predict=1, n_probs=n_probs, cache_prompt=False,
-                                 post_sampling_probs=False, logit_bias=[["a", ANCHOR_BIAS]])
+        answer = self.completion(
+            tokens,
+            n_predict=1,
+            n_probs=n_probs,
+            cache_prompt=False,
+            post_sampling_probs=False,
+            logit_bias=[["a", ANCHOR_BIAS]],
+        )
         try:
             first = answer["completion_probabilities"][0]
-            return tuple(TokenProb(int(p["id"]), p.get("token", ""),
-                                   float("-inf") if p["logprob"] is None else float(p["logprob"]))
-                         for p in first["top_logprobs"])
+            return tuple(
+                TokenProb(
+                    int(p["id"]), p.get("token", ""), float("-inf") if p["logprob"] is None else float(p["logprob"])
+                )
+                for p in first["top_logprobs"]
+            )
         except (KeyError, IndexError, TypeError) as e:
-            raise ToolError(f"{SERVER_BINARY} /completion for {self.model.name}: unexpected answer (no {e}): {str(answer)[:500]}") from None
+            raise ToolError(
+                f"{SERVER_BINARY} /completion for {self.model.name}: unexpected answer (no {e}): {str(answer)[:500]}"
+            ) from None
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         """Token ids of `text` under the model's tokenizer (POST /tokenize)."""
-        return [int(t) for t in self.request("POST", "/tokenize", {"content": text, "add_special": add_special})["tokens"]]
+        return [
+            int(t) for t in self.request("POST", "/tokenize", {"content": text, "add_special": add_special})["tokens"]
+        ]

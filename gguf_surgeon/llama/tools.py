@@ -13,9 +13,9 @@ import shutil
 import subprocess
 import threading
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..errors import ToolError, ToolFailedError, ToolNotFoundError
 
@@ -55,8 +55,14 @@ class ToolVersion:
     commit: str | None  # short git commit, when printed
 
     def __str__(self) -> str:
-        parts = [p for p in (f"build {self.build}" if self.build is not None else None,
-                             f"commit {self.commit}" if self.commit else None) if p]
+        parts = [
+            p
+            for p in (
+                f"build {self.build}" if self.build is not None else None,
+                f"commit {self.commit}" if self.commit else None,
+            )
+            if p
+        ]
         if self.version.isdigit() and self.build is not None and int(self.version) == self.build:
             return ", ".join(parts)
         return self.version + (f" ({', '.join(parts)})" if parts else "")
@@ -79,10 +85,17 @@ class ToolStatus:
 
     def to_dict(self) -> dict:
         v = self.version
-        return {"name": self.name, "purpose": self.purpose, "found": self.found,
-                "path": str(self.path) if self.path else None, "found_via": self.found_via,
-                "version": str(v) if v else None, "build": v.build if v else None, "commit": v.commit if v else None,
-                "how_to_get": self.how_to_get}
+        return {
+            "name": self.name,
+            "purpose": self.purpose,
+            "found": self.found,
+            "path": str(self.path) if self.path else None,
+            "found_via": self.found_via,
+            "version": str(v) if v else None,
+            "build": v.build if v else None,
+            "commit": v.commit if v else None,
+            "how_to_get": self.how_to_get,
+        }
 
 
 def search_dirs(llama_bin: str | Path | None = None) -> list[tuple[str, Path | None]]:
@@ -156,8 +169,14 @@ def tool_version(path: str | Path, timeout: float = 30) -> ToolVersion | None:
     path = Path(path)
     for args in _probe_args(path):
         try:
-            out = subprocess.run([str(path), *args], capture_output=True, text=True, errors="replace",
-                                 timeout=timeout, stdin=subprocess.DEVNULL)
+            out = subprocess.run(
+                [str(path), *args],
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
         except OSError as e:
             raise ToolFailedError(f"{path}: cannot run: {e.strerror or e}") from None
         except subprocess.TimeoutExpired:
@@ -179,15 +198,24 @@ def doctor(llama_bin: str | Path | None = None, tools: Sequence[str] = tuple(TOO
                 version = tool_version(path)
             except ToolError:
                 version = None
-        records.append(ToolStatus(name, TOOLS.get(name, ""), path, via, version,
-                                  None if path else f"not found (looked in {', '.join(looked)}); {HOW_TO_GET}"))
+        records.append(
+            ToolStatus(
+                name,
+                TOOLS.get(name, ""),
+                path,
+                via,
+                version,
+                None if path else f"not found (looked in {', '.join(looked)}); {HOW_TO_GET}",
+            )
+        )
     return tuple(records)
 
 
 # running -----------------------------------------------------------------------------
 
-_ERROR_LINE = re.compile(r"error|failed|invalid|cannot|unable|abort|exception|what\(\)|disabled|usage:|not found",
-                         re.IGNORECASE)
+_ERROR_LINE = re.compile(
+    r"error|failed|invalid|cannot|unable|abort|exception|what\(\)|disabled|usage:|not found", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -199,8 +227,13 @@ class ToolRun:
     printed_usage: bool  # the tool rejected its arguments and printed its usage
 
 
-def run_tool(path: Path, args: Sequence[str], on_line: Callable[[str], None] | None = None,
-             cwd: Path | None = None, timeout: float | None = None) -> ToolRun:
+def run_tool(
+    path: Path,
+    args: Sequence[str],
+    on_line: Callable[[str], None] | None = None,
+    cwd: Path | None = None,
+    timeout: float | None = None,
+) -> ToolRun:
     """Run a tool with stdout and stderr merged, feeding each line to `on_line`.
 
     The child is killed if the caller is interrupted (Ctrl-C), or after `timeout` seconds.
@@ -208,8 +241,16 @@ def run_tool(path: Path, args: Sequence[str], on_line: Callable[[str], None] | N
     returned for the caller to word.
     """
     try:
-        proc = subprocess.Popen([str(path), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1, cwd=cwd)
+        proc = subprocess.Popen(
+            [str(path), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            cwd=cwd,
+        )
     except OSError as e:
         raise ToolFailedError(f"{path}: cannot run: {e.strerror or e}") from None
     timed_out = threading.Event()

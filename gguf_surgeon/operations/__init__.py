@@ -7,11 +7,11 @@ new operation is one `Operation(...)` entry with a parse and an apply function.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import PlanError, RecipeError
-from ..plan import LayerSource, Step
+from ..plan import LayerPlan, LayerSource, Step
 
 Layers = tuple[LayerSource, ...]
 
@@ -108,7 +108,10 @@ def _options(tokens: list[str], allowed: set[str]) -> tuple[list[str], dict[str,
             name, _, value = tok.partition("=")
         if name is not None:
             if name not in allowed:
-                raise RecipeError(f"unknown option {tok!r}" + (f" (allowed: {', '.join('--' + a for a in sorted(allowed))})" if allowed else ""))
+                raise RecipeError(
+                    f"unknown option {tok!r}"
+                    + (f" (allowed: {', '.join('--' + a for a in sorted(allowed))})" if allowed else "")
+                )
             opts[name] = value  # type: ignore[assignment]
         else:
             pos.append(tok)
@@ -125,7 +128,9 @@ def _count(pos: list[str], n: int, usage: str) -> None:
 def _check(layers: Layers, *indices: int) -> None:
     for i in indices:
         if not 0 <= i < len(layers):
-            raise PlanError(f"block {i} out of range (the model has {len(layers)} blocks at this step: 0-{len(layers) - 1})")
+            raise PlanError(
+                f"block {i} out of range (the model has {len(layers)} blocks at this step: 0-{len(layers) - 1})"
+            )
 
 
 def _check_position(layers: Layers, pos: int, what: str) -> None:
@@ -134,6 +139,7 @@ def _check_position(layers: Layers, pos: int, what: str) -> None:
 
 
 # the operations -------------------------------------------------------------------------
+
 
 def _parse_delete(tokens: list[str]) -> tuple:
     pos, _ = _options(tokens, set())
@@ -249,20 +255,55 @@ def _apply_bridge(args: tuple, layers: Layers) -> Layers:
 REGISTRY: dict[str, Operation] = {
     op.name: op
     for op in (
-        Operation("delete", "delete I [J-K ...]", "remove blocks", _parse_delete, _apply_delete,
-                  lambda a: " ".join(format_layer_spec(a).split(","))),
+        Operation(
+            "delete",
+            "delete I [J-K ...]",
+            "remove blocks",
+            _parse_delete,
+            _apply_delete,
+            lambda a: " ".join(format_layer_spec(a).split(",")),
+        ),
         Operation("swap", "swap A B", "exchange two blocks", _parse_swap, _apply_swap, lambda a: f"{a[0]} {a[1]}"),
-        Operation("duplicate", "duplicate I [--at POS]", "insert a copy of a block (default: right after it)",
-                  _parse_duplicate, _apply_duplicate, lambda a: f"{a[0]} --at {a[1]}"),
-        Operation("move", "move I --to J", "move a block so that it ends up at index J", _parse_move, _apply_move,
-                  lambda a: f"{a[0]} --to {a[1]}"),
-        Operation("keep", "keep SPEC", "the whole new order as a layer spec; a repeated index duplicates",
-                  _parse_keep, _apply_keep, lambda a: format_layer_spec(a)),
-        Operation("interpolate", "interpolate A B [--t 0.5] [--at POS | --replace I]",
-                  "a new block (1-t)*A + t*B (default: inserted after A)", _parse_interpolate, _apply_interpolate,
-                  _canon_interpolate),
-        Operation("bridge", "bridge I [--t 0.5]", "interpolate I and I+1, inserted between them", _parse_bridge,
-                  _apply_bridge, lambda a: f"{a[0]} --t {format_fraction(a[1])}"),
+        Operation(
+            "duplicate",
+            "duplicate I [--at POS]",
+            "insert a copy of a block (default: right after it)",
+            _parse_duplicate,
+            _apply_duplicate,
+            lambda a: f"{a[0]} --at {a[1]}",
+        ),
+        Operation(
+            "move",
+            "move I --to J",
+            "move a block so that it ends up at index J",
+            _parse_move,
+            _apply_move,
+            lambda a: f"{a[0]} --to {a[1]}",
+        ),
+        Operation(
+            "keep",
+            "keep SPEC",
+            "the whole new order as a layer spec; a repeated index duplicates",
+            _parse_keep,
+            _apply_keep,
+            lambda a: format_layer_spec(a),
+        ),
+        Operation(
+            "interpolate",
+            "interpolate A B [--t 0.5] [--at POS | --replace I]",
+            "a new block (1-t)*A + t*B (default: inserted after A)",
+            _parse_interpolate,
+            _apply_interpolate,
+            _canon_interpolate,
+        ),
+        Operation(
+            "bridge",
+            "bridge I [--t 0.5]",
+            "interpolate I and I+1, inserted between them",
+            _parse_bridge,
+            _apply_bridge,
+            lambda a: f"{a[0]} --t {format_fraction(a[1])}",
+        ),
     )
 }
 
@@ -283,3 +324,16 @@ def register(operation: Operation) -> Operation:
         raise ValueError(f"operation {operation.name!r} is already registered")
     REGISTRY[operation.name] = operation
     return operation
+
+
+def build_plan(steps: tuple[Step, ...], block_count: int) -> LayerPlan:
+    """Apply `steps` in order to the identity order of `block_count` blocks."""
+    layers = tuple(LayerSource.copy(i) for i in range(block_count))
+    for n, step in enumerate(steps, 1):
+        try:
+            layers = REGISTRY[step.op].apply(step.args, layers)
+        except PlanError as e:
+            raise PlanError(f"step {n} {step.text!r}: {e}") from None
+        if not layers:
+            raise PlanError(f"step {n} {step.text!r}: the recipe leaves no block")
+    return LayerPlan(tuple(steps), block_count, layers)

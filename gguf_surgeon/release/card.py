@@ -21,21 +21,30 @@ from gguf import Keys, LlamaFileType
 from ..errors import SurgeonError
 from ..llama.quantize import DEFAULT_LADDER, QuantResult, default_name, measure
 from ..metadata import RECIPE_KEY
-from ..operations import format_layer_spec
-from ..plan import LayerPlan, build_plan
+from ..operations import build_plan, format_layer_spec
+from ..plan import LayerPlan
 from ..reader import Model
 from ..recipe import parse_recipe
 from .ollama import DEFAULT_SYSTEM, Modelfile, build_modelfile, recognize_chat_template
 
 QUANT_DESCRIPTIONS = {
-    "F32": "Full precision, largest", "F16": "Half precision, lossless for most uses",
+    "F32": "Full precision, largest",
+    "F16": "Half precision, lossless for most uses",
     "BF16": "Half precision (bfloat16), lossless for most uses",
-    "Q8_0": "Highest quality, virtually lossless", "Q6_K": "Excellent quality, good compression",
-    "Q5_K_M": "Very good quality", "Q5_K_S": "Very good quality, slightly smaller",
-    "Q4_K_M": "Good balance of quality and size", "Q4_K_S": "Good quality, smaller",
-    "Q4_0": "Legacy 4-bit, fast", "Q4_1": "Legacy 4-bit", "Q5_0": "Legacy 5-bit", "Q5_1": "Legacy 5-bit",
-    "Q3_K_L": "High compression, some quality loss", "Q3_K_M": "High compression, moderate quality loss",
-    "Q3_K_S": "High compression, noticeable quality loss", "Q2_K": "Maximum compression, significant quality loss",
+    "Q8_0": "Highest quality, virtually lossless",
+    "Q6_K": "Excellent quality, good compression",
+    "Q5_K_M": "Very good quality",
+    "Q5_K_S": "Very good quality, slightly smaller",
+    "Q4_K_M": "Good balance of quality and size",
+    "Q4_K_S": "Good quality, smaller",
+    "Q4_0": "Legacy 4-bit, fast",
+    "Q4_1": "Legacy 4-bit",
+    "Q5_0": "Legacy 5-bit",
+    "Q5_1": "Legacy 5-bit",
+    "Q3_K_L": "High compression, some quality loss",
+    "Q3_K_M": "High compression, moderate quality loss",
+    "Q3_K_S": "High compression, noticeable quality loss",
+    "Q2_K": "Maximum compression, significant quality loss",
 }
 HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # what Hugging Face accepts as a repo id
 KV_CONTEXT = 4096  # context the requirements table's KV-cache estimate assumes
@@ -72,7 +81,17 @@ class CardOptions:
 def _yaml(value: str) -> str:
     """A YAML scalar: bare when unambiguous, else a JSON string (valid YAML double-quoted)."""
     if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/+-]*", value) and value.lower() not in (
-            "yes", "no", "true", "false", "null", "on", "off", "y", "n", "~"):
+        "yes",
+        "no",
+        "true",
+        "false",
+        "null",
+        "on",
+        "off",
+        "y",
+        "n",
+        "~",
+    ):
         return value
     return json.dumps(value, ensure_ascii=False)
 
@@ -165,8 +184,17 @@ def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
     """The README.md model card of the edited GGUF at `model` (Markdown with YAML front matter)."""
     model = Path(model)
     with Model(model) as m:
-        meta = {k: m.value(k) for k in (Keys.General.NAME, Keys.General.LICENSE, Keys.General.LANGUAGES, RECIPE_KEY,
-                                        Keys.General.FILE_TYPE, Keys.Tokenizer.CHAT_TEMPLATE)}
+        meta = {
+            k: m.value(k)
+            for k in (
+                Keys.General.NAME,
+                Keys.General.LICENSE,
+                Keys.General.LANGUAGES,
+                RECIPE_KEY,
+                Keys.General.FILE_TYPE,
+                Keys.Tokenizer.CHAT_TEMPLATE,
+            )
+        }
         arch = m.architecture
         ak = m.arch_key
         n_embd = m.value(ak(Keys.LLM.EMBEDDING_LENGTH))
@@ -183,7 +211,9 @@ def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
         blocks = len(m.blocks())
         base_id = options.base_model or base_model_id(m)
         base_name = m.value("general.base_model.0.name")
-    name = options.name or (meta[Keys.General.NAME] if isinstance(meta[Keys.General.NAME], str) else default_name(model))
+    name = options.name or (
+        meta[Keys.General.NAME] if isinstance(meta[Keys.General.NAME], str) else default_name(model)
+    )
     recipe = meta[RECIPE_KEY] if isinstance(meta[RECIPE_KEY], str) else None
     steps = parse_recipe(recipe) if recipe else ()
     source_blocks = options.source_blocks or (infer_source_blocks(steps, blocks) if steps else None)
@@ -191,7 +221,9 @@ def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
     template = recognize_chat_template(meta[Keys.Tokenizer.CHAT_TEMPLATE])
     license_ = meta[Keys.General.LICENSE] if isinstance(meta[Keys.General.LICENSE], str) else None
     languages = meta[Keys.General.LANGUAGES] if isinstance(meta[Keys.General.LANGUAGES], list) else []
-    head_dim = key_length or (n_embd // n_head if isinstance(n_embd, int) and isinstance(n_head, int) and n_head else None)
+    head_dim = key_length or (
+        n_embd // n_head if isinstance(n_embd, int) and isinstance(n_head, int) and n_head else None
+    )
     per_layer = lambda v: v[0] if isinstance(v, list) and v else v  # noqa: E731
     n_head, n_head_kv, n_ff = per_layer(n_head), per_layer(n_head_kv), per_layer(n_ff)
     hf_id = base_id if base_id and HF_ID.fullmatch(base_id) else None
@@ -221,8 +253,10 @@ def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
     out.append(f"# {_md(name)} — GGUF")
     out.append(f"**A surgically edited {blocks}-layer {_md(arch)} variant of {base_link}.**")
     if steps:
-        out.append(f"Made with [gguf-surgeon](https://pypi.org/project/gguf-surgeon/) by the recipe `{recipe}`, "
-                   "straight on the GGUF's transformer blocks (no retraining, no PyTorch).")
+        out.append(
+            f"Made with [gguf-surgeon](https://pypi.org/project/gguf-surgeon/) by the recipe `{recipe}`, "
+            "straight on the GGUF's transformer blocks (no retraining, no PyTorch)."
+        )
     out.append("")
     out.append("## Available Quantizations")
     out.append("| Quantization | Bits/Weight | Size | Description | Download |")
@@ -249,8 +283,12 @@ def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
         ("Layers", _layers_line(source_blocks, blocks, plan)),
         ("Hidden Size", _num(n_embd)),
         ("Intermediate Size", _num(n_ff)),
-        ("Attention Heads", f"{n_head} query / {n_head_kv} key-value" + (" (GQA)" if n_head_kv and n_head_kv != n_head else "")
-         if n_head else None),
+        (
+            "Attention Heads",
+            f"{n_head} query / {n_head_kv} key-value" + (" (GQA)" if n_head_kv and n_head_kv != n_head else "")
+            if n_head
+            else None,
+        ),
         ("Head Dimension", _num(head_dim)),
         ("Vocabulary", f"{vocab:,} tokens" if isinstance(vocab, int) else None),
         ("Max Context", f"{ctx:,} tokens" if isinstance(ctx, int) else None),
@@ -258,22 +296,29 @@ def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
         ("Tied Embeddings", "Yes" if tied else "No"),
         ("Total Parameters", f"**{_params(n_params)}**"),
         ("Precision (edited file)", _file_type(meta[Keys.General.FILE_TYPE])),
-        ("Chat Template", "ChatML (embedded in the GGUF)" if template else
-         ("embedded in the GGUF" if meta[Keys.Tokenizer.CHAT_TEMPLATE] else "none")),
+        (
+            "Chat Template",
+            "ChatML (embedded in the GGUF)"
+            if template
+            else ("embedded in the GGUF" if meta[Keys.Tokenizer.CHAT_TEMPLATE] else "none"),
+        ),
     ]
     out += [f"| {k} | {v} |" for k, v in details if v]
     out.append("")
     out.append("## Surgery Operations")
     if steps:
         word = {1: "one surgical operation", 2: "two surgical operations", 3: "three surgical operations"}.get(
-            len(steps), f"{len(steps)} surgical operations")
+            len(steps), f"{len(steps)} surgical operations"
+        )
         out.append(f"This model was created by applying {word} to {base_link}:")
-        out += [f"{i}. {describe_step(s)}" + (" (indices after the previous step)" if i > 1 else "")
-                for i, s in enumerate(steps, 1)]
+        out += [
+            f"{i}. {describe_step(s)}" + (" (indices after the previous step)" if i > 1 else "")
+            for i, s in enumerate(steps, 1)
+        ]
         out.append("")
         if plan is not None:
             out.append(f"Resulting layer order, by original layer: `{layer_map(plan)}`.")
-        out.append(f"Reproduce it: `gguf-surgeon apply \"{recipe}\" base.gguf {model.name}`.")
+        out.append(f'Reproduce it: `gguf-surgeon apply "{recipe}" base.gguf {model.name}`.')
     else:
         out.append(f"{model.name} carries no `{RECIPE_KEY}` key, so the operations are not recorded.")
     out.append("")
@@ -281,8 +326,10 @@ def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
         out.append("## Benchmark Results")
         out.append(options.benchmarks.strip())
         out.append("")
-        out.append("Intervals are 95% bootstrap intervals; a verdict says whether the difference to the base "
-                   "excludes zero. Measured with `gguf-surgeon compare` through llama.cpp, greedy, fixed seed.")
+        out.append(
+            "Intervals are 95% bootstrap intervals; a verdict says whether the difference to the base "
+            "excludes zero. Measured with `gguf-surgeon compare` through llama.cpp, greedy, fixed seed."
+        )
         out.append("")
     if template is not None:
         out.append("## Features")
@@ -311,7 +358,9 @@ def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
     if template is not None:
         out.append("# Raw ChatML prompt")
         out.append(f"llama-completion -m {main_file} \\")
-        out.append('  -p "<|im_start|>user\\nWhat is the capital of France?<|im_end|>\\n<|im_start|>assistant\\n" -n 128')
+        out.append(
+            '  -p "<|im_start|>user\\nWhat is the capital of France?<|im_end|>\\n<|im_start|>assistant\\n" -n 128'
+        )
     out.append("```")
     out.append("### With Python (llama-cpp-python)")
     out.append("```python")
@@ -377,9 +426,8 @@ def scan_quants(folder: Path, name: str) -> tuple[QuantFile, ...]:
     """The NAME-TYPE.gguf files in `folder`, measured, in DEFAULT_LADDER order then by name."""
     found = []
     for p in sorted(folder.glob(f"{name}-*.gguf")):
-        qtype = p.name[len(name) + 1:-len(".gguf")]
+        qtype = p.name[len(name) + 1 : -len(".gguf")]
         if re.fullmatch(r"[A-Z0-9_]+", qtype):
             found.append(QuantFile.of(measure(p, qtype, 0.0)))
     order = {t: i for i, t in enumerate(DEFAULT_LADDER)}
     return tuple(sorted(found, key=lambda q: (order.get(q.type, len(order)), q.type)))
-

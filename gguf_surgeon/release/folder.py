@@ -51,10 +51,15 @@ class ReleaseReport:
     files: tuple[tuple[str, int], ...]  # (file name, size) of everything written
 
     def to_dict(self) -> dict:
-        return {"out_dir": str(self.out_dir), "edited": str(self.edited), "modelfile": str(self.modelfile),
-                "readme": str(self.readme), "benchmarks": self.benchmarks,
-                "quantized": self.quants.to_dict() if self.quants else None,
-                "files": [{"file": n, "size": s} for n, s in self.files]}
+        return {
+            "out_dir": str(self.out_dir),
+            "edited": str(self.edited),
+            "modelfile": str(self.modelfile),
+            "readme": str(self.readme),
+            "benchmarks": self.benchmarks,
+            "quantized": self.quants.to_dict() if self.quants else None,
+            "files": [{"file": n, "size": s} for n, s in self.files],
+        }
 
 
 ReleaseProgress = Callable[[str], None]  # a step starting: "editing", "quantizing", ...
@@ -74,14 +79,22 @@ def benchmark_markdown(base: Path, edited: Path, llama_bin: Path | None = None, 
     reports = compare([base, edited], EvalOptions(llama_bin=llama_bin, questions=questions))
     header, rows = comparison_table(reports)
     header = [header[0]] + [f"{h} (base)" if i == 0 else f"**{h}**" for i, h in enumerate(header[1:])]
-    lines = ["| " + " | ".join(_md(h).replace("\\*", "*") for h in header) + " |",
-             "|:---|" + "|".join(":---:" for _ in header[1:]) + "|"]
+    lines = [
+        "| " + " | ".join(_md(h).replace("\\*", "*") for h in header) + " |",
+        "|:---|" + "|".join(":---:" for _ in header[1:]) + "|",
+    ]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def release(base: str | Path, recipe: str, out_dir: str | Path, options: ReleaseOptions = ReleaseOptions(),
-            progress: ReleaseProgress | None = None, quant_progress: QuantProgress | None = None) -> ReleaseReport:
+def release(
+    base: str | Path,
+    recipe: str,
+    out_dir: str | Path,
+    options: ReleaseOptions = ReleaseOptions(),
+    progress: ReleaseProgress | None = None,
+    quant_progress: QuantProgress | None = None,
+) -> ReleaseReport:
     """Write a release folder: NAME.gguf (the edit of `base` by `recipe`), NAME-TYPE.gguf for
     each ladder type, Modelfile (FROM the first ladder file) and README.md (the card).
 
@@ -110,8 +123,16 @@ def release(base: str | Path, recipe: str, out_dir: str | Path, options: Release
     quants = None
     if options.types:
         step("quantizing")
-        quants = quantize_ladder(edited, options.types, out_dir, name=name, allow_requantize=options.allow_requantize,
-                                 force=options.force, llama_bin=options.llama_bin, progress=quant_progress)
+        quants = quantize_ladder(
+            edited,
+            options.types,
+            out_dir,
+            name=name,
+            allow_requantize=options.allow_requantize,
+            force=options.force,
+            llama_bin=options.llama_bin,
+            progress=quant_progress,
+        )
     benchmarks = options.benchmarks
     if options.evaluate and benchmarks is None:
         step("evaluating")
@@ -123,32 +144,61 @@ def release(base: str | Path, recipe: str, out_dir: str | Path, options: Release
     mf_path = write_text_atomic(out_dir / MODELFILE, modelfile.text, options.force)
     with Model(base) as m:
         source_blocks = len(m.blocks())
-    card = model_card(edited, CardOptions(name=name, quants=files, benchmarks=benchmarks, base_model=options.base_model,
-                                          author=options.author, modelfile=modelfile, source_blocks=source_blocks,
-                                          methodology=options.methodology))
+    card = model_card(
+        edited,
+        CardOptions(
+            name=name,
+            quants=files,
+            benchmarks=benchmarks,
+            base_model=options.base_model,
+            author=options.author,
+            modelfile=modelfile,
+            source_blocks=source_blocks,
+            methodology=options.methodology,
+        ),
+    )
     readme = write_text_atomic(out_dir / README, card, options.force)
     written = [edited] + ([r.path for r in quants.results] if quants else []) + [mf_path, readme]
-    return ReleaseReport(out_dir, edited, quants, mf_path, readme, benchmarks is not None,
-                         tuple((p.name, p.stat().st_size) for p in written))
+    return ReleaseReport(
+        out_dir,
+        edited,
+        quants,
+        mf_path,
+        readme,
+        benchmarks is not None,
+        tuple((p.name, p.stat().st_size) for p in written),
+    )
 
 
 def champion_methodology(space_name: str, evaluated: int, leaders: int, recipe: str, verdict: str) -> str:
     """The card's Methodology paragraph for a recipe found by `search` over `space_name`."""
     full = f", the best {leaders} also by the full eval suite" if leaders else ""
-    return (f"Found by `gguf-surgeon search` over the `{space_name}` space: {evaluated} candidates "
-            f"scored by KL divergence to the base on a short text{full}. "
-            f"Champion `{recipe}`: {verdict}.")
+    return (
+        f"Found by `gguf-surgeon search` over the `{space_name}` space: {evaluated} candidates "
+        f"scored by KL divergence to the base on a short text{full}. "
+        f"Champion `{recipe}`: {verdict}."
+    )
 
 
-def export_champion(base: str | Path, result: Any, space_name: str, leaders: int, out_dir: str | Path,
-                    options: ReleaseOptions = ReleaseOptions(),
-                    quant_progress: QuantProgress | None = None) -> ReleaseReport:
+def export_champion(
+    base: str | Path,
+    result: Any,
+    space_name: str,
+    leaders: int,
+    out_dir: str | Path,
+    options: ReleaseOptions = ReleaseOptions(),
+    quant_progress: QuantProgress | None = None,
+) -> ReleaseReport:
     """Release the champion of a finished search (`result`: search.study's result, with a
     champion) into `out_dir`: the champion's recipe, with the benchmark table when the champion
     was run through the full eval suite, and the Methodology paragraph. `options` gives the
     rest (its evaluate and methodology are set here)."""
     champion = result.champion
     methodology = champion_methodology(space_name, result.evaluated, leaders, champion.recipe, result.verdict)
-    return release(base, champion.recipe, out_dir,
-                   replace(options, evaluate=bool(champion.full), methodology=methodology),
-                   quant_progress=quant_progress)
+    return release(
+        base,
+        champion.recipe,
+        out_dir,
+        replace(options, evaluate=bool(champion.full), methodology=methodology),
+        quant_progress=quant_progress,
+    )

@@ -26,20 +26,50 @@ CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
 # The PARAMETER set of the reference model card, as defaults; num_ctx and repeat_last_n are
 # capped at the model's context length.
 DEFAULT_PARAMETERS: tuple[tuple[str, str], ...] = (
-    ("temperature", "1.0"), ("top_p", "0.95"), ("top_k", "45"), ("min_p", "0.1"), ("num_ctx", "40000"),
-    ("mirostat", "2"), ("mirostat_tau", "5.0"), ("mirostat_eta", "0.1"), ("repeat_last_n", "16384"),
-    ("repeat_penalty", "1.1"), ("presence_penalty", "0.5"), ("frequency_penalty", "1.0"),
+    ("temperature", "1.0"),
+    ("top_p", "0.95"),
+    ("top_k", "45"),
+    ("min_p", "0.1"),
+    ("num_ctx", "40000"),
+    ("mirostat", "2"),
+    ("mirostat_tau", "5.0"),
+    ("mirostat_eta", "0.1"),
+    ("repeat_last_n", "16384"),
+    ("repeat_penalty", "1.1"),
+    ("presence_penalty", "0.5"),
+    ("frequency_penalty", "1.0"),
 )
 # Modelfile PARAMETER names Ollama knows (a typo must not ship silently)
-OLLAMA_PARAMETERS = frozenset({
-    "temperature", "top_p", "top_k", "min_p", "typical_p", "num_ctx", "num_predict", "num_keep", "mirostat",
-    "mirostat_tau", "mirostat_eta", "repeat_last_n", "repeat_penalty", "presence_penalty", "frequency_penalty",
-    "seed", "stop", "num_gpu", "num_thread", "num_batch", "use_mmap",
-})
+OLLAMA_PARAMETERS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "typical_p",
+        "num_ctx",
+        "num_predict",
+        "num_keep",
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "repeat_last_n",
+        "repeat_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "stop",
+        "num_gpu",
+        "num_thread",
+        "num_batch",
+        "use_mmap",
+    }
+)
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 # --- chat template -> Ollama TEMPLATE --------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class OllamaTemplate:
@@ -60,9 +90,9 @@ CHATML_GO_TEMPLATE = (
     "{{ .System }}<|im_end|>\n"
     "{{ end }}\n"
     "{{- range .Messages }}\n"
-    "{{- if eq .Role \"user\" }}<|im_start|>user\n"
+    '{{- if eq .Role "user" }}<|im_start|>user\n'
     "{{ .Content }}<|im_end|>\n"
-    "{{ else if eq .Role \"assistant\" }}<|im_start|>assistant\n"
+    '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n'
     "{{ .Content }}<|im_end|>\n"
     "{{ end }}\n"
     "{{- end }}<|im_start|>assistant\n"
@@ -70,8 +100,11 @@ CHATML_GO_TEMPLATE = (
 
 _ROLE_EXPR = r"(?:message|msg|m|messages\[\w+\])(?:\[['\"]role['\"]\]|\.role)"
 _GENERIC_TURN = re.compile(
-    r"<\|im_start\|>['\"]\s*(?:\+|~)\s*" + _ROLE_EXPR  # '<|im_start|>' + message['role']
-    + r"|<\|im_start\|>\{\{-?\s*" + _ROLE_EXPR)  # <|im_start|>{{ message.role }}
+    r"<\|im_start\|>['\"]\s*(?:\+|~)\s*"
+    + _ROLE_EXPR  # '<|im_start|>' + message['role']
+    + r"|<\|im_start\|>\{\{-?\s*"
+    + _ROLE_EXPR
+)  # <|im_start|>{{ message.role }}
 _SYSTEM_LITERAL = re.compile(r"<\|im_start\|>system(?:\\n|\n)(.*?)<\|im_end\|>", re.DOTALL)
 
 
@@ -100,15 +133,19 @@ def recognize_chat_template(template: str | None) -> OllamaTemplate | None:
         return None  # no generation prompt: not a chat template we can mirror
     notes = []
     if "enable_thinking" in template:
-        notes.append("the chat template's enable_thinking switch (the TEMPLATE sends turns as they are; "
-                     "ask for /no_think in a message where the model supports it)")
+        notes.append(
+            "the chat template's enable_thinking switch (the TEMPLATE sends turns as they are; "
+            "ask for /no_think in a message where the model supports it)"
+        )
     if re.search(r"\btools\b", template):
         notes.append("tool definitions and tool calls (the TEMPLATE carries system, user and assistant turns only)")
-    return OllamaTemplate("chatml", CHATML_GO_TEMPLATE, (CHATML_START, CHATML_END), _literal_system(template),
-                          tuple(notes))
+    return OllamaTemplate(
+        "chatml", CHATML_GO_TEMPLATE, (CHATML_START, CHATML_END), _literal_system(template), tuple(notes)
+    )
 
 
 # --- Modelfile ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Modelfile:
@@ -121,9 +158,13 @@ class Modelfile:
     system: str | None
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "format": self.template.format if self.template else None,
-                "notes": list(self.template.notes) if self.template else [],
-                "parameters": [list(p) for p in self.parameters], "system": self.system}
+        return {
+            "source": self.source,
+            "format": self.template.format if self.template else None,
+            "notes": list(self.template.notes) if self.template else [],
+            "parameters": [list(p) for p in self.parameters],
+            "system": self.system,
+        }
 
 
 def parse_parameters(items: Sequence[str]) -> dict[str, str]:
@@ -135,7 +176,9 @@ def parse_parameters(items: Sequence[str]) -> dict[str, str]:
         if not sep or not name or not value.strip():
             raise ReleaseError(f"--param {item!r}: expected NAME=VALUE, e.g. temperature=0.7")
         if name not in OLLAMA_PARAMETERS:
-            raise ReleaseError(f"--param {item!r}: Ollama has no parameter {name!r} (known: {', '.join(sorted(OLLAMA_PARAMETERS))})")
+            raise ReleaseError(
+                f"--param {item!r}: Ollama has no parameter {name!r} (known: {', '.join(sorted(OLLAMA_PARAMETERS))})"
+            )
         if '"' in value or "\n" in value:
             raise ReleaseError(f"--param {item!r}: a value cannot hold quotes or newlines")
         out[name] = value.strip()
@@ -145,14 +188,19 @@ def parse_parameters(items: Sequence[str]) -> dict[str, str]:
 def _quote(text: str) -> str:
     """A Modelfile string: "..." for one plain line, else \"\"\"...\"\"\"."""
     if '"""' in text:
-        raise ReleaseError(f"text for the Modelfile contains '\"\"\"', which a Modelfile cannot quote: {text[:60]!r}")
+        raise ReleaseError(f'text for the Modelfile contains \'"""\', which a Modelfile cannot quote: {text[:60]!r}')
     if "\n" in text or '"' in text or "\\" in text:
         return f'"""{text}"""'
     return f'"{text}"'
 
 
-def build_modelfile(model: str | Path, source: str | None = None, *, parameters: Mapping[str, str] | None = None,
-                    system: str | None = None) -> Modelfile:
+def build_modelfile(
+    model: str | Path,
+    source: str | None = None,
+    *,
+    parameters: Mapping[str, str] | None = None,
+    system: str | None = None,
+) -> Modelfile:
     """The Modelfile for the GGUF at `model`; FROM `source` (default: ./<model file name>).
 
     TEMPLATE comes from the recognized chat template (ChatML), with ChatML's stop sequences;

@@ -41,7 +41,7 @@ def ordered_moves(space: SearchSpace, block_count: int, ranking: Any | None) -> 
         moves.sort(key=lambda m: (move_prior(m, ranking), m.blocks, m.t or 0.0))
         if space.prune is not None and ranking is not None:
             keep = math.ceil(len(moves) * space.prune) if space.prune <= 1 else int(space.prune)
-            moves = moves[:max(1, keep)]
+            moves = moves[: max(1, keep)]
         per_family.append(moves)
     out, seen = [], set()
     for group in itertools.zip_longest(*per_family):

@@ -33,8 +33,13 @@ def publish_phase(study: Any, phase: Phase) -> Phase:
     stored version: every worker then scores the same list under the same Optuna choices."""
     key = PHASE_ATTR + phase.name
     if key not in study.user_attrs:
-        study.set_user_attr(key, {"param": phase.param, "candidates": [
-            [c.recipe, [m.label for m in c.moves], c.key, c.blocks] for c in phase.candidates]})
+        study.set_user_attr(
+            key,
+            {
+                "param": phase.param,
+                "candidates": [[c.recipe, [m.label for m in c.moves], c.key, c.blocks] for c in phase.candidates],
+            },
+        )
     stored = stored_phase(study, phase.name)
     assert stored is not None
     return stored
@@ -44,8 +49,14 @@ def stored_phase(study: Any, name: str) -> Phase | None:
     data = study.user_attrs.get(PHASE_ATTR + name)
     if data is None:
         return None
-    return Phase(name, data["param"], tuple(Candidate(tuple(Move.from_label(l) for l in moves), recipe, key, blocks)
-                                            for recipe, moves, key, blocks in data["candidates"]))
+    return Phase(
+        name,
+        data["param"],
+        tuple(
+            Candidate(tuple(Move.from_label(l) for l in moves), recipe, key, blocks)
+            for recipe, moves, key, blocks in data["candidates"]
+        ),
+    )
 
 
 def first_phase(ctx: StudyContext) -> Phase:
@@ -61,8 +72,14 @@ def first_phase(ctx: StudyContext) -> Phase:
 
 def scored_trials(study: Any, phase: str | None = None) -> list[Any]:
     """COMPLETE trials with a value, best first (reused duplicates left out)."""
-    out = [t for t in study_trials(study) if t.state.name == "COMPLETE" and t.value is not None
-           and t.user_attrs.get("evaluated") and (phase is None or t.user_attrs.get("phase") == phase)]
+    out = [
+        t
+        for t in study_trials(study)
+        if t.state.name == "COMPLETE"
+        and t.value is not None
+        and t.user_attrs.get("evaluated")
+        and (phase is None or t.user_attrs.get("phase") == phase)
+    ]
     return sorted(out, key=lambda t: (t.value, t.number))
 
 
@@ -77,7 +94,7 @@ def beam_phase(ctx: StudyContext, study: Any, depth: int, parent_phase: str) -> 
         top_moves.append(Move.from_label(label))
         if len(top_moves) == sp.beam_top:
             break
-    parents = scored_trials(study, parent_phase)[:sp.beam_width]
+    parents = scored_trials(study, parent_phase)[: sp.beam_width]
     known = {t.user_attrs.get("key") for t in scored_trials(study)}
     out: list[tuple[float, Candidate]] = []
     keys = set()

@@ -35,7 +35,7 @@ def short_text(chars: int = SHORT_CHARS) -> str:
         return text
     cut = text[:chars]
     end = max(cut.rfind(". "), cut.rfind(".\n"))
-    return cut[:end + 1] if end > chars // 2 else cut
+    return cut[: end + 1] if end > chars // 2 else cut
 
 
 class CandidateScorer:
@@ -48,9 +48,19 @@ class CandidateScorer:
     evaluate.evaluate(candidate, base).
     """
 
-    def __init__(self, base: Path, work_dir: Path, *, llama_bin: Path | None = None, ctx: int = SHORT_CTX,
-                 short_chars: int = SHORT_CHARS, threads: int | None = None, full_questions: int | None = None,
-                 keep: bool = False, cache_dir: Path | None = None):
+    def __init__(
+        self,
+        base: Path,
+        work_dir: Path,
+        *,
+        llama_bin: Path | None = None,
+        ctx: int = SHORT_CTX,
+        short_chars: int = SHORT_CHARS,
+        threads: int | None = None,
+        full_questions: int | None = None,
+        keep: bool = False,
+        cache_dir: Path | None = None,
+    ):
         self.base = Path(base)
         self.work_dir = Path(work_dir)
         self.candidates_dir = self.work_dir / "candidates"
@@ -96,8 +106,9 @@ class CandidateScorer:
 
         start = time.monotonic()
         result = kl_divergence(candidate, self.base, self._options(self.text_file()))
-        return ShortScore(result.mean.value, result.mean.low, result.mean.high, result.same_top.value,
-                          time.monotonic() - start)
+        return ShortScore(
+            result.mean.value, result.mean.low, result.mean.high, result.same_top.value, time.monotonic() - start
+        )
 
     def build(self, recipe: str, tag: str) -> Path:
         from ..edit import EditOptions, edit
@@ -129,11 +140,17 @@ class CandidateScorer:
         vs = report.versus_base
         assert vs is not None
         overall = vs.differences[0].delta
-        return {"score": _est(report.score), "base_score": _est(vs.base.score), "delta": _est(overall),
-                "verdict": vs.verdict, "factual": [report.factual.correct, report.factual.total],
-                "base_factual": [vs.base.factual.correct, vs.base.factual.total],
-                "perplexity": _est(report.perplexity.ppl), "base_perplexity": _est(vs.base.perplexity.ppl),
-                "kld": _est(vs.kld.mean)}
+        return {
+            "score": _est(report.score),
+            "base_score": _est(vs.base.score),
+            "delta": _est(overall),
+            "verdict": vs.verdict,
+            "factual": [report.factual.correct, report.factual.total],
+            "base_factual": [vs.base.factual.correct, vs.base.factual.total],
+            "perplexity": _est(report.perplexity.ppl),
+            "base_perplexity": _est(vs.base.perplexity.ppl),
+            "kld": _est(vs.kld.mean),
+        }
 
 
 def _est(e: Any) -> list[float]:

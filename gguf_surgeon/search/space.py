@@ -38,11 +38,18 @@ PRESETS: dict[str, SearchSpace] = {
     "swaps": SearchSpace("swaps", (Family("swap"),)),
     "duplications": SearchSpace("duplications", (Family("duplicate"),)),
     "blends": SearchSpace("blends", (Family("bridge"), Family("interpolate"))),
-    "windows": SearchSpace("windows", (Family("delete-window", sizes=(2, 3, 4)), Family("repeat-window", sizes=(2, 3)))),
+    "windows": SearchSpace(
+        "windows", (Family("delete-window", sizes=(2, 3, 4)), Family("repeat-window", sizes=(2, 3)))
+    ),
     # the reference card's phase-1 sweep: every single deletion, adjacent swap, duplication,
     # bridge and interpolation, then the best combined (about 150 candidates on 28 blocks)
-    "phase1": SearchSpace("phase1", (Family("delete"), Family("swap"), Family("duplicate"), Family("bridge"),
-                                     Family("interpolate")), beam_width=3, beam_depth=2, beam_top=8),
+    "phase1": SearchSpace(
+        "phase1",
+        (Family("delete"), Family("swap"), Family("duplicate"), Family("bridge"), Family("interpolate")),
+        beam_width=3,
+        beam_depth=2,
+        beam_top=8,
+    ),
     "combos": SearchSpace("combos", (Family("delete"), Family("swap")), max_steps=2),
 }
 
@@ -54,7 +61,7 @@ def _spec(value: Any, where: str) -> tuple[int, ...]:
         return tuple(parse_layer_spec(value))
     if isinstance(value, list) and all(isinstance(v, int) for v in value):
         return tuple(value)
-    raise SearchError(f"{where}: expected a layer spec like \"10-20\" or a list of integers, got {value!r}")
+    raise SearchError(f'{where}: expected a layer spec like "10-20" or a list of integers, got {value!r}')
 
 
 def parse_space(data: dict, name: str, where: str) -> SearchSpace:
@@ -79,18 +86,26 @@ def parse_space(data: dict, name: str, where: str) -> SearchSpace:
         sizes = sizes if isinstance(sizes, list) else [sizes]
         if not all(isinstance(x, int) and x >= 1 for x in sizes):
             raise SearchError(f"{at}: sizes must be positive integers")
-        families.append(Family(f["op"], _spec(f["blocks"], at) if "blocks" in f else None,
-                               tuple(float(x) for x in t), tuple(sizes)))
+        families.append(
+            Family(f["op"], _spec(f["blocks"], at) if "blocks" in f else None, tuple(float(x) for x in t), tuple(sizes))
+        )
     if not families:
         raise SearchError(f"{where}: a space needs at least one [[family]]")
     beam = data.get("beam", {})
     if not isinstance(beam, dict):
         raise SearchError(f"{where}: [beam] must be a table with width, depth, top")
     try:
-        space = SearchSpace(str(data.get("name", name)), tuple(families), int(data.get("max_steps", 1)),
-                            float(data["prune"]) if "prune" in data else None, int(beam.get("width", 0)),
-                            int(beam.get("depth", 2)), int(beam.get("top", 6)), int(data.get("leaders", 3)),
-                            int(data.get("exhaustive_limit", EXHAUSTIVE_LIMIT)))
+        space = SearchSpace(
+            str(data.get("name", name)),
+            tuple(families),
+            int(data.get("max_steps", 1)),
+            float(data["prune"]) if "prune" in data else None,
+            int(beam.get("width", 0)),
+            int(beam.get("depth", 2)),
+            int(beam.get("top", 6)),
+            int(data.get("leaders", 3)),
+            int(data.get("exhaustive_limit", EXHAUSTIVE_LIMIT)),
+        )
     except (TypeError, ValueError) as e:
         raise SearchError(f"{where}: {e}") from None
     if space.max_steps < 1 or space.leaders < 0 or space.beam_depth < 2 or space.beam_top < 1:

@@ -122,16 +122,19 @@ def count_evaluated(study: Any) -> int:
 
 def count_claimed(study: Any) -> int:
     """Scored or being scored: what the budget is charged with."""
-    return sum(1 for t in study_trials(study) if (t.user_attrs.get("evaluated") and t.state.name == "COMPLETE")
-               or (t.state.name == "RUNNING" and t.user_attrs.get("scoring")))
+    return sum(
+        1
+        for t in study_trials(study)
+        if (t.user_attrs.get("evaluated") and t.state.name == "COMPLETE")
+        or (t.state.name == "RUNNING" and t.user_attrs.get("scoring"))
+    )
 
 
 def default_study_name(base: Path, space: SearchSpace) -> str:
     return f"{Path(base).name.removesuffix('.gguf')}:{space.name}"
 
 
-def create_or_load(base: Path, space: SearchSpace, options: SearchOptions,
-                   ranking: Any | None = None) -> StudyContext:
+def create_or_load(base: Path, space: SearchSpace, options: SearchOptions, ranking: Any | None = None) -> StudyContext:
     """Open the study, creating it with the ordered move list on first use; checks that an
     existing study is about the same base and space."""
     optuna = load_optuna()
@@ -154,8 +157,10 @@ def create_or_load(base: Path, space: SearchSpace, options: SearchOptions,
         study.set_user_attr("identity", identity)  # last: a study with an identity is complete
     elif existing != identity:
         diff = [k for k in identity if existing.get(k) != identity[k]]
-        raise SearchError(f"study {name!r} in {url} was made for another base or space (differs in: {', '.join(diff)}); "
-                          "pass another --study-name or --storage")
+        raise SearchError(
+            f"study {name!r} in {url} was made for another base or space (differs in: {', '.join(diff)}); "
+            "pass another --study-name or --storage"
+        )
     moves = [Move.from_label(l) for l in study.user_attrs["moves"]]
     return StudyContext(base, space, options, url, name, block_count, moves)
 

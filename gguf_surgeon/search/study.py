@@ -94,11 +94,21 @@ class SearchResult:
     interrupted: bool = False
 
     def to_dict(self) -> dict:
-        return {"study_name": self.study_name, "storage": self.storage, "base": self.base, "space": self.space,
-                "budget": self.budget, "evaluated": self.evaluated, "evaluated_now": self.evaluated_now,
-                "candidates": self.candidates, "seconds": round(self.seconds, 2), "interrupted": self.interrupted,
-                "champion": self.champion.to_dict() if self.champion else None, "verdict": self.verdict,
-                "leaderboard": [e.to_dict() for e in self.leaderboard]}
+        return {
+            "study_name": self.study_name,
+            "storage": self.storage,
+            "base": self.base,
+            "space": self.space,
+            "budget": self.budget,
+            "evaluated": self.evaluated,
+            "evaluated_now": self.evaluated_now,
+            "candidates": self.candidates,
+            "seconds": round(self.seconds, 2),
+            "interrupted": self.interrupted,
+            "champion": self.champion.to_dict() if self.champion else None,
+            "verdict": self.verdict,
+            "leaderboard": [e.to_dict() for e in self.leaderboard],
+        }
 
 
 def full_attr(key: str) -> str:
@@ -112,9 +122,21 @@ def leaderboard(study: Any) -> list[Entry]:
     fulls = study.user_attrs
     for t in scored_trials(study):
         a = t.user_attrs
-        out.append(Entry(t.number, a["recipe"], a["key"], a.get("phase", "?"), a.get("blocks", 0), float(t.value),
-                         a.get("kld_low", math.nan), a.get("kld_high", math.nan), a.get("same_top", math.nan),
-                         a.get("worker", "?"), fulls.get(full_attr(a["key"]))))
+        out.append(
+            Entry(
+                t.number,
+                a["recipe"],
+                a["key"],
+                a.get("phase", "?"),
+                a.get("blocks", 0),
+                float(t.value),
+                a.get("kld_low", math.nan),
+                a.get("kld_high", math.nan),
+                a.get("same_top", math.nan),
+                a.get("worker", "?"),
+                fulls.get(full_attr(a["key"])),
+            )
+        )
     return out
 
 
@@ -131,14 +153,19 @@ def verdict_text(champion: Entry | None) -> str:
     if champion is None:
         return "no candidate scored yet"
     if not champion.full:
-        return (f"KL divergence {champion.kld:.4f} nats/token to the base on the short text; "
-                "no full eval yet (leaders = 0 or budget spent): no verdict")
+        return (
+            f"KL divergence {champion.kld:.4f} nats/token to the base on the short text; "
+            "no full eval yet (leaders = 0 or budget spent): no verdict"
+        )
     f = champion.full
     d = f["delta"]
-    return (f"{f['verdict']} than the base" if f["verdict"] in ("better", "worse") else "not distinguishable from the base") + (
+    return (
+        f"{f['verdict']} than the base" if f["verdict"] in ("better", "worse") else "not distinguishable from the base"
+    ) + (
         f": overall score {f['score'][0]:.1f} vs {f['base_score'][0]:.1f} (Δ {d[0]:+.1f}, 95% interval "
         f"[{d[1]:+.1f}, {d[2]:+.1f}]), factual {f['factual'][0]}/{f['factual'][1]} vs "
-        f"{f['base_factual'][0]}/{f['base_factual'][1]}")
+        f"{f['base_factual'][0]}/{f['base_factual'][1]}"
+    )
 
 
 def run_leaders(ctx: StudyContext, scorer: CandidateScorer, study: Any, progress: SearchProgress | None) -> None:
@@ -154,9 +181,15 @@ def run_leaders(ctx: StudyContext, scorer: CandidateScorer, study: Any, progress
         study.set_user_attr(full_attr(e.key), summary)  # a finished trial cannot take new attributes
 
 
-def run_search(base: str | Path, space: SearchSpace, options: SearchOptions | None = None,
-               progress: SearchProgress | None = None, *, scorer: CandidateScorer | None = None,
-               ranking: Any | None = None) -> SearchResult:
+def run_search(
+    base: str | Path,
+    space: SearchSpace,
+    options: SearchOptions | None = None,
+    progress: SearchProgress | None = None,
+    *,
+    scorer: CandidateScorer | None = None,
+    ranking: Any | None = None,
+) -> SearchResult:
     """Search `space` on `base` until the budget is spent or the space is exhausted, then give
     the leaders the full eval and name a champion.
 
@@ -175,8 +208,10 @@ def run_search(base: str | Path, space: SearchSpace, options: SearchOptions | No
     ctx = create_or_load(base, space, options, ranking)
     first = first_phase(ctx)
     if first.name == "tpe" and options.budget is None:
-        raise SearchError(f"space {space.name!r} has more than {space.exhaustive_limit} combinations and is sampled "
-                          "with TPE: pass --budget")
+        raise SearchError(
+            f"space {space.name!r} has more than {space.exhaustive_limit} combinations and is sampled "
+            "with TPE: pass --budget"
+        )
     scorer = scorer or make_scorer(ctx)
     scorer.prepare()
     optuna = load_optuna()
@@ -198,9 +233,20 @@ def run_search(base: str | Path, space: SearchSpace, options: SearchOptions | No
     entries = leaderboard(study)
     champion = pick_champion(entries)
     total = count_evaluated(study)
-    return SearchResult(ctx.study_name, ctx.url, str(base), space.name, options.budget, total, total - before,
-                        len(first.candidates) if first.candidates else None, tuple(entries), champion,
-                        verdict_text(champion), time.monotonic() - start)
+    return SearchResult(
+        ctx.study_name,
+        ctx.url,
+        str(base),
+        space.name,
+        options.budget,
+        total,
+        total - before,
+        len(first.candidates) if first.candidates else None,
+        tuple(entries),
+        champion,
+        verdict_text(champion),
+        time.monotonic() - start,
+    )
 
 
 def _cleanup(scorer: CandidateScorer) -> None:

@@ -116,7 +116,9 @@ class Worker:
         for t in study_trials(study):
             # a PRUNED trial is settled only when its candidate is broken; one pruned as a
             # duplicate or at the budget's end may still need scoring
-            if t.state.name in ("COMPLETE", "RUNNING", "WAITING") or (t.state.name == "PRUNED" and "error" in t.user_attrs):
+            if t.state.name in ("COMPLETE", "RUNNING", "WAITING") or (
+                t.state.name == "PRUNED" and "error" in t.user_attrs
+            ):
                 # a WAITING trial has its value only in fixed_params until a worker takes it
                 taken.add(t.system_attrs.get("fixed_params", t.params).get(phase.param))
                 taken.add(t.user_attrs.get("recipe"))
@@ -153,7 +155,7 @@ class Worker:
         reused_in_a_row = 0
         if not any(t.user_attrs.get("phase") == "tpe" for t in study_trials(study)):
             # warm start: the best-ranked single moves first
-            for m in self.ctx.moves[:max(1, min(5, (self.ctx.options.budget or 20) // 4))]:
+            for m in self.ctx.moves[: max(1, min(5, (self.ctx.options.budget or 20) // 4))]:
                 params = {f"step{i + 1}": (m.label if i == 0 else "none") for i in range(self.ctx.space.max_steps)}
                 study.enqueue_trial(params, user_attrs={"phase": "tpe"}, skip_if_exists=True)
 
@@ -200,8 +202,13 @@ class Worker:
                 raise  # the machine's fault (disk full, missing tool), not the candidate's: a rerun retries it
             trial.set_user_attr("error", str(e))  # this candidate is broken (NaN logits): never retried
             raise self.optuna.TrialPruned(str(e)) from None
-        for k, v in (("kld_low", s.low), ("kld_high", s.high), ("same_top", s.same_top), ("seconds", s.seconds),
-                     ("evaluated", True)):
+        for k, v in (
+            ("kld_low", s.low),
+            ("kld_high", s.high),
+            ("same_top", s.same_top),
+            ("seconds", s.seconds),
+            ("evaluated", True),
+        ):
             trial.set_user_attr(k, v)
         self.evaluated_now += 1
         self.emit("scored", phase, cand.recipe, study, kld=s.kld)
@@ -232,7 +239,9 @@ class Worker:
             self.wait_for_others(study)
             if self.waiting(study):
                 continue  # a stale trial was failed and re-enqueued
-            failed = [t for t in study_trials(study) if t.state.name == "FAIL" and t.user_attrs.get("phase") == phase.name]
+            failed = [
+                t for t in study_trials(study) if t.state.name == "FAIL" and t.user_attrs.get("phase") == phase.name
+            ]
             if failed and self.retry_failed(study, phase):
                 continue
             depth = int(phase.name[4:]) + 1 if phase.name.startswith("beam") else 2
@@ -261,8 +270,17 @@ def worker_main(ctx: StudyContext, barrier: Any | None) -> None:
 def make_scorer(ctx: StudyContext) -> CandidateScorer:
     o = ctx.options
     threads = o.threads or max(1, (os.cpu_count() or 1) // max(1, o.jobs))
-    return CandidateScorer(ctx.base, Path(o.work_dir), llama_bin=o.llama_bin, ctx=o.ctx, short_chars=o.short_chars,
-                           threads=threads, full_questions=o.full_questions, keep=o.keep, cache_dir=o.cache_dir)
+    return CandidateScorer(
+        ctx.base,
+        Path(o.work_dir),
+        llama_bin=o.llama_bin,
+        ctx=o.ctx,
+        short_chars=o.short_chars,
+        threads=threads,
+        full_questions=o.full_questions,
+        keep=o.keep,
+        cache_dir=o.cache_dir,
+    )
 
 
 def run_processes(ctx: StudyContext, study: Any, progress: SearchProgress | None) -> None:
@@ -276,8 +294,10 @@ def run_processes(ctx: StudyContext, study: Any, progress: SearchProgress | None
         grid_study = w.study(phase)
         w.enqueue_missing(grid_study, publish_phase(grid_study, phase))
     barrier = mp.Barrier(ctx.options.jobs)
-    procs = [mp.Process(target=worker_main, args=(ctx, barrier), name=f"gguf-surgeon-search-{i}")
-             for i in range(ctx.options.jobs)]
+    procs = [
+        mp.Process(target=worker_main, args=(ctx, barrier), name=f"gguf-surgeon-search-{i}")
+        for i in range(ctx.options.jobs)
+    ]
     for p in procs:
         p.start()
     seen = count_evaluated(study)
@@ -299,5 +319,7 @@ def run_processes(ctx: StudyContext, study: Any, progress: SearchProgress | None
             p.join()
     bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
     if bad:
-        raise SearchError(f"{len(bad)} of {len(procs)} search workers failed (exit status {bad[0]}); "
-                          "rerun to continue: finished results are kept")
+        raise SearchError(
+            f"{len(bad)} of {len(procs)} search workers failed (exit status {bad[0]}); "
+            "rerun to continue: finished results are kept"
+        )

@@ -1,0 +1,358 @@
+"""The writer commands (one per operation, plus apply and plan): parse, call the library, render."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..operations import REGISTRY
+from ..reader import Model
+from .common import IN_ARG, OUT_ARG, emit_json, err_console, human_size, live_terminal, out_console, parse_size
+
+
+def writer_options(f: Callable) -> Callable:
+    """Options every writer shares."""
+    for opt in reversed(
+        [
+            click.option(
+                "--dry-run", is_flag=True, help="Print the layer map, metadata changes and output size; write nothing."
+            ),
+            click.option(
+                "--force", is_flag=True, help="Overwrite OUT; write blocks into positions whose tensor set differs."
+            ),
+            click.option("--name", help="general.name of the output (default: the source's name and the recipe)."),
+            click.option(
+                "--split-max-size",
+                help="Split the output llama-gguf-split style, at most this much tensor data per shard (e.g. 2G).",
+            ),
+            click.option(
+                "--split-max-tensors",
+                type=click.IntRange(min=1),
+                help="Split the output, at most this many tensors per shard.",
+            ),
+            click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+            click.option(
+                "--align",
+                "alignment",
+                type=int,
+                metavar="BYTES",
+                help="Data alignment of the output (default: the source's). 4096 lets later surgeries on a "
+                "reflink filesystem (XFS, btrfs) share extents instead of copying.",
+            ),
+            click.option(
+                "--quantize",
+                "quantize_types",
+                metavar="TYPES",
+                help="After writing OUT, quantize it with llama-quantize into OUT's folder, e.g. Q8_0,Q4_K_M.",
+            ),
+            click.option(
+                "--allow-requantize",
+                is_flag=True,
+                help="With --quantize: allow a quantized source (quality compounds).",
+            ),
+            click.option(
+                "--llama-bin",
+                type=click.Path(path_type=Path, file_okay=False),
+                help="With --quantize: folder holding the llama.cpp tools.",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+WRITER_OPTIONS = (
+    "dry_run",
+    "force",
+    "name",
+    "split_max_size",
+    "split_max_tensors",
+    "as_json",
+    "alignment",
+    "quantize_types",
+    "allow_requantize",
+    "llama_bin",
+)
+
+
+def run_edit(
+    source: Path,
+    out: Path | None,
+    recipe: str,
+    *,
+    dry_run: bool,
+    force: bool,
+    name: str | None,
+    split_max_size: str | None,
+    split_max_tensors: int | None,
+    as_json: bool,
+    alignment: int | None = None,
+    quantize_types: str | None = None,
+    allow_requantize: bool = False,
+    llama_bin: Path | None = None,
+) -> None:
+    from ..edit import EditOptions, check_outputs, edit, prepare, report
+
+    options = EditOptions(name, force, parse_size(split_max_size), split_max_tensors, alignment)
+    if quantize_types and (split_max_size or split_max_tensors):
+        raise click.UsageError("--quantize needs a single-file output; drop --split-max-size/--split-max-tensors")
+    if dry_run or out is None:
+        with Model(source) as model:
+            surgery = prepare(model, recipe, options)
+            if out is not None:
+                check_outputs(model, surgery, out, options)
+            data = report(surgery, out, options)
+        return emit_json(data) if as_json else render_plan(data, dry_run=True)
+    with byte_progress(f"writing {out.name}", enabled=not as_json) as progress:
+        surgery, result = edit(source, out, recipe, options, progress)
+    data = report(surgery, out, options, result)
+    quantized = None
+    if quantize_types and not dry_run:
+        from ..llama.quantize import quantize_ladder
+        from .llama import render_quantize, split_types, type_progress  # rich tables: only when quantizing
+
+        with type_progress(enabled=not as_json) as qprogress:
+            quantized = quantize_ladder(
+                out,
+                split_types((quantize_types,)),
+                out.parent,
+                allow_requantize=allow_requantize,
+                force=force,
+                llama_bin=llama_bin,
+                progress=qprogress,
+            )
+        data["quantized"] = quantized.to_dict()
+    if as_json:
+        return emit_json(data)
+    for w in data["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {w}")
+    for c in data["conversions"]:
+        err_console.print(f"[yellow]converted:[/] {c}")
+    files = ", ".join(data["files"])
+    click.echo(
+        f"Wrote {files}: {data['output_blocks']} blocks (from {data['source_blocks']}), "
+        f"{human_size(data['output_size'])} in {data['seconds']:.2f} s via {data['copy_method']}"
+    )
+    if quantized is not None:
+        render_quantize(quantized)
+
+
+class byte_progress:
+    """A rich progress bar on stderr for a (done, total) byte callback; silent off a terminal."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        self.label = label
+        self.enabled = enabled and live_terminal()
+        self.bar: Any = None
+        self.task = None
+
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+        self.bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err_console.get(),
+            transient=True,
+        )
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.label, total=None)
+
+        def update(done: int, total: int) -> None:
+            self.bar.update(self.task, completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def render_plan(data: dict, dry_run: bool) -> None:
+    out_console.print(f"Plan: {data['recipe']}  ({data['source_blocks']} -> {data['output_blocks']} blocks)")
+    from rich.table import Table
+
+    table = Table("output block", "source", box=None, pad_edge=False)
+    for row in data["layers"]:
+        moved = row["source"] != str(row["output"])
+        table.add_row(str(row["output"]), f"[bold]{row['source']}[/]" if moved else row["source"])
+    out_console.print(table)
+    out_console.print("Metadata changes:")
+    for c in data["metadata_changes"]:
+        old, new = c["old"], c["new"]
+        if old is None:
+            out_console.print(f"  + {c['key']} = {new!r}")
+        elif new is None:
+            out_console.print(f"  - {c['key']} (was {old!r})")
+        else:
+            out_console.print(f"  ~ {c['key']}: {old!r} -> {new!r}")
+    for c in data["conversions"]:
+        out_console.print(f"Converted: {c}")
+    for w in data["warnings"]:
+        out_console.print(f"Warning: {w}")
+    out_console.print(
+        f"Output size: {data['output_size']} bytes ({human_size(data['output_size'])})"
+        + ("; nothing written (dry run)" if dry_run else "")
+    )
+
+
+# --- writers ----------------------------------------------------------------------------
+
+
+def writer(name: str, usage_example: str) -> Callable:
+    """Register a single-operation writer: its callback returns the step's tokens."""
+
+    def decorate(build_tokens: Callable[..., list[str]]) -> Callable:
+        op = REGISTRY[name]
+
+        @functools.wraps(build_tokens)
+        def command(source: Path, out: Path, **kwargs: Any) -> None:
+            options = {k: kwargs.pop(k) for k in WRITER_OPTIONS}
+            recipe = " ".join([op.name] + [str(t) for t in build_tokens(**kwargs)])
+            run_edit(source, out, recipe, **options)
+
+        command.__doc__ = f"{(build_tokens.__doc__ or op.summary).strip()}\n\n\b\nExample:\n  {usage_example}"
+        return command
+
+    return decorate
+
+
+@click.command()
+@click.argument("blocks", nargs=-1, required=True)
+@IN_ARG
+@OUT_ARG
+@writer_options
+@writer("delete", "gguf-surgeon delete 10 12-14 in.gguf out.gguf")
+def delete(blocks: tuple[str, ...]) -> list[str]:
+    """Delete one or more blocks or ranges (10 12-14)."""
+    return list(blocks)
+
+
+@click.command()
+@click.argument("a")
+@click.argument("b")
+@IN_ARG
+@OUT_ARG
+@writer_options
+@writer("swap", "gguf-surgeon swap 11 12 in.gguf out.gguf")
+def swap(a: str, b: str) -> list[str]:
+    """Exchange blocks A and B."""
+    return [a, b]
+
+
+@click.command()
+@click.argument("block")
+@IN_ARG
+@OUT_ARG
+@click.option("--at", "at", help="Position of the copy (default: right after BLOCK).")
+@writer_options
+@writer("duplicate", "gguf-surgeon duplicate 5 in.gguf out.gguf --at 9")
+def duplicate(block: str, at: str | None) -> list[str]:
+    """Insert a copy of BLOCK (default: right after it)."""
+    return [block] + (["--at", at] if at is not None else [])
+
+
+@click.command()
+@click.argument("block")
+@IN_ARG
+@OUT_ARG
+@click.option("--to", "to", required=True, help="Index BLOCK ends up at.")
+@writer_options
+@writer("move", "gguf-surgeon move 3 in.gguf out.gguf --to 7")
+def move(block: str, to: str) -> list[str]:
+    """Move BLOCK so that it ends up at index --to."""
+    return [block, "--to", to]
+
+
+@click.command()
+@click.argument("spec")
+@IN_ARG
+@OUT_ARG
+@writer_options
+@writer("keep", "gguf-surgeon keep 0-9,11,13,12,14-27 in.gguf out.gguf")
+def keep(spec: str) -> list[str]:
+    """The whole new block order as a layer spec; a repeated index duplicates."""
+    return [spec]
+
+
+@click.command()
+@click.argument("a")
+@click.argument("b")
+@IN_ARG
+@OUT_ARG
+@click.option("--t", "t", default="0.5", show_default=True, help="Blend weight of B: (1-t)*A + t*B.")
+@click.option("--at", "at", help="Insert the new block at this position (default: right after A).")
+@click.option("--replace", "replace", help="Replace this block with the new one instead of inserting.")
+@writer_options
+@writer("interpolate", "gguf-surgeon interpolate 11 12 in.gguf out.gguf --t 0.5 --replace 11")
+def interpolate(a: str, b: str, t: str, at: str | None, replace: str | None) -> list[str]:
+    """A new block (1-t)*A + t*B, blended in float32, written in the source type where gguf can
+    quantize it, else F16 (the report lists conversions)."""
+    return [a, b, "--t", t] + (["--at", at] if at else []) + (["--replace", replace] if replace else [])
+
+
+@click.command()
+@click.argument("block")
+@IN_ARG
+@OUT_ARG
+@click.option("--t", "t", default="0.5", show_default=True, help="Blend weight of BLOCK+1.")
+@writer_options
+@writer("bridge", "gguf-surgeon bridge 11 in.gguf out.gguf")
+def bridge(block: str, t: str) -> list[str]:
+    """Interpolate BLOCK and BLOCK+1 and insert the blend between them."""
+    return [block, "--t", t]
+
+
+@click.command()
+@click.argument("recipe")
+@IN_ARG
+@OUT_ARG
+@writer_options
+def apply(recipe: str, source: Path, out: Path, **options: Any) -> None:
+    """Apply a recipe (text or a .toml file) in one pass; each step's indices refer to the model
+    as the previous step left it.
+
+    \b
+    Example:
+      gguf-surgeon apply "delete 10; swap 11 12" in.gguf out.gguf
+    """
+    run_edit(source, out, recipe, **options)
+
+
+@click.command("plan")
+@click.argument("recipe")
+@IN_ARG
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_cmd(recipe: str, source: Path, as_json: bool) -> None:
+    """Print the layer map, metadata changes and output size of a recipe; write nothing.
+
+    \b
+    Example:
+      gguf-surgeon plan "delete 10; swap 11 12" in.gguf
+    """
+    run_edit(
+        source,
+        None,
+        recipe,
+        dry_run=True,
+        force=False,
+        name=None,
+        split_max_size=None,
+        split_max_tensors=None,
+        as_json=as_json,
+    )
+
+
+COMMANDS: dict[str, click.Command] = {
+    c.name: c
+    for c in (delete, swap, duplicate, move, keep, interpolate, bridge, apply, plan_cmd)  # type: ignore[attr-defined]
+}
