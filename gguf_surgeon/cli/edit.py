@@ -11,7 +11,17 @@ import click
 
 from ..operations import REGISTRY
 from ..reader import Model
-from .common import IN_ARG, OUT_ARG, emit_json, err_console, human_size, live_terminal, out_console, parse_size
+from .common import (
+    IN_ARG,
+    OUT_ARG,
+    emit_json,
+    err_console,
+    human_size,
+    json_option,
+    live_terminal,
+    out_console,
+    parse_size,
+)
 
 
 def writer_options(f: Callable) -> Callable:
@@ -34,7 +44,7 @@ def writer_options(f: Callable) -> Callable:
                 type=click.IntRange(min=1),
                 help="Split the output, at most this many tensors per shard.",
             ),
-            click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+            json_option(),
             click.option(
                 "--align",
                 "alignment",
@@ -331,7 +341,7 @@ def apply(recipe: str, source: Path, out: Path, **options: Any) -> None:
 @click.command("plan")
 @click.argument("recipe")
 @IN_ARG
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@json_option("Print the plan as JSON.")
 def plan_cmd(recipe: str, source: Path, as_json: bool) -> None:
     """Print the layer map, metadata changes and output size of a recipe; write nothing.
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .common import emit_json, out_console, step_progress
+from .common import emit_json, json_option, out_console, step_progress
 
 # evaluate (numpy) and rich.progress are imported inside the commands: registering these
 # commands must not slow down every other gguf-surgeon command.
@@ -112,7 +112,7 @@ def footer(reports: Sequence[EvalReport]) -> None:
     help="The model MODEL was made from: adds KL divergence and differences with intervals.",
 )
 @eval_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option()
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Also write the JSON report to this file.")
 def eval_cmd(
     model: Path,
@@ -166,7 +166,7 @@ def eval_cmd(
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
 @eval_options
 @click.option("--markdown", is_flag=True, help="Print the table as Markdown, for a model card.")
-@click.option("--json", "as_json", is_flag=True, help="Print every report as JSON.")
+@json_option("Print every report as JSON.")
 def compare_cmd(
     models: tuple[Path, ...],
     text: Path | None,

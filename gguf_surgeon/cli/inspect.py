@@ -11,7 +11,7 @@ import click
 from ..errors import RecipeError
 from ..metadata import RECIPE_KEY
 from ..reader import Model
-from .common import emit_json, human_size, out_console
+from .common import emit_json, human_size, json_option, out_console
 
 
 @click.command()
@@ -19,7 +19,7 @@ from .common import emit_json, human_size, out_console
 @click.option("--layers", is_flag=True, help="Add a per-block table.")
 @click.option("--tensors", is_flag=True, help="Add every tensor with shape, type, size and offset.")
 @click.option("--meta", is_flag=True, help="Add every metadata key (long arrays previewed).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option()
 def inspect(model: Path, layers: bool, tensors: bool, meta: bool, as_json: bool) -> None:
     """Summarize a GGUF: architecture, sizes, tokenizer, chat template, types.
 
@@ -105,7 +105,7 @@ def inspect(model: Path, layers: bool, tensors: bool, meta: bool, as_json: bool)
 @click.command()
 @click.argument("a", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("b", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option()
 def diff(a: Path, b: Path, as_json: bool) -> None:
     """Metadata differences, and B's blocks in terms of A's (by tensor hashes) as a recipe.
 
@@ -141,7 +141,7 @@ def diff(a: Path, b: Path, as_json: bool) -> None:
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--against", type=click.Path(path_type=Path, dir_okay=False), help="The source MODEL was made from.")
 @click.option("--recipe", help="The recipe MODEL was made with (default: its surgery.recipe key).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option()
 def verify_cmd(model: Path, against: Path | None, recipe: str | None, as_json: bool) -> None:
     """Check the rules llama.cpp's loader enforces; with --against, byte identity with the source.
 

@@ -10,20 +10,23 @@ from typing import Any
 import click
 from rich.table import Table
 
-from ..llama.tools import DEFAULT_LADDER, ENV_VAR, HOW_TO_GET, doctor
+from ..llama.tools import DEFAULT_LADDER, HOW_TO_GET, doctor
 from ..reader import Model
-from .common import IN_ARG, emit_json, err_console, human_size, out_console, step_progress
-
-LLAMA_BIN_OPTION = click.option(
-    "--llama-bin",
-    type=click.Path(path_type=Path, file_okay=False),
-    help=f"Folder holding the llama.cpp tools (searched before ${ENV_VAR} and PATH).",
+from .common import (
+    IN_ARG,
+    emit_json,
+    err_console,
+    human_size,
+    json_option,
+    llama_bin_option,
+    out_console,
+    step_progress,
 )
 
 
 @click.command("doctor")
-@LLAMA_BIN_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@llama_bin_option()
+@json_option()
 def doctor_cmd(llama_bin: Path | None, as_json: bool) -> None:
     """Find the llama.cpp tools gguf-surgeon drives: path, version, or how to get each.
 
@@ -94,8 +97,8 @@ def type_progress(enabled: bool = True) -> step_progress:
 )
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for llama-quantize (default: its own).")
-@LLAMA_BIN_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@llama_bin_option()
+@json_option()
 def quantize_cmd(
     source: Path,
     extra: tuple[str, ...],
@@ -164,7 +167,7 @@ def render_quantize(report: Any) -> None:
     help="The model the imatrix was computed on (gives the block count).",
 )
 @click.option("--force", is_flag=True, help="Overwrite OUT.imatrix.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option()
 def imatrix_remap_cmd(recipe: str, source: Path, out: Path, model: Path, force: bool, as_json: bool) -> None:
     """Renumber an importance matrix's blk.N entries through a recipe, for quantizing the edited
     model; a blended block gets the weighted mean of its sources. Reads the GGUF and legacy

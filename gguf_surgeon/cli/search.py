@@ -11,14 +11,18 @@ import click
 from rich.table import Table
 
 from ..errors import SurgeonError
-from .common import emit_json, err_console, human_size, live_terminal, main, out_console, step_progress
-
-LLAMA_BIN_OPTION = click.option(
-    "--llama-bin",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Folder holding the llama.cpp tools (searched before $GGUF_SURGEON_LLAMA_BIN and PATH).",
+from .common import (
+    emit_json,
+    err_console,
+    human_size,
+    json_option,
+    live_terminal,
+    llama_bin_option,
+    main,
+    out_console,
+    step_progress,
 )
-JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+
 BAR_WIDTH = 36
 PARTIAL_BLOCKS = " ▏▎▍▌▋▊▉"
 
@@ -84,8 +88,8 @@ def bar_scale(values: Sequence[float]) -> float:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Also write the JSON report to this file (search --rank reads it).",
 )
-@LLAMA_BIN_OPTION
-@JSON_OPTION
+@llama_bin_option()
+@json_option()
 def rank_cmd(
     model: Path,
     text_file: Path | None,
@@ -327,8 +331,8 @@ class live_leaderboard:
 )
 @click.option("--allow-requantize", is_flag=True, help="With --export: quantize a quantized BASE's edit.")
 @click.option("--force", is_flag=True, help="With --export: write into a non-empty folder.")
-@LLAMA_BIN_OPTION
-@JSON_OPTION
+@llama_bin_option()
+@json_option()
 def search_cmd(
     base: Path,
     space_spec: str,
@@ -485,8 +489,8 @@ def _read_markdown(path: Path | None) -> str | None:
 @PARAM_OPTION
 @SYSTEM_OPTION
 @click.option("--force", is_flag=True, help="Write into a non-empty folder, overwriting files.")
-@LLAMA_BIN_OPTION
-@JSON_OPTION
+@llama_bin_option()
+@json_option()
 def release_cmd(
     base: Path,
     recipe: str,
@@ -573,7 +577,7 @@ def release_cmd(
 @click.option("--author", help="quantized_by and credits.")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Write the card here (default: print it).")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
-@JSON_OPTION
+@json_option()
 def card_cmd(
     model: Path,
     quants_dir: Path | None,
@@ -625,7 +629,7 @@ def card_cmd(
     "--out", type=click.Path(path_type=Path, dir_okay=False), help="Write the Modelfile here (default: print it)."
 )
 @click.option("--force", is_flag=True, help="Overwrite --out.")
-@JSON_OPTION
+@json_option()
 def modelfile_cmd(
     model: Path,
     source: str | None,
