@@ -317,15 +317,6 @@ def make_step(op: str, tokens: list[str]) -> Step:
     return Step(op, args, f"{op} {operation.canonical(args)}")
 
 
-def register(operation: Operation) -> Operation:
-    """Add `operation` to REGISTRY, where the recipe language, build_plan and the CLI find it.
-    Raises ValueError when an operation of that name is already registered."""
-    if operation.name in REGISTRY:
-        raise ValueError(f"operation {operation.name!r} is already registered")
-    REGISTRY[operation.name] = operation
-    return operation
-
-
 def build_plan(steps: tuple[Step, ...], block_count: int) -> LayerPlan:
     """Apply `steps` in order to the identity order of `block_count` blocks."""
     layers = tuple(LayerSource.copy(i) for i in range(block_count))
