@@ -80,11 +80,7 @@ class SurgeonGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in self.commands and name in LAZY_COMMANDS:
-            module = importlib.import_module(f"{__package__}.{LAZY_COMMANDS[name]}")
-            commands: dict[str, click.Command] = getattr(module, "COMMANDS", {})
-            if name in commands:
-                return commands[name]
-            # a module not yet converted to COMMANDS registers its commands on main when imported
+            return importlib.import_module(f"{__package__}.{LAZY_COMMANDS[name]}").COMMANDS[name]
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -130,13 +126,11 @@ def json_option(help: str = "Print the report as JSON.") -> Callable:
 
 def llama_bin_option(help: str | None = None) -> Callable:
     """The --llama-bin folder option of every command that runs llama.cpp tools."""
-    from ..llama.tools import ENV_VAR
+    if help is None:  # llama.tools only for the default text: the writers' options must not load it at start-up
+        from ..llama.tools import ENV_VAR
 
-    return click.option(
-        "--llama-bin",
-        type=click.Path(path_type=Path, file_okay=False),
-        help=help or f"Folder holding the llama.cpp tools (searched before ${ENV_VAR} and PATH).",
-    )
+        help = f"Folder holding the llama.cpp tools (searched before ${ENV_VAR} and PATH)."
+    return click.option("--llama-bin", type=click.Path(path_type=Path, file_okay=False), help=help)
 
 
 IN_ARG = click.argument("source", metavar="IN", type=click.Path(path_type=Path, dir_okay=False))

@@ -19,6 +19,7 @@ from .common import (
     human_size,
     json_option,
     live_terminal,
+    llama_bin_option,
     out_console,
     parse_size,
 )
@@ -64,11 +65,7 @@ def writer_options(f: Callable) -> Callable:
                 is_flag=True,
                 help="With --quantize: allow a quantized source (quality compounds).",
             ),
-            click.option(
-                "--llama-bin",
-                type=click.Path(path_type=Path, file_okay=False),
-                help="With --quantize: folder holding the llama.cpp tools.",
-            ),
+            llama_bin_option("With --quantize: folder holding the llama.cpp tools."),
         ]
     ):
         f = opt(f)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .common import emit_json, json_option, out_console, step_progress
+from .common import emit_json, json_option, llama_bin_option, out_console, step_progress
 
 # evaluate (numpy) and rich.progress are imported inside the commands: registering these
 # commands must not slow down every other gguf-surgeon command.
@@ -37,11 +37,7 @@ def eval_options(f: Callable) -> Callable:
                 help="llama.cpp threads (default: min(4, CPUs)); results are cached per thread count.",
             ),
             click.option("--no-cache", is_flag=True, help="Recompute everything and keep nothing."),
-            click.option(
-                "--llama-bin",
-                type=click.Path(path_type=Path, file_okay=False),
-                help="Folder holding llama-perplexity and llama-server.",
-            ),
+            llama_bin_option("Folder holding llama-perplexity and llama-server."),
         ]
     ):
         f = opt(f)

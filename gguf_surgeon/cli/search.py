@@ -1,4 +1,4 @@
-"""Commands that rank, search and release: rank, search, release, card, modelfile (registered on `cli.main`)."""
+"""Commands that rank, search and release: rank, search, release, card, modelfile ."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from .common import (
     json_option,
     live_terminal,
     llama_bin_option,
-    main,
     out_console,
     step_progress,
 )
@@ -51,7 +50,7 @@ def bar_scale(values: Sequence[float]) -> float:
 # --- rank ---------------------------------------------------------------------------------
 
 
-@main.command("rank")
+@click.command("rank")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--text",
@@ -261,7 +260,7 @@ class live_leaderboard:
             self.live.__exit__(*exc)
 
 
-@main.command("search")
+@click.command("search")
 @click.argument("base", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--space",
@@ -455,7 +454,7 @@ def _read_markdown(path: Path | None) -> str | None:
         raise ReleaseError(f"--benchmarks {path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
 
 
-@main.command("release")
+@click.command("release")
 @click.argument("base", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--recipe", required=True, help="The surgery (text or a .toml file).")
 @click.option(
@@ -559,7 +558,7 @@ def release_cmd(
     out_console.print(table)
 
 
-@main.command("card")
+@click.command("card")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--quants",
@@ -620,7 +619,7 @@ def card_cmd(
         out_console.print(f"Wrote {out} ({len(files)} quantizations listed)")
 
 
-@main.command("modelfile")
+@click.command("modelfile")
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--from", "source", help="The FROM line's target (default: ./MODEL's file name).")
 @PARAM_OPTION
@@ -663,3 +662,6 @@ def modelfile_cmd(
         if mf.template:
             for n in mf.template.notes:
                 err_console.print(f"[yellow]not carried:[/] {n}")
+
+
+COMMANDS: dict[str, click.Command] = {c.name: c for c in (rank_cmd, search_cmd, release_cmd, card_cmd, modelfile_cmd)}  # type: ignore[misc]
