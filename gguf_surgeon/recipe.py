@@ -22,57 +22,79 @@ from .plan import Step
 
 def parse_recipe(text: str) -> tuple[Step, ...]:
     """Parse recipe text into steps; RecipeError names the step and the offending token."""
+    steps = _parse_chunks(_text_chunks(text))
+    if not steps:
+        raise RecipeError(f"recipe {text!r} has no steps")
+    return steps
+
+
+def parse_step(tokens: list[str], number: int = 1, shown: str | None = None) -> Step:
+    """One step from its tokens (the operation name first), never through recipe text, so a
+    value holding ';' or a newline stays one token; errors name the step as `shown`."""
+    shown = shlex.join(tokens) if shown is None else shown
+    if not tokens:
+        raise RecipeError(f"recipe step {number} {shown!r}: no operation")
+    try:
+        return make_step(tokens[0], tokens[1:])
+    except RecipeError as e:
+        raise RecipeError(f"recipe step {number} {shown!r}: {e}") from None
+
+
+def _text_chunks(text: str) -> list[str]:
+    return [c.strip() for line in text.splitlines() for c in line.split("#", 1)[0].split(";")]
+
+
+def _parse_chunks(chunks: list[str | list[str]]) -> tuple[Step, ...]:
+    """Steps of recipe text chunks ('swap 11 12') and of token lists (TOML step tables)."""
     steps: list[Step] = []
-    chunks = [c.strip() for line in text.splitlines() for c in line.split("#", 1)[0].split(";")]
     for chunk in chunks:
+        if isinstance(chunk, list):
+            steps.append(parse_step(chunk, len(steps) + 1))
+            continue
         if not chunk:
             continue
         try:
             tokens = shlex.split(chunk)
         except ValueError as e:
             raise RecipeError(f"recipe step {len(steps) + 1} {chunk!r}: {e}") from None
-        try:
-            steps.append(make_step(tokens[0], tokens[1:]))
-        except RecipeError as e:
-            raise RecipeError(f"recipe step {len(steps) + 1} {chunk!r}: {e}") from None
-    if not steps:
-        raise RecipeError(f"recipe {text!r} has no steps")
+        steps.append(parse_step(tokens, len(steps) + 1, chunk))
     return tuple(steps)
 
 
-def _table_to_text(table: dict, where: str) -> str:
+def _table_tokens(table: dict, where: str) -> list[str]:
     if "op" not in table:
         raise RecipeError(f"{where}: a step table needs an 'op' key")
-    parts = [str(table["op"])]
+    tokens = [str(table["op"])]
     args = table.get("args", [])
-    parts += [str(a) for a in (args if isinstance(args, list) else [args])]
-    parts += [f"--{k} {v}" for k, v in table.items() if k not in ("op", "args")]
-    return " ".join(parts)
+    tokens += [str(a) for a in (args if isinstance(args, list) else [args])]
+    for k, v in table.items():
+        if k not in ("op", "args"):
+            tokens += [f"--{k}", str(v)]
+    return tokens
 
 
 def parse_recipe_file(path: Path) -> tuple[Step, ...]:
     data = read_toml(path, RecipeError, noun="recipe")
+    chunks: list[str | list[str]] = []
     if isinstance(data.get("recipe"), str):
-        text = data["recipe"]
+        chunks = list(_text_chunks(data["recipe"]))
     elif isinstance(data.get("steps"), list):
-        text = "; ".join(
-            s
-            if isinstance(s, str)
-            else _table_to_text(s, f"{path}: steps[{i}]")
-            if isinstance(s, dict)
-            else _bad(f"{path}: steps[{i}] is neither a string nor a table")
-            for i, s in enumerate(data["steps"])
-        )
+        for i, s in enumerate(data["steps"]):
+            if isinstance(s, str):
+                chunks += _text_chunks(s)
+            elif isinstance(s, dict):
+                chunks.append(_table_tokens(s, f"{path}: steps[{i}]"))
+            else:
+                raise RecipeError(f"{path}: steps[{i}] is neither a string nor a table")
     else:
         raise RecipeError(f"{path}: a TOML recipe needs a 'recipe' string or a 'steps' list")
     try:
-        return parse_recipe(text)
+        steps = _parse_chunks(chunks)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
-
-
-def _bad(message: str) -> str:
-    raise RecipeError(message)
+    if not steps:
+        raise RecipeError(f"{path}: the recipe has no steps")
+    return steps
 
 
 def load_recipe(recipe: str) -> tuple[Step, ...]:

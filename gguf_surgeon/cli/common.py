@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -12,33 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from .. import __version__
-from ..errors import SurgeonError
-
-# Command name -> the module of this package defining it. Each such module defines plain click
-# commands and exposes `COMMANDS: dict[str, click.Command]`; SurgeonGroup imports it only when one
-# of its commands is asked for, so a surgery or `inspect` pays for nothing else at start-up (a
-# surgery should cost what `cp` costs). No command module imports `main`: no import cycle.
-LAZY_COMMANDS = {
-    **{
-        name: "edit"
-        for name in ("delete", "swap", "duplicate", "move", "keep", "interpolate", "bridge", "apply", "plan")
-    },
-    "inspect": "inspect",
-    "diff": "inspect",
-    "verify": "inspect",
-    "eval": "eval",
-    "compare": "eval",
-    "doctor": "llama",
-    "quantize": "llama",
-    "imatrix-remap": "llama",
-    "rank": "search",
-    "search": "search",
-    "release": "search",
-    "card": "search",
-    "modelfile": "search",
-}
 
 
 class LazyConsole:
@@ -69,29 +41,6 @@ def live_terminal() -> bool:
     if not sys.stderr.isatty() and not any(os.environ.get(v) for v in ("FORCE_TERMINAL", "TTY_INTERACTIVE")):
         return False
     return bool(err_console.is_terminal)
-
-
-class SurgeonGroup(click.Group):
-    """Turns SurgeonError into `Error: ...` and exit 1; Ctrl-C into exit 130; no tracebacks.
-    Loads the module of a command in LAZY_COMMANDS when that command is asked for."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(self.commands) | set(LAZY_COMMANDS))
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in self.commands and name in LAZY_COMMANDS:
-            return importlib.import_module(f"{__package__}.{LAZY_COMMANDS[name]}").COMMANDS[name]
-        return super().get_command(ctx, name)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except SurgeonError as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted; no output was kept", err=True)
-            sys.exit(130)
 
 
 def emit_json(data: Any) -> None:
@@ -168,14 +117,3 @@ class step_progress:
 
     def __exit__(self, *exc: object) -> None:
         self.bar.__exit__(*exc)
-
-
-@click.group(cls=SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="gguf-surgeon")
-def main() -> None:
-    """Edit the transformer blocks of GGUF models: delete, swap, duplicate, move, blend.
-
-    \b
-    Example:
-      gguf-surgeon delete 10 in.gguf out.gguf
-    """

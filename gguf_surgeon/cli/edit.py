@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import click
 
 from ..operations import REGISTRY
 from ..reader import Model
+from ..recipe import parse_step
 from .common import (
     IN_ARG,
     OUT_ARG,
@@ -212,111 +212,45 @@ def render_plan(data: dict, dry_run: bool) -> None:
     )
 
 
-# --- writers ----------------------------------------------------------------------------
+# --- writers ---------------------------------------------------------------------------
 
 
-def writer(name: str, usage_example: str) -> Callable:
-    """Register a single-operation writer: its callback returns the step's tokens."""
+def operation_command(name: str) -> click.Command:
+    """The writer command of a registered operation, built from its parameters in the registry:
+    its arguments, IN, OUT, its options, then the writer options."""
+    op = REGISTRY[name]
 
-    def decorate(build_tokens: Callable[..., list[str]]) -> Callable:
-        op = REGISTRY[name]
+    def command(source: Path, out: Path, **kwargs: Any) -> None:
+        options = {k: kwargs.pop(k) for k in WRITER_OPTIONS}
+        tokens: list[str] = []
+        for p in op.params:
+            value = kwargs[p.name]
+            if p.kind == "arguments":
+                tokens += value
+            elif p.kind == "argument":
+                tokens.append(value)
+            elif value is not None:
+                tokens += [f"--{p.name}", value]
+        # the values reach the operation's parser as tokens, never pasted into recipe text
+        run_edit(source, out, parse_step([name, *tokens]).text, **options)
 
-        @functools.wraps(build_tokens)
-        def command(source: Path, out: Path, **kwargs: Any) -> None:
-            options = {k: kwargs.pop(k) for k in WRITER_OPTIONS}
-            recipe = " ".join([op.name] + [str(t) for t in build_tokens(**kwargs)])
-            run_edit(source, out, recipe, **options)
-
-        command.__doc__ = f"{(build_tokens.__doc__ or op.summary).strip()}\n\n\b\nExample:\n  {usage_example}"
-        return command
-
-    return decorate
-
-
-@click.command()
-@click.argument("blocks", nargs=-1, required=True)
-@IN_ARG
-@OUT_ARG
-@writer_options
-@writer("delete", "gguf-surgeon delete 10 12-14 in.gguf out.gguf")
-def delete(blocks: tuple[str, ...]) -> list[str]:
-    """Delete one or more blocks or ranges (10 12-14)."""
-    return list(blocks)
-
-
-@click.command()
-@click.argument("a")
-@click.argument("b")
-@IN_ARG
-@OUT_ARG
-@writer_options
-@writer("swap", "gguf-surgeon swap 11 12 in.gguf out.gguf")
-def swap(a: str, b: str) -> list[str]:
-    """Exchange blocks A and B."""
-    return [a, b]
-
-
-@click.command()
-@click.argument("block")
-@IN_ARG
-@OUT_ARG
-@click.option("--at", "at", help="Position of the copy (default: right after BLOCK).")
-@writer_options
-@writer("duplicate", "gguf-surgeon duplicate 5 in.gguf out.gguf --at 9")
-def duplicate(block: str, at: str | None) -> list[str]:
-    """Insert a copy of BLOCK (default: right after it)."""
-    return [block] + (["--at", at] if at is not None else [])
-
-
-@click.command()
-@click.argument("block")
-@IN_ARG
-@OUT_ARG
-@click.option("--to", "to", required=True, help="Index BLOCK ends up at.")
-@writer_options
-@writer("move", "gguf-surgeon move 3 in.gguf out.gguf --to 7")
-def move(block: str, to: str) -> list[str]:
-    """Move BLOCK so that it ends up at index --to."""
-    return [block, "--to", to]
-
-
-@click.command()
-@click.argument("spec")
-@IN_ARG
-@OUT_ARG
-@writer_options
-@writer("keep", "gguf-surgeon keep 0-9,11,13,12,14-27 in.gguf out.gguf")
-def keep(spec: str) -> list[str]:
-    """The whole new block order as a layer spec; a repeated index duplicates."""
-    return [spec]
-
-
-@click.command()
-@click.argument("a")
-@click.argument("b")
-@IN_ARG
-@OUT_ARG
-@click.option("--t", "t", default="0.5", show_default=True, help="Blend weight of B: (1-t)*A + t*B.")
-@click.option("--at", "at", help="Insert the new block at this position (default: right after A).")
-@click.option("--replace", "replace", help="Replace this block with the new one instead of inserting.")
-@writer_options
-@writer("interpolate", "gguf-surgeon interpolate 11 12 in.gguf out.gguf --t 0.5 --replace 11")
-def interpolate(a: str, b: str, t: str, at: str | None, replace: str | None) -> list[str]:
-    """A new block (1-t)*A + t*B, blended in float32, written in the source type where gguf can
-    quantize it, else F16 (the report lists conversions)."""
-    return [a, b, "--t", t] + (["--at", at] if at else []) + (["--replace", replace] if replace else [])
-
-
-@click.command()
-@click.argument("block")
-@IN_ARG
-@OUT_ARG
-@click.option("--t", "t", default="0.5", show_default=True, help="Blend weight of BLOCK+1.")
-@writer_options
-@writer("bridge", "gguf-surgeon bridge 11 in.gguf out.gguf")
-def bridge(block: str, t: str) -> list[str]:
-    """Interpolate BLOCK and BLOCK+1 and insert the blend between them."""
-    return [block, "--t", t]
+    f = writer_options(command)
+    for p in reversed(op.params):
+        if p.kind == "option":
+            f = click.option(
+                f"--{p.name}",
+                p.name,
+                help=p.help,
+                default=p.default,
+                show_default=p.default is not None,
+                required=p.required,
+            )(f)
+    f = IN_ARG(OUT_ARG(f))
+    for p in reversed(op.params):
+        if p.kind != "option":
+            f = click.argument(p.name, nargs=-1 if p.kind == "arguments" else 1, required=True)(f)
+    example = f"\n\n\b\nExample:\n  {op.example}" if op.example else ""
+    return click.command(name, help=f"{op.help or op.summary}{example}")(f)
 
 
 @click.command()
@@ -359,7 +293,4 @@ def plan_cmd(recipe: str, source: Path, as_json: bool) -> None:
     )
 
 
-COMMANDS: dict[str, click.Command] = {
-    c.name: c
-    for c in (delete, swap, duplicate, move, keep, interpolate, bridge, apply, plan_cmd)  # type: ignore[attr-defined]
-}
+COMMANDS: dict[str, click.Command] = {c.name: c for c in (apply, plan_cmd)}  # type: ignore[misc]

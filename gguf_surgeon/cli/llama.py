@@ -1,5 +1,5 @@
 """Commands that drive llama.cpp tools: doctor, quantize, imatrix-remap (in COMMANDS, loaded lazily by
-`cli.common.SurgeonGroup`)."""
+`cli.SurgeonGroup`)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from gguf import Keys, LlamaFileType
 from ..errors import SurgeonError
 from ..llama.quantize import DEFAULT_LADDER, QuantResult, default_name, measure
 from ..metadata import RECIPE_KEY
-from ..operations import build_plan, format_layer_spec
+from ..operations import REGISTRY, build_plan, format_layer_spec
 from ..plan import LayerPlan
 from ..reader import Model
 from ..recipe import parse_recipe
@@ -143,24 +143,8 @@ def infer_source_blocks(steps: tuple, output_blocks: int) -> int | None:
 
 def describe_step(step: Any) -> str:
     """One surgery step in the card's words (indices as the previous step left the model)."""
-    a = step.args
-    if step.op == "delete":
-        what = format_layer_spec(tuple(a)).replace(",", ", ")
-        return f"**Delete layer{'s' if len(a) > 1 else ''} {what}**"
-    if step.op == "swap":
-        return f"**Swap layers {a[0]} ↔ {a[1]}**"
-    if step.op == "duplicate":
-        return f"**Duplicate layer {a[0]}**" + ("" if a[1] == a[0] + 1 else f" (copy inserted at {a[1]})")
-    if step.op == "move":
-        return f"**Move layer {a[0]}** to position {a[1]}"
-    if step.op == "keep":
-        return f"**Reorder layers** to {format_layer_spec(tuple(a))}"
-    if step.op == "interpolate":
-        where = f"replacing layer {a[4]}" if a[3] == "replace" else f"inserted at {a[4]}"
-        return f"**Interpolate layers {a[0]} and {a[1]}** ((1−t)·{a[0]} + t·{a[1]}, t = {a[2]:g}), {where}"
-    if step.op == "bridge":
-        return f"**Bridge layers {a[0]} and {a[0] + 1}** (their t = {a[1]:g} blend inserted between them)"
-    return f"**{_md(step.text)}**"
+    operation = REGISTRY.get(step.op)
+    return operation.describe(step.args) if operation else f"**{_md(step.text)}**"
 
 
 def layer_map(plan: LayerPlan) -> str:

@@ -6,10 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import SearchError, SurgeonError
-from ..operations import format_fraction, format_layer_spec, parse_layer_spec
-from ..plan import LayerPlan, LayerSource
-from ..recipe import parse_recipe
+from ..errors import SurgeonError
+from ..operations import REGISTRY, parse_layer_spec, step_of
+from ..operations.bridge import Bridge
+from ..operations.delete import Delete
+from ..operations.duplicate import Duplicate
+from ..operations.interpolate import Interpolate
+from ..operations.keep import Keep
+from ..operations.swap import Swap
+from ..plan import LayerPlan, LayerSource, Step
 
 FAMILIES = ("delete", "swap", "duplicate", "bridge", "interpolate", "delete-window", "repeat-window")
 
@@ -44,9 +49,10 @@ class Move:
         blocks = tuple(i for p in rest for i in parse_layer_spec(p))
         return Move(op, blocks, t)
 
-    def step(self, layers: Sequence[LayerSource]) -> str | None:
-        """The recipe step doing this move on the current `layers`, or None when it cannot
-        (a block it names is gone, or blocks that must be adjacent no longer are)."""
+    def step(self, layers: Sequence[LayerSource]) -> Step | None:
+        """The recipe step (through the operation registry) doing this move on the current
+        `layers`, or None when it cannot (a block it names is gone, or blocks that must be
+        adjacent no longer are)."""
         where = {}
         for pos, l in enumerate(layers):
             if l.is_copy and l.parts[0][0] not in where:
@@ -54,23 +60,20 @@ class Move:
         if not all(b in where for b in self.blocks):
             return None
         pos = [where[b] for b in self.blocks]
-        if self.op == "delete":
-            return f"delete {pos[0]}"
-        if self.op == "swap":
-            return f"swap {pos[0]} {pos[1]}"
-        if self.op == "duplicate":
-            return f"duplicate {pos[0]}"
-        if self.op == "bridge":
-            return f"bridge {pos[0]} --t {format_fraction(self.t)}" if pos[1] == pos[0] + 1 else None
-        if self.op == "interpolate":
-            return f"interpolate {pos[0]} {pos[1]} --t {format_fraction(self.t)} --replace {pos[0]}"
         contiguous = pos == list(range(pos[0], pos[0] + len(pos)))
-        if self.op == "delete-window":
-            return f"delete {format_layer_spec(tuple(sorted(pos))).replace(',', ' ')}"
+        if self.op in ("delete", "delete-window"):
+            return step_of("delete", Delete(tuple(sorted(pos))))
+        if self.op == "swap":
+            return step_of("swap", Swap(pos[0], pos[1]))
+        if self.op == "duplicate":
+            return step_of("duplicate", Duplicate(pos[0], pos[0] + 1))
+        if self.op == "bridge" and pos[1] == pos[0] + 1:
+            return step_of("bridge", Bridge(pos[0], self.t))
+        if self.op == "interpolate":
+            return step_of("interpolate", Interpolate(pos[0], pos[1], self.t, "replace", pos[0]))
         if self.op == "repeat-window" and contiguous:
             end = pos[-1]
-            order = list(range(0, end + 1)) + pos + list(range(end + 1, len(layers)))
-            return f"keep {format_layer_spec(tuple(order))}"
+            return step_of("keep", Keep(tuple(range(0, end + 1)) + tuple(pos) + tuple(range(end + 1, len(layers)))))
         return None
 
 
@@ -88,30 +91,22 @@ def compose(moves: Sequence[Move], block_count: int) -> Candidate | None:
     """Apply moves in order (each placed where its base blocks are now); None when one cannot
     be placed or the plan leaves the base unchanged."""
     layers = tuple(LayerSource.copy(i) for i in range(block_count))
-    steps: list[str] = []
+    steps: list[Step] = []
     for m in moves:
-        text = m.step(layers)
-        if text is None:
+        step = m.step(layers)
+        if step is None:
             return None
-        steps.append(text)
+        steps.append(step)
         try:
-            layers = _apply(text, layers)
+            layers = REGISTRY[step.op].apply(step.args, layers)
         except SurgeonError:
             return None
-    plan = LayerPlan(parse_recipe("; ".join(steps)), block_count, layers)
+        if not layers:
+            return None
+    plan = LayerPlan(tuple(steps), block_count, layers)
     if plan.is_identity:
         return None
-    return Candidate(tuple(moves), "; ".join(steps), plan_key(plan), len(layers))
-
-
-def _apply(step_text: str, layers: tuple[LayerSource, ...]) -> tuple[LayerSource, ...]:
-    from ..operations import REGISTRY
-
-    (step,) = parse_recipe(step_text)
-    out = REGISTRY[step.op].apply(step.args, layers)
-    if not out:
-        raise SearchError(f"{step_text!r} leaves no block")
-    return out
+    return Candidate(tuple(moves), "; ".join(s.text for s in steps), plan_key(plan), len(layers))
 
 
 def plan_key(plan: LayerPlan) -> str:
