@@ -69,3 +69,14 @@ def write_text_atomic(path: Path, text: str, force: bool = False) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+def format_size(n: float, decimal: bool = False) -> str:
+    """'1.50 KiB' (binary units, the command line) or, with `decimal`, '1.54 KB' (the units of
+    a Hugging Face model card)."""
+    base, units = (1000, ("B", "KB", "MB", "GB", "TB")) if decimal else (1024, ("B", "KiB", "MiB", "GiB", "TiB"))
+    for unit in units:
+        if abs(n) < base or unit == units[-1]:
+            break
+        n /= base
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .reader import Model
-from .vocab import GGUFValueType, Keys, LlamaFileType
+from .vocab import GGUFValueType, Keys, file_type_name
 
 PREVIEW_ITEMS = 8  # array elements shown by --meta
 
@@ -61,15 +61,6 @@ class ModelSummary:
         return asdict(self)
 
 
-def _file_type_name(v: Any) -> str | None:
-    if v is None:
-        return None
-    try:
-        return LlamaFileType(int(v)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except ValueError:
-        return str(v)
-
-
 def summarize(model: Model) -> ModelSummary:
     """The default `inspect` report; reads no tokenizer string (fast on a 151,936-token vocab)."""
     arch = model.architecture
@@ -105,7 +96,7 @@ def summarize(model: Model) -> ModelSummary:
         tokenizer_model=model.value(Keys.Tokenizer.MODEL),
         tokenizer_pre=model.value(Keys.Tokenizer.PRE),
         chat_template=tmpl,
-        file_type=_file_type_name(model.value(Keys.General.FILE_TYPE)),
+        file_type=file_type_name(model.value(Keys.General.FILE_TYPE)),
         tensor_types=dict(types.most_common()),
         parameters=sum(t.n_elements for t in model.tensors),
         tensor_bytes=sum(t.n_bytes for t in model.tensors),

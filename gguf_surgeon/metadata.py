@@ -11,11 +11,10 @@ from typing import Any
 
 from .plan import LayerPlan
 from .reader import SCALAR_FORMATS, SPLIT_KEYS, Model
-from .vocab import GGUFValueType, Keys
+from .vocab import BASE_MODEL_PREFIX, GGUFValueType, Keys
 
 RECIPE_KEY = "surgery.recipe"
 PADDING_KEY = "surgery.padding"  # zeros the writer adds to line tensor data up with the source's
-BASE_MODEL_PREFIX = "general.base_model."
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from gguf.constants import (  # noqa: E402
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
     GGUF_VERSION,
+    MODEL_TENSOR,
+    TENSOR_NAMES,
     GGMLQuantizationType,
     GGUFValueType,
     Keys,
@@ -35,7 +37,13 @@ from gguf.constants import (  # noqa: E402
 )
 
 __all__ = [
+    "BASE_MODEL_PREFIX",
     "GGML_QUANT_SIZES",
+    "OUTPUT",
+    "OUTPUT_NORM",
+    "TOKEN_EMBD",
+    "base_model_key",
+    "file_type_name",
     "GGUF_DEFAULT_ALIGNMENT",
     "GGUF_MAGIC",
     "GGUF_VERSION",
@@ -44,3 +52,28 @@ __all__ = [
     "Keys",
     "LlamaFileType",
 ]
+
+# tensor names gguf defines (TENSOR_NAMES) that the periphery reads by name
+TOKEN_EMBD = f"{TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD]}.weight"
+OUTPUT = f"{TENSOR_NAMES[MODEL_TENSOR.OUTPUT]}.weight"
+OUTPUT_NORM = f"{TENSOR_NAMES[MODEL_TENSOR.OUTPUT_NORM]}.weight"
+
+# general.base_model.{id}.* (gguf's Keys.General.BASE_MODEL_*): the provenance entries of a base
+BASE_MODEL_PREFIX = Keys.General.BASE_MODEL_COUNT.removesuffix("count")
+
+
+def base_model_key(template: str, index: int = 0) -> str:
+    """One general.base_model.{id}.* key, e.g. base_model_key(Keys.General.BASE_MODEL_NAME)."""
+    return template.format(id=index)
+
+
+def file_type_name(value: object) -> str | None:
+    """general.file_type as llama.cpp names it (Q8_0, F16; no MOSTLY_/ALL_ prefix); None when
+    absent; any other value (unknown number, inf, an array, text) as its text."""
+    if value is None:
+        return None
+    try:
+        return LlamaFileType(int(value)).name.removeprefix("MOSTLY_").removeprefix("ALL_")  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        text = str(value)
+        return text if len(text) <= 40 else text[:37] + "..."

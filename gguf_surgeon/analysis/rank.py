@@ -35,6 +35,7 @@ from gguf import Keys
 from ..errors import RankError, ToolError
 from ..llama.tools import find_tool
 from ..reader import Model
+from ..vocab import OUTPUT, OUTPUT_NORM, TOKEN_EMBD
 from .reference import HEAD_ROWS_PER_SLICE, ReferenceModel, dequantize_rows, log_softmax, rms_norm
 
 DEFAULT_TOKENS = 128  # tokens of the text the scores are computed on
@@ -266,12 +267,12 @@ def _kl_to_base(ref: ReferenceModel, base_final: np.ndarray, finals: list[np.nda
     KL = sum p log p - sum p z + logsumexp(z). The last two are accumulated per slice.
     """
     hp = ref.hparams
-    norm_w = ref.vector("output_norm.weight")
+    norm_w = ref.vector(OUTPUT_NORM)
     base_logp = log_softmax(ref.head(base_final))  # (T, V) float64
     p = np.exp(base_logp)
     neg_entropy = (p * base_logp).sum(-1)  # (T,)
     h = np.stack([rms_norm(f, norm_w, hp.rms_eps) for f in finals])  # (N, T, E)
-    t = ref.tensor("token_embd.weight" if hp.tied_output else "output.weight")
+    t = ref.tensor(TOKEN_EMBD if hp.tied_output else OUTPUT)
     assert t is not None
     n_vocab = t.shape[1]
     cross = np.zeros(h.shape[:2])  # sum p z

@@ -25,6 +25,7 @@ from gguf.quants import dequantize
 
 from ..errors import ForwardError
 from ..reader import Model, TensorInfo
+from ..vocab import OUTPUT, OUTPUT_NORM, TOKEN_EMBD
 
 HEAD_ROWS_PER_SLICE = 8192  # output-head rows dequantized at a time
 
@@ -216,8 +217,8 @@ class ReferenceModel:
             )
         self.spec = ARCHS[arch]
         self.block_count = len(model.blocks())
-        embd = self.tensor("token_embd.weight")
-        head = self.tensor("output.weight", required=False)
+        embd = self.tensor(TOKEN_EMBD)
+        head = self.tensor(OUTPUT, required=False)
         scaling = model.value(model.arch_key(Keys.Rope.SCALING_TYPE), "none")
         factor = model.value(model.arch_key(Keys.Rope.SCALING_FACTOR))
         if scaling not in ("none", "linear") and factor not in (None, 0.0, 1.0):
@@ -318,7 +319,7 @@ class ReferenceModel:
     # computing
     def embed(self, tokens: Sequence[int]) -> np.ndarray:
         """Token embedding rows (n_tokens, n_embd) float32, read only for the given tokens."""
-        t = self.tensor("token_embd.weight")
+        t = self.tensor(TOKEN_EMBD)
         assert t is not None
         n_vocab = t.shape[1]
         rows = []
@@ -359,8 +360,8 @@ class ReferenceModel:
 
     def head(self, hidden: np.ndarray) -> np.ndarray:
         """output_norm then the output head (token_embd when tied): (n_tokens, n_vocab) float32."""
-        h = rms_norm(hidden, self.vector("output_norm.weight"), self.hparams.rms_eps)
-        t = self.tensor("token_embd.weight" if self.hparams.tied_output else "output.weight")
+        h = rms_norm(hidden, self.vector(OUTPUT_NORM), self.hparams.rms_eps)
+        t = self.tensor(TOKEN_EMBD if self.hparams.tied_output else OUTPUT)
         assert t is not None
         n_vocab = t.shape[1]
         logits = np.empty((h.shape[0], n_vocab), dtype=np.float32)

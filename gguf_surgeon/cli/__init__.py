@@ -37,9 +37,9 @@ LAZY_COMMANDS = {
     "imatrix-remap": "llama",
     "rank": "search",
     "search": "search",
-    "release": "search",
-    "card": "search",
-    "modelfile": "search",
+    "release": "release",
+    "card": "release",
+    "modelfile": "release",
 }
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..files import format_size
 from ..operations import REGISTRY
 from ..reader import Model
 from ..recipe import parse_step
@@ -16,7 +17,6 @@ from .common import (
     OUT_ARG,
     emit_json,
     err_console,
-    human_size,
     json_option,
     live_terminal,
     llama_bin_option,
@@ -142,7 +142,7 @@ def run_edit(
     files = ", ".join(data["files"])
     click.echo(
         f"Wrote {files}: {data['output_blocks']} blocks (from {data['source_blocks']}), "
-        f"{human_size(data['output_size'])} in {data['seconds']:.2f} s via {data['copy_method']}"
+        f"{format_size(data['output_size'])} in {data['seconds']:.2f} s via {data['copy_method']}"
     )
     if quantized is not None:
         render_quantize(quantized)
@@ -207,7 +207,7 @@ def render_plan(data: dict, dry_run: bool) -> None:
     for w in data["warnings"]:
         out_console.print(f"Warning: {w}")
     out_console.print(
-        f"Output size: {data['output_size']} bytes ({human_size(data['output_size'])})"
+        f"Output size: {data['output_size']} bytes ({format_size(data['output_size'])})"
         + ("; nothing written (dry run)" if dry_run else "")
     )
 

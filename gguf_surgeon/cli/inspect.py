@@ -9,9 +9,10 @@ from typing import Any
 import click
 
 from ..errors import RecipeError
+from ..files import format_size
 from ..metadata import RECIPE_KEY
 from ..reader import Model
-from .common import emit_json, human_size, json_option, out_console
+from .common import emit_json, json_option, out_console
 
 
 @click.command()
@@ -70,7 +71,7 @@ def inspect(model: Path, layers: bool, tensors: bool, meta: bool, as_json: bool)
         ("file type", s.file_type),
         ("tensor types", ", ".join(f"{k} x{v}" for k, v in s.tensor_types.items())),
         ("parameters", f"{s.parameters:,} ({s.parameters / 1e9:.3f} B)"),
-        ("size", f"{human_size(s.file_bytes)} ({s.tensor_count} tensors, {s.metadata_keys} keys)"),
+        ("size", f"{format_size(s.file_bytes)} ({s.tensor_count} tensors, {s.metadata_keys} keys)"),
     ]
     for k, v in rows:
         if v is not None:
@@ -83,14 +84,14 @@ def inspect(model: Path, layers: bool, tensors: bool, meta: bool, as_json: bool)
                 str(l["index"]),
                 str(l["tensors"]),
                 f"{l['parameters']:,}",
-                human_size(l["bytes"]),
+                format_size(l["bytes"]),
                 ", ".join(f"{k} x{v}" for k, v in l["types"].items()),
             )
         out_console.print(lt)
     if tensors:
         tt = Table("tensor", "shape", "type", "size", box=None)
         for r in data["tensors"]:
-            tt.add_row(r["name"], "x".join(map(str, r["shape"])), r["type"], human_size(r["bytes"]))
+            tt.add_row(r["name"], "x".join(map(str, r["shape"])), r["type"], format_size(r["bytes"]))
         out_console.print(tt)
     if meta:
         mt = Table("key", "type", "value", box=None)

@@ -10,13 +10,13 @@ from typing import Any
 import click
 from rich.table import Table
 
+from ..files import format_size
 from ..llama.tools import DEFAULT_LADDER, HOW_TO_GET, doctor
 from ..reader import Model
 from .common import (
     IN_ARG,
     emit_json,
     err_console,
-    human_size,
     json_option,
     llama_bin_option,
     out_console,
@@ -151,7 +151,7 @@ def render_quantize(report: Any) -> None:
     # file names only: full paths would be cropped in a narrow terminal
     table = Table("type", "bits/weight", "size", "time", "file", box=None, pad_edge=False)
     for r in report.results:
-        table.add_row(r.type, f"{r.bits_per_weight:.2f}", human_size(r.size), f"{r.seconds:.1f} s", r.path.name)
+        table.add_row(r.type, f"{r.bits_per_weight:.2f}", format_size(r.size), f"{r.seconds:.1f} s", r.path.name)
     out_console.print(table)
 
 

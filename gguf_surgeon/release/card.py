@@ -16,15 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf import Keys, LlamaFileType
+from gguf import Keys
 
 from ..errors import SurgeonError
+from ..files import format_size
 from ..llama.quantize import DEFAULT_LADDER, QuantResult, default_name, measure
 from ..metadata import RECIPE_KEY
 from ..operations import REGISTRY, build_plan, format_layer_spec
 from ..plan import LayerPlan
 from ..reader import Model
 from ..recipe import parse_recipe
+from ..vocab import BASE_MODEL_PREFIX, OUTPUT, base_model_key, file_type_name
 from .ollama import DEFAULT_SYSTEM, Modelfile, build_modelfile, recognize_chat_template
 
 QUANT_DESCRIPTIONS = {
@@ -102,11 +104,8 @@ def _md(text: Any) -> str:
     return re.sub(r"([\\|`*\[\]<>])", r"\\\1", s)
 
 
-def _size(n: int) -> str:
-    for unit, k in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= k:
-            return f"{n / k:.2f} {unit}"
-    return f"{n} B"
+def _decimal_size(n: int) -> str:
+    return format_size(n, decimal=True)
 
 
 def _params(n: int) -> str:
@@ -116,7 +115,7 @@ def _params(n: int) -> str:
 def base_model_id(m: Model) -> str | None:
     """The base model's Hugging Face id from general.base_model.0.* (repo URL, else
     organization/name), else from the file's own general.* when it has no base_model entry."""
-    for prefix in ("general.base_model.0.", "general."):
+    for prefix in (f"{BASE_MODEL_PREFIX}0.", "general."):
         url = m.value(prefix + "repo_url")
         if isinstance(url, str):
             hit = re.match(r"https?://huggingface\.co/([\w.-]+/[\w.-]+)", url)
@@ -164,9 +163,37 @@ def _layers_line(source: int | None, output: int, plan: LayerPlan | None) -> str
     return f"**{output}** ({', '.join(parts)})"
 
 
-def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
-    """The README.md model card of the edited GGUF at `model` (Markdown with YAML front matter)."""
-    model = Path(model)
+@dataclass(frozen=True)
+class _Facts:
+    """What the card says about one model, read from its file and the options."""
+
+    model: Path
+    options: CardOptions
+    name: str
+    arch: str
+    blocks: int
+    recipe: str | None
+    steps: tuple
+    source_blocks: int | None
+    plan: LayerPlan | None
+    chat_template: str | None
+    template: Any  # the recognized chat template, or None
+    license: str | None
+    languages: list
+    hf_id: str | None
+    base_link: str
+    rows: tuple[QuantFile, ...]  # the quantization table: the ladder, then the edited file
+    main_file: str
+    details: list[tuple[str, str | None]]
+    n_head_kv: Any
+    head_dim: Any
+
+    @property
+    def thinking(self) -> bool:
+        return "enable_thinking" in (self.chat_template or "")
+
+
+def _facts(model: Path, options: CardOptions) -> _Facts:
     with Model(model) as m:
         meta = {
             k: m.value(k)
@@ -190,11 +217,11 @@ def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
         rope = m.value(ak(Keys.Rope.FREQ_BASE))
         tokens = m.fields.get(Keys.Tokenizer.LIST)
         vocab = m.value(ak(Keys.LLM.VOCAB_SIZE)) or (tokens.count if tokens else None)
-        tied = not any(t.name == "output.weight" for t in m.tensors)
+        tied = not any(t.name == OUTPUT for t in m.tensors)
         n_params = sum(t.n_elements for t in m.tensors)
         blocks = len(m.blocks())
         base_id = options.base_model or base_model_id(m)
-        base_name = m.value("general.base_model.0.name")
+        base_name = m.value(base_model_key(Keys.General.BASE_MODEL_NAME))
     name = options.name or (
         meta[Keys.General.NAME] if isinstance(meta[Keys.General.NAME], str) else default_name(model)
     )
@@ -202,66 +229,18 @@ def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
     steps = parse_recipe(recipe) if recipe else ()
     source_blocks = options.source_blocks or (infer_source_blocks(steps, blocks) if steps else None)
     plan = build_plan(steps, source_blocks) if steps and source_blocks else None
-    template = recognize_chat_template(meta[Keys.Tokenizer.CHAT_TEMPLATE])
-    license_ = meta[Keys.General.LICENSE] if isinstance(meta[Keys.General.LICENSE], str) else None
-    languages = meta[Keys.General.LANGUAGES] if isinstance(meta[Keys.General.LANGUAGES], list) else []
+    chat_template = meta[Keys.Tokenizer.CHAT_TEMPLATE]
+    template = recognize_chat_template(chat_template)
     head_dim = key_length or (
         n_embd // n_head if isinstance(n_embd, int) and isinstance(n_head, int) and n_head else None
     )
     per_layer = lambda v: v[0] if isinstance(v, list) and v else v  # noqa: E731
     n_head, n_head_kv, n_ff = per_layer(n_head), per_layer(n_head_kv), per_layer(n_ff)
     hf_id = base_id if base_id and HF_ID.fullmatch(base_id) else None
-    base_link = f"[{hf_id}](https://huggingface.co/{hf_id})" if hf_id else _md(base_id or base_name or "the base model")
-    files = options.quants
-    main_file = files[0].file if files else model.name
-
-    out: list[str] = ["---"]
-    if license_:
-        out.append(f"license: {_yaml(license_)}")
-    if languages:
-        out += ["language:"] + [f"- {_yaml(str(l))}" for l in languages]
-    if hf_id:
-        out.append(f"base_model: {_yaml(hf_id)}")
-    tags = [arch, "gguf", "layer-surgery", "gguf-surgeon"]
-    if any(s.op == "delete" for s in steps):
-        tags.append("pruned")
-    if template is not None and "enable_thinking" in (meta[Keys.Tokenizer.CHAT_TEMPLATE] or ""):
-        tags.append("thinking")
-    tags.append("text-generation")
-    out += ["tags:"] + [f"- {_yaml(t)}" for t in tags]
-    out += [f"model_name: {_yaml(name)}", "pipeline_tag: text-generation", "library_name: llama.cpp"]
-    if options.author:
-        out.append(f"quantized_by: {_yaml(options.author)}")
-    out.append("---")
-
-    out.append(f"# {_md(name)} — GGUF")
-    out.append(f"**A surgically edited {blocks}-layer {_md(arch)} variant of {base_link}.**")
-    if steps:
-        out.append(
-            f"Made with [gguf-surgeon](https://pypi.org/project/gguf-surgeon/) by the recipe `{recipe}`, "
-            "straight on the GGUF's transformer blocks (no retraining, no PyTorch)."
-        )
-    out.append("")
-    out.append("## Available Quantizations")
-    out.append("| Quantization | Bits/Weight | Size | Description | Download |")
-    out.append("|:---:|:---:|:---:|:---|:---:|")
+    file_type = file_type_name(meta[Keys.General.FILE_TYPE]) or "unknown"
     # the edited file itself is part of the release too: last, in its own precision
-    own = QuantFile.of(measure(model, _file_type(meta[Keys.General.FILE_TYPE]), 0.0))
-    rows = tuple(files) + (() if any(q.file == model.name for q in files) else (own,))
-    for i, q in enumerate(rows):
-        desc = QUANT_DESCRIPTIONS.get(q.type, "")
-        if i == 0 and len(rows) > 1:
-            desc += " (recommended)"
-        if q.file == model.name:
-            desc = (desc + "; " if desc else "") + "the edited model as written by the surgery"
-        bpw = f"{q.bits_per_weight:.2f}" if q.bits_per_weight else "—"
-        out.append(f"| **{_md(q.type)}** | {bpw} | {_size(q.size)} | {desc} | [{_md(q.file)}](./{q.file}) |")
-    out.append("")
-    out.append("Bits per weight are measured from each file (tensor bytes × 8 / parameters).")
-    out.append("")
-    out.append("## Model Details")
-    out.append("| Parameter | Value |")
-    out.append("|:---|:---|")
+    own = QuantFile.of(measure(model, file_type, 0.0))
+    files = options.quants
     details = [
         ("Architecture", _md(arch)),
         ("Layers", _layers_line(source_blocks, blocks, plan)),
@@ -279,110 +258,228 @@ def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
         ("RoPE θ", _num(rope)),
         ("Tied Embeddings", "Yes" if tied else "No"),
         ("Total Parameters", f"**{_params(n_params)}**"),
-        ("Precision (edited file)", _file_type(meta[Keys.General.FILE_TYPE])),
+        ("Precision (edited file)", file_type),
         (
             "Chat Template",
-            "ChatML (embedded in the GGUF)"
-            if template
-            else ("embedded in the GGUF" if meta[Keys.Tokenizer.CHAT_TEMPLATE] else "none"),
+            "ChatML (embedded in the GGUF)" if template else ("embedded in the GGUF" if chat_template else "none"),
         ),
     ]
-    out += [f"| {k} | {v} |" for k, v in details if v]
-    out.append("")
-    out.append("## Surgery Operations")
-    if steps:
-        word = {1: "one surgical operation", 2: "two surgical operations", 3: "three surgical operations"}.get(
-            len(steps), f"{len(steps)} surgical operations"
-        )
-        out.append(f"This model was created by applying {word} to {base_link}:")
-        out += [
-            f"{i}. {describe_step(s)}" + (" (indices after the previous step)" if i > 1 else "")
-            for i, s in enumerate(steps, 1)
-        ]
-        out.append("")
-        if plan is not None:
-            out.append(f"Resulting layer order, by original layer: `{layer_map(plan)}`.")
-        out.append(f'Reproduce it: `gguf-surgeon apply "{recipe}" base.gguf {model.name}`.')
-    else:
-        out.append(f"{model.name} carries no `{RECIPE_KEY}` key, so the operations are not recorded.")
-    out.append("")
-    if options.benchmarks:
-        out.append("## Benchmark Results")
-        out.append(options.benchmarks.strip())
-        out.append("")
-        out.append(
-            "Intervals are 95% bootstrap intervals; a verdict says whether the difference to the base "
-            "excludes zero. Measured with `gguf-surgeon compare` through llama.cpp, greedy, fixed seed."
-        )
-        out.append("")
-    if template is not None:
-        out.append("## Features")
-        out.append("- **Chat template**: ChatML, embedded in the GGUF")
-        out.append("- **System prompts**: standard system message support")
-        if "enable_thinking" in (meta[Keys.Tokenizer.CHAT_TEMPLATE] or ""):
-            out.append("- **Thinking mode**: `<think>` / `</think>` reasoning, toggled by `enable_thinking`")
-        out.append("")
-    out.append("## Usage")
-    out.append("### With Ollama")
-    out.append("```bash")
-    out.append("cat > Modelfile << 'EOF'")
-    modelfile = options.modelfile or build_modelfile(model, f"./{main_file}")
-    out.append(modelfile.text.rstrip("\n"))
-    out.append("EOF")
-    slug = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "model"
-    out.append(f"ollama create {slug} -f Modelfile")
-    out.append(f"ollama run {slug}")
-    out.append("```")
-    out.append("### With llama.cpp")
-    out.append("```bash")
-    out.append("# Interactive chat with the embedded template")
-    out.append(f"llama-cli -m {main_file} --jinja -cnv")
-    out.append("# OpenAI-compatible server")
-    out.append(f"llama-server -m {main_file} --jinja -c 4096")
-    if template is not None:
-        out.append("# Raw ChatML prompt")
-        out.append(f"llama-completion -m {main_file} \\")
-        out.append(
-            '  -p "<|im_start|>user\\nWhat is the capital of France?<|im_end|>\\n<|im_start|>assistant\\n" -n 128'
-        )
-    out.append("```")
-    out.append("### With Python (llama-cpp-python)")
-    out.append("```python")
-    out.append("from llama_cpp import Llama")
-    out.append(f'model = Llama(model_path="{main_file}", n_ctx=4096)')
-    out.append("response = model.create_chat_completion(")
-    out.append("    messages=[")
-    out.append(f'        {{"role": "system", "content": {json.dumps(modelfile.system or DEFAULT_SYSTEM)}}},')
-    out.append('        {"role": "user", "content": "What is the capital of France?"},')
-    out.append("    ],")
-    out.append("    temperature=0.6,")
-    out.append(")")
-    out.append('print(response["choices"][0]["message"]["content"])')
-    out.append("```")
-    out.append("")
-    kv = _kv_bytes(blocks, n_head_kv, head_dim)
-    if kv is not None:
-        out.append("## System Requirements")
-        out.append(f"Memory ≈ file size + the KV cache ({_size(kv)} at a {KV_CONTEXT:,}-token context, F16).")
-        out.append("")
-        out.append("| Quantization | RAM (CPU) | VRAM (GPU) |")
-        out.append("|:---:|:---:|:---:|")
-        for q in rows:
-            need = _size(int(q.size + kv))
-            out.append(f"| {_md(q.type)} | ~{need} | ~{need} |")
-        out.append("")
-    if options.methodology:
-        out.append("## Methodology")
-        out.append(options.methodology.strip())
-        out.append("")
-    out.append("## Credits")
-    out.append(f"- **Base model**: {base_link}")
-    out.append("- **Quantization**: llama.cpp")
-    out.append("- **Surgery**: gguf-surgeon" + (f", {_md(options.author)}" if options.author else ""))
-    out.append("")
-    out.append("## License")
-    out.append(f"{_md(license_)} — same as the base model." if license_ else "See the base model's license.")
+    return _Facts(
+        model=model,
+        options=options,
+        name=name,
+        arch=arch,
+        blocks=blocks,
+        recipe=recipe,
+        steps=steps,
+        source_blocks=source_blocks,
+        plan=plan,
+        chat_template=chat_template if isinstance(chat_template, str) else None,
+        template=template,
+        license=meta[Keys.General.LICENSE] if isinstance(meta[Keys.General.LICENSE], str) else None,
+        languages=meta[Keys.General.LANGUAGES] if isinstance(meta[Keys.General.LANGUAGES], list) else [],
+        hf_id=hf_id,
+        base_link=f"[{hf_id}](https://huggingface.co/{hf_id})"
+        if hf_id
+        else _md(base_id or base_name or "the base model"),
+        rows=tuple(files) + (() if any(q.file == model.name for q in files) else (own,)),
+        main_file=files[0].file if files else model.name,
+        details=details,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+    )
+
+
+def model_card(model: str | Path, options: CardOptions = CardOptions()) -> str:
+    """The README.md model card of the edited GGUF at `model` (Markdown with YAML front matter)."""
+    f = _facts(Path(model), options)
+    sections = (
+        _front_matter,
+        _title,
+        _quantizations,
+        _model_details,
+        _surgery,
+        _benchmarks,
+        _features,
+        _usage,
+        _requirements,
+        _methodology,
+        _credits,
+    )
+    out = [line for section in sections for line in section(f)]
     return "\n".join(out) + "\n"
+
+
+def _front_matter(f: _Facts) -> list[str]:
+    out = ["---"]
+    if f.license:
+        out.append(f"license: {_yaml(f.license)}")
+    if f.languages:
+        out += ["language:"] + [f"- {_yaml(str(l))}" for l in f.languages]
+    if f.hf_id:
+        out.append(f"base_model: {_yaml(f.hf_id)}")
+    tags = [f.arch, "gguf", "layer-surgery", "gguf-surgeon"]
+    if any(s.op == "delete" for s in f.steps):
+        tags.append("pruned")
+    if f.template is not None and f.thinking:
+        tags.append("thinking")
+    tags.append("text-generation")
+    out += ["tags:"] + [f"- {_yaml(t)}" for t in tags]
+    out += [f"model_name: {_yaml(f.name)}", "pipeline_tag: text-generation", "library_name: llama.cpp"]
+    if f.options.author:
+        out.append(f"quantized_by: {_yaml(f.options.author)}")
+    return out + ["---"]
+
+
+def _title(f: _Facts) -> list[str]:
+    out = [
+        f"# {_md(f.name)} — GGUF",
+        f"**A surgically edited {f.blocks}-layer {_md(f.arch)} variant of {f.base_link}.**",
+    ]
+    if f.steps:
+        out.append(
+            f"Made with [gguf-surgeon](https://pypi.org/project/gguf-surgeon/) by the recipe `{f.recipe}`, "
+            "straight on the GGUF's transformer blocks (no retraining, no PyTorch)."
+        )
+    return out + [""]
+
+
+def _quantizations(f: _Facts) -> list[str]:
+    out = [
+        "## Available Quantizations",
+        "| Quantization | Bits/Weight | Size | Description | Download |",
+        "|:---:|:---:|:---:|:---|:---:|",
+    ]
+    for i, q in enumerate(f.rows):
+        desc = QUANT_DESCRIPTIONS.get(q.type, "")
+        if i == 0 and len(f.rows) > 1:
+            desc += " (recommended)"
+        if q.file == f.model.name:
+            desc = (desc + "; " if desc else "") + "the edited model as written by the surgery"
+        bpw = f"{q.bits_per_weight:.2f}" if q.bits_per_weight else "—"
+        out.append(f"| **{_md(q.type)}** | {bpw} | {_decimal_size(q.size)} | {desc} | [{_md(q.file)}](./{q.file}) |")
+    return out + ["", "Bits per weight are measured from each file (tensor bytes × 8 / parameters).", ""]
+
+
+def _model_details(f: _Facts) -> list[str]:
+    out = ["## Model Details", "| Parameter | Value |", "|:---|:---|"]
+    return out + [f"| {k} | {v} |" for k, v in f.details if v] + [""]
+
+
+def _surgery(f: _Facts) -> list[str]:
+    out = ["## Surgery Operations"]
+    if not f.steps:
+        return out + [f"{f.model.name} carries no `{RECIPE_KEY}` key, so the operations are not recorded.", ""]
+    word = {1: "one surgical operation", 2: "two surgical operations", 3: "three surgical operations"}.get(
+        len(f.steps), f"{len(f.steps)} surgical operations"
+    )
+    out.append(f"This model was created by applying {word} to {f.base_link}:")
+    out += [
+        f"{i}. {describe_step(s)}" + (" (indices after the previous step)" if i > 1 else "")
+        for i, s in enumerate(f.steps, 1)
+    ]
+    out.append("")
+    if f.plan is not None:
+        out.append(f"Resulting layer order, by original layer: `{layer_map(f.plan)}`.")
+    out.append(f'Reproduce it: `gguf-surgeon apply "{f.recipe}" base.gguf {f.model.name}`.')
+    return out + [""]
+
+
+def _benchmarks(f: _Facts) -> list[str]:
+    if not f.options.benchmarks:
+        return []
+    return [
+        "## Benchmark Results",
+        f.options.benchmarks.strip(),
+        "",
+        "Intervals are 95% bootstrap intervals; a verdict says whether the difference to the base "
+        "excludes zero. Measured with `gguf-surgeon compare` through llama.cpp, greedy, fixed seed.",
+        "",
+    ]
+
+
+def _features(f: _Facts) -> list[str]:
+    if f.template is None:
+        return []
+    out = [
+        "## Features",
+        "- **Chat template**: ChatML, embedded in the GGUF",
+        "- **System prompts**: standard system message support",
+    ]
+    if f.thinking:
+        out.append("- **Thinking mode**: `<think>` / `</think>` reasoning, toggled by `enable_thinking`")
+    return out + [""]
+
+
+def _usage(f: _Facts) -> list[str]:
+    main = f.main_file
+    modelfile = f.options.modelfile or build_modelfile(f.model, f"./{main}")
+    slug = re.sub(r"[^a-z0-9._-]+", "-", f.name.lower()).strip("-") or "model"
+    out = ["## Usage", "### With Ollama", "```bash", "cat > Modelfile << 'EOF'", modelfile.text.rstrip("\n"), "EOF"]
+    out += [f"ollama create {slug} -f Modelfile", f"ollama run {slug}", "```"]
+    out += ["### With llama.cpp", "```bash", "# Interactive chat with the embedded template"]
+    out += [
+        f"llama-cli -m {main} --jinja -cnv",
+        "# OpenAI-compatible server",
+        f"llama-server -m {main} --jinja -c 4096",
+    ]
+    if f.template is not None:
+        out += [
+            "# Raw ChatML prompt",
+            f"llama-completion -m {main} \\",
+            '  -p "<|im_start|>user\\nWhat is the capital of France?<|im_end|>\\n<|im_start|>assistant\\n" -n 128',
+        ]
+    system = json.dumps(modelfile.system or DEFAULT_SYSTEM)
+    return out + [
+        "```",
+        "### With Python (llama-cpp-python)",
+        "```python",
+        "from llama_cpp import Llama",
+        f'model = Llama(model_path="{main}", n_ctx=4096)',
+        "response = model.create_chat_completion(",
+        "    messages=[",
+        f'        {{"role": "system", "content": {system}}},',
+        '        {"role": "user", "content": "What is the capital of France?"},',
+        "    ],",
+        "    temperature=0.6,",
+        ")",
+        'print(response["choices"][0]["message"]["content"])',
+        "```",
+        "",
+    ]
+
+
+def _requirements(f: _Facts) -> list[str]:
+    kv = _kv_bytes(f.blocks, f.n_head_kv, f.head_dim)
+    if kv is None:
+        return []
+    out = [
+        "## System Requirements",
+        f"Memory ≈ file size + the KV cache ({_decimal_size(kv)} at a {KV_CONTEXT:,}-token context, F16).",
+        "",
+        "| Quantization | RAM (CPU) | VRAM (GPU) |",
+        "|:---:|:---:|:---:|",
+    ]
+    for q in f.rows:
+        need = _decimal_size(int(q.size + kv))
+        out.append(f"| {_md(q.type)} | ~{need} | ~{need} |")
+    return out + [""]
+
+
+def _methodology(f: _Facts) -> list[str]:
+    return ["## Methodology", f.options.methodology.strip(), ""] if f.options.methodology else []
+
+
+def _credits(f: _Facts) -> list[str]:
+    return [
+        "## Credits",
+        f"- **Base model**: {f.base_link}",
+        "- **Quantization**: llama.cpp",
+        "- **Surgery**: gguf-surgeon" + (f", {_md(f.options.author)}" if f.options.author else ""),
+        "",
+        "## License",
+        f"{_md(f.license)} — same as the base model." if f.license else "See the base model's license.",
+    ]
 
 
 def _num(v: Any) -> str | None:
@@ -391,13 +488,6 @@ def _num(v: Any) -> str | None:
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     return f"{v:,}" if isinstance(v, (int, float)) else _md(v)
-
-
-def _file_type(v: Any) -> str:
-    try:
-        return LlamaFileType(int(v)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except (TypeError, ValueError):
-        return "unknown"
 
 
 def _kv_bytes(blocks: int, n_head_kv: Any, head_dim: Any) -> int | None:
