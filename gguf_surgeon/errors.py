@@ -63,3 +63,12 @@ class SearchError(SurgeonError):
 
 class ReleaseError(SurgeonError):
     """A release, card or Modelfile cannot be made (unrecognized template, bad parameter, folder in the way)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised by the command line's handler (a KeyboardInterrupt, so
+    every cleanup that handles Ctrl-C handles the others the same way)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

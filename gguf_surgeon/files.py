@@ -4,13 +4,87 @@ and one TOML reader for recipes, search spaces and question files."""
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError, SurgeonError
+from .errors import Interrupted, OutputError, SurgeonError
+
+NAME_MAX = 255  # bytes in one file name on Linux filesystems
+
+
+class _Deferral:
+    depth = 0
+    pending: int | None = None
+
+
+_DEFER = _Deferral()
+
+
+def interrupt(signum: int) -> None:
+    """What the command line's SIGINT/SIGTERM/SIGHUP handler calls: raise Interrupted now, or,
+    while a cleanup runs (signals_deferred), once it has finished."""
+    if _DEFER.depth:
+        _DEFER.pending = signum
+        return
+    raise Interrupted(signum)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Run a cleanup (removing temp files) to its end even if another Ctrl-C or SIGTERM comes
+    in meanwhile; that interrupt is raised when the cleanup is done."""
+    _DEFER.depth += 1
+    try:
+        yield
+    finally:
+        _DEFER.depth -= 1
+        if _DEFER.depth == 0 and _DEFER.pending is not None:
+            signum, _DEFER.pending = _DEFER.pending, None
+            raise Interrupted(signum)
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError's reason for an `Error:` line ('Permission denied'), never 'None'."""
+    return e.strerror or str(e) or type(e).__name__
+
+
+@contextmanager
+def reading(path: Path, error: type[SurgeonError], noun: str = "file", label: str | None = None) -> Iterator[None]:
+    """Map what reading `path` raises to one `error` naming it: no such file, a folder, not a
+    regular file, cannot read (and bad UTF-8 for text)."""
+    label = str(path) if label is None else label
+    try:
+        yield
+    except FileNotFoundError:
+        raise error(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{label}: is a folder, not a {noun}") from None
+    except OSError as e:
+        raise error(f"{label}: cannot read{' ' + noun if noun != 'file' else ''}: {os_reason(e)}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{label}: not UTF-8 text (byte {e.start})") from None
+
+
+def open_regular(path: Path, error: type[SurgeonError], noun: str = "file") -> Any:
+    """Open an input for binary reading, refusing what is not a regular file first: a FIFO
+    would block open() forever, a pipe or device cannot be mapped or sized."""
+    with reading(path, error, noun):
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{path}: not a regular file (a pipe, FIFO or device); give a {noun}")
+        return open(path, "rb")
+
+
+def read_text(path: Path, error: type[SurgeonError], noun: str = "file", label: str | None = None) -> str:
+    """A UTF-8 text input, every failure one `error` naming it."""
+    with reading(path, error, noun, label), open_regular(path, error, noun) as f:
+        return f.read().decode("utf-8")
 
 
 def read_toml(
@@ -24,25 +98,34 @@ def read_toml(
     else:  # pragma: no cover
         import tomli as tomllib
     label = str(path) if label is None else label
+    text = read_text(Path(path), error, noun or "file", label)
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise error(f"{label}: cannot read{' ' + noun if noun else ''}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise error(f"{label}: {'not a valid TOML ' + noun if noun else 'not valid TOML'}: {e}") from None
+    except RecursionError:
+        raise error(f"{label}: nested too deeply to be a {noun or 'TOML file'}") from None
+
+
+def temp_name(out: Path) -> Path:
+    """A hidden, unique name next to `out`, within NAME_MAX however long out's name is."""
+    suffix = f".{os.getpid()}-{os.urandom(4).hex()}.tmp"
+    room = NAME_MAX - 1 - len(suffix)
+    stem = os.fsencode(out.name)[:room].decode("utf-8", "ignore") if len(os.fsencode(out.name)) > room else out.name
+    return out.with_name(f".{stem}{suffix}")
 
 
 def reserve_temp(out: Path) -> Path:
     """Create an empty, uniquely named temp file next to `out` (mode from the umask, like any output)."""
     while True:
-        tmp = out.with_name(f".{out.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+        tmp = temp_name(out)
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
         except FileExistsError:
             continue
         except OSError as e:
-            raise OutputError(f"{out}: cannot create a file in {out.parent}: {e.strerror}") from None
+            raise OutputError(f"{out}: cannot create a file in {out.parent}: {os_reason(e)}") from None
 
 
 @contextmanager
@@ -54,9 +137,10 @@ def atomic_output(out: Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, out)
     except OSError as e:
-        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
+        raise OutputError(f"{out}: cannot write: {os_reason(e)}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with signals_deferred():
+            tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str, force: bool = False) -> Path:

@@ -9,6 +9,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import OptionError
 from .plan import LayerPlan
 from .reader import SCALAR_FORMATS, SPLIT_KEYS, Model
 from .vocab import BASE_MODEL_PREFIX, GGUFValueType, Keys
@@ -69,6 +70,22 @@ def per_layer_keys(model: Model) -> list[str]:
     ]
 
 
+INTEGER_RANGES = {
+    GGUFValueType.UINT8: (0, 0xFF),
+    GGUFValueType.INT8: (-0x80, 0x7F),
+    GGUFValueType.UINT16: (0, 0xFFFF),
+    GGUFValueType.INT16: (-0x8000, 0x7FFF),
+    GGUFValueType.UINT32: (0, 0xFFFFFFFF),
+    GGUFValueType.INT32: (-0x80000000, 0x7FFFFFFF),
+}
+
+
+def _count_type(vtype: GGUFValueType, value: int) -> GGUFValueType:
+    """The source's integer type for a count when the value fits, else UINT32 (llama.cpp's own)."""
+    lo, hi = INTEGER_RANGES.get(vtype, (0, 1 << 64))
+    return vtype if lo <= value <= hi else GGUFValueType.UINT32
+
+
 def default_name(model: Model, plan: LayerPlan) -> str:
     base = model.value(Keys.General.NAME) or model.path.stem
     return f"{base} (gguf-surgeon: {plan.recipe})"
@@ -88,7 +105,10 @@ def plan_metadata(
     new_values: dict[str, tuple[GGUFValueType, Any, GGUFValueType | None]] = {}
     bc = model.block_count_key
     bc_field = model.fields.get(bc)
-    new_values[bc] = (bc_field.type if bc_field else GGUFValueType.UINT32, len(plan.layers), None)
+    bc_type = bc_field.type if bc_field else GGUFValueType.UINT32
+    new_values[bc] = (_count_type(bc_type, len(plan.layers)), len(plan.layers), None)
+    if new_values[bc][0] != bc_type:
+        warnings.append(f"{bc}: a {bc_type.name} cannot hold {len(plan.layers)}; written as a UINT32")
     for key in per_layer_keys(model):
         f = model.fields[key]
         old = model.value(key)
@@ -102,6 +122,13 @@ def plan_metadata(
             new.append(old[src.primary])
         new_values[key] = (GGUFValueType.ARRAY, new, f.item_type)
 
+    if name is not None:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OptionError(
+                f"--name {name.encode('utf-8', 'backslashreplace').decode()!r} is not valid UTF-8"
+            ) from None
     source_name = model.value(Keys.General.NAME)
     new_values[Keys.General.NAME] = (GGUFValueType.STRING, name or default_name(model, plan), None)
     provenance: dict[str, tuple[GGUFValueType, Any, None]] = {

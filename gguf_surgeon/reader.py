@@ -20,10 +20,13 @@ if TYPE_CHECKING:
     import numpy as np
 
 from .errors import FormatError, ModelError
+from .files import open_regular, reading
 from .vocab import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 64  # GGML_MAX_NAME: a tensor name takes at most 63 bytes (and the NUL)
+INT64_MAX = (1 << 63) - 1
 
 # struct format and size of each fixed-size value type (little-endian)
 SCALAR_FORMATS: dict[GGUFValueType, str] = {
@@ -54,7 +57,7 @@ NUMPY_TYPES: dict[GGUFValueType, str] = {
 }
 SPLIT_KEYS = (Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
 SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+BLOCK_NAME = re.compile(r"^blk\.(0|[1-9][0-9]*)\.(.+)$")  # ASCII digits, no leading zero: the names llama.cpp looks up
 
 
 @dataclass(frozen=True)
@@ -245,8 +248,22 @@ def _skip_value(cur: _Cursor, vtype: GGUFValueType, what: str) -> tuple[GGUFValu
 
 
 def parse_file(path: Path, buf: Any) -> GGUFFile:
-    """Parse the header of one GGUF file held in `buf` (an mmap or bytes)."""
+    """Parse the header of one GGUF file held in `buf` (an mmap or bytes). Refuses what
+    llama.cpp's own loader (ggml/src/gguf.cpp) refuses, naming the rule."""
     cur = _Cursor(buf, path)
+    version, n_tensors, n_kv = _read_header(cur)
+    fields = _read_fields(cur, n_kv)
+    alignment = _alignment(buf, fields, path)
+    raw_infos = _read_tensor_infos(cur, n_tensors)
+    tensor_info_end = cur.pos
+    data_offset = align(tensor_info_end, alignment)
+    tensors = _locate_tensors(path, raw_infos, data_offset, cur.size)
+    return GGUFFile(path, version, alignment, fields, tensors, tensor_info_end, data_offset, cur.size)
+
+
+def _read_header(cur: _Cursor) -> tuple[int, int, int]:
+    """Magic, version, tensor and key counts: (version, n_tensors, n_kv)."""
+    path, buf = cur.path, cur.buf
     if cur.size < 4 or struct.unpack_from("<I", buf, 0)[0] != GGUF_MAGIC:
         raise FormatError(f"{path}: not a GGUF file (bad magic at offset 0)")
     cur.pos = 4
@@ -264,24 +281,42 @@ def parse_file(path: Path, buf: Any) -> GGUFFile:
         raise FormatError(
             f"{path}: header claims {n_kv} metadata keys (offset 16), more than the {cur.size - cur.pos} bytes after offset {cur.pos} can hold (truncated or corrupt)"
         )
+    return version, n_tensors, n_kv
 
+
+def _read_fields(cur: _Cursor, n_kv: int) -> dict[str, Field]:
     fields: dict[str, Field] = {}
     for i in range(n_kv):
         start = cur.pos
         key = cur.string(f"metadata key #{i}")
+        if not key:
+            raise FormatError(f"{cur.path}: metadata key #{i} at offset {start} is empty")
         vtype = cur.value_type(f"key {key!r}")
         value_start = cur.pos
         item, count = _skip_value(cur, vtype, key)
         if key in fields:
-            raise FormatError(f"{path}: duplicate metadata key {key!r} at offset {start}")
+            raise FormatError(f"{cur.path}: duplicate metadata key {key!r} at offset {start}")
         fields[key] = Field(key, vtype, item, count, start, value_start, cur.pos)
+    return fields
 
-    alignment = GGUF_DEFAULT_ALIGNMENT
-    if Keys.General.ALIGNMENT in fields:
-        alignment = int_field(buf, fields[Keys.General.ALIGNMENT], path)
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise FormatError(f"{path}: key {Keys.General.ALIGNMENT!r} is {alignment}, not a power of two")
 
+def _alignment(buf: Any, fields: dict[str, Field], path: Path) -> int:
+    field = fields.get(Keys.General.ALIGNMENT)
+    if field is None:
+        return GGUF_DEFAULT_ALIGNMENT
+    if field.type != GGUFValueType.UINT32:
+        raise FormatError(
+            f"{path}: key {Keys.General.ALIGNMENT!r} at offset {field.start} is a {field.type.name}; "
+            "llama.cpp requires a UINT32"
+        )
+    alignment = int_field(buf, field, path)
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise FormatError(f"{path}: key {Keys.General.ALIGNMENT!r} is {alignment}, not a power of two")
+    return alignment
+
+
+def _read_tensor_infos(cur: _Cursor, n_tensors: int) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]]:
+    path = cur.path
     # checked after the keys, so that a file truncated inside them says where; the smallest tensor
     # info is 32 bytes (8-byte name length, 4-byte dimension count, one dimension, 4-byte type, 8-byte offset)
     if n_tensors * 32 > cur.size - cur.pos:
@@ -290,14 +325,22 @@ def parse_file(path: Path, buf: Any) -> GGUFFile:
         )
     raw_infos = []
     for i in range(n_tensors):
+        at = cur.pos
         name = cur.string(f"name of tensor #{i}")
+        if len(name.encode()) >= MAX_NAME:
+            raise FormatError(
+                f"{path}: tensor #{i} name {name!r} at offset {at} is {len(name.encode())} bytes; "
+                f"llama.cpp allows at most {MAX_NAME - 1}"
+            )
         at = cur.pos
         n_dims = cur.u32(f"dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise FormatError(
                 f"{path}: tensor {name!r} has {n_dims} dimensions at offset {at} (1 to {MAX_DIMS} allowed)"
             )
+        at = cur.pos
         shape = tuple(cur.u64(f"shape of tensor {name!r}") for _ in range(n_dims))
+        check_shape(shape, f"{path}: tensor {name!r} at offset {at}")
         at = cur.pos
         raw_type = cur.u32(f"type of tensor {name!r}")
         try:
@@ -308,9 +351,24 @@ def parse_file(path: Path, buf: Any) -> GGUFFile:
             raise FormatError(f"{path}: tensor {name!r} has unsupported type {ggml_type.name} at offset {at}")
         offset = cur.u64(f"data offset of tensor {name!r}")
         raw_infos.append((name, shape, ggml_type, offset))
-    tensor_info_end = cur.pos
-    data_offset = align(tensor_info_end, alignment)
+    return raw_infos
 
+
+def check_shape(shape: tuple[int, ...], where: str) -> None:
+    """llama.cpp's shape rules: every dimension a non-negative int64, the element count below
+    INT64_MAX (FormatError naming the rule)."""
+    if any(d > INT64_MAX for d in shape):
+        raise FormatError(f"{where}: dimension {max(shape)} of shape {list(shape)} is not a non-negative int64")
+    n = shape[0]
+    for d in shape[1:]:
+        if d > 1 and INT64_MAX // d < n:
+            raise FormatError(f"{where}: shape {list(shape)} has more than INT64_MAX elements")
+        n *= d
+
+
+def _locate_tensors(
+    path: Path, raw_infos: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]], data_offset: int, size: int
+) -> tuple[TensorInfo, ...]:
     tensors = []
     seen: set[str] = set()
     for name, shape, ggml_type, offset in raw_infos:
@@ -327,12 +385,12 @@ def parse_file(path: Path, buf: Any) -> GGUFFile:
             n *= d
         n_bytes = n // block * type_size
         start = data_offset + offset
-        if start + n_bytes > cur.size:
+        if start + n_bytes > size:
             raise FormatError(
-                f"{path}: truncated: data of tensor {name!r} ends at offset {start + n_bytes}, file has {cur.size} bytes"
+                f"{path}: truncated: data of tensor {name!r} ends at offset {start + n_bytes}, file has {size} bytes"
             )
         tensors.append(TensorInfo(name, shape, ggml_type, start, n_bytes, path))
-    return GGUFFile(path, version, alignment, fields, tuple(tensors), tensor_info_end, data_offset, cur.size)
+    return tuple(tensors)
 
 
 def field_value(buf: Any, field: Field, path: Path = Path("?")) -> Any:
@@ -397,19 +455,19 @@ class Model:
         self.file = first
         self.fields = first.fields
         self.tensors: tuple[TensorInfo, ...] = tuple(t for s in self.shards for t in s.tensors)
-        self._by_name = {t.name: t for t in self.tensors}
+        self._by_name: dict[str, TensorInfo] = {}
+        for t in self.tensors:
+            if t.name in self._by_name:
+                self.close()
+                raise FormatError(
+                    f"{t.path}: duplicate tensor name {t.name!r} (also in {self._by_name[t.name].path.name})"
+                )
+            self._by_name[t.name] = t
 
     def _open(self, path: Path) -> GGUFFile:
-        try:
-            with open(path, "rb") as f:
-                size = f.seek(0, 2)
-                buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        except FileNotFoundError:
-            raise FormatError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise FormatError(f"{path}: is a folder, not a GGUF file") from None
-        except OSError as e:
-            raise FormatError(f"{path}: cannot read: {e.strerror}") from None
+        with open_regular(path, FormatError, "GGUF file") as f, reading(path, FormatError, "GGUF file"):
+            size = f.seek(0, 2)
+            buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         if isinstance(buf, mmap.mmap):
             self._maps.append(buf)
         self._bufs[path] = buf
@@ -526,6 +584,11 @@ class Model:
             i = t.block_index
             if i is not None:
                 groups.setdefault(i, []).append(t)
+            elif t.name.startswith("blk."):
+                raise ModelError(
+                    f"{self.path}: tensor {t.name!r} is not named blk.N.* with N in plain digits and no leading "
+                    "zero; llama.cpp would not find it as a block tensor"
+                )
         if not groups:
             raise ModelError(f"{self.path}: no blk.N tensors; gguf-surgeon edits transformer blocks named blk.N.*")
         n = max(groups) + 1

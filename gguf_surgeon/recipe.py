@@ -98,7 +98,8 @@ def parse_recipe_file(path: Path) -> tuple[Step, ...]:
 
 
 def load_recipe(recipe: str) -> tuple[Step, ...]:
-    """A recipe argument: a path to a .toml file, or recipe text."""
-    if recipe.endswith(".toml"):
+    """A recipe argument: a path to a .toml file (an existing file, or one word ending in .toml),
+    else recipe text ("delete 1; keep 0-3 # see x.toml" is text)."""
+    if recipe.endswith(".toml") and (Path(recipe).is_file() or not any(c in recipe for c in " \t;\n")):
         return parse_recipe_file(Path(recipe))
     return parse_recipe(recipe)

@@ -6,6 +6,7 @@ tensor comes from, so a dry run can report the exact output size and the writer 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from .errors import PlanError
 from .hazards import check_hazards
 from .metadata import MetadataChange, OutputField, plan_metadata
 from .plan import LayerPlan
-from .reader import Model, TensorInfo
+from .reader import MAX_NAME, Model, TensorInfo
 from .vocab import GGML_QUANT_SIZES, GGMLQuantizationType
+
+MAX_ALIGNMENT = 1 << 20  # larger alignments only waste space (and would be padding held in memory)
 
 # types gguf.quants can write; a blend of any other type is written as F16
 QUANTIZABLE = frozenset(
@@ -71,6 +74,31 @@ def block_suffix_sets(blocks: list[list[TensorInfo]]) -> list[frozenset[str]]:
     return [frozenset(t.block_suffix for t in b) for b in blocks]  # type: ignore[misc]
 
 
+@functools.cache
+def can_dequantize(ggml_type: GGMLQuantizationType) -> bool:
+    """Whether gguf.quants reads this type as floats (it does not for F64, I8..I64, Q8_K, ...)."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    _, size = GGML_QUANT_SIZES[ggml_type]
+    try:
+        dequantize(np.zeros(size, np.uint8), ggml_type)
+    except (NotImplementedError, ValueError, TypeError):
+        return False
+    return True
+
+
+def check_names(tensors: list[OutputTensor], path: Path) -> None:
+    """llama.cpp refuses tensor names of MAX_NAME bytes or more; renumbering lengthens names."""
+    for t in tensors:
+        n = len(t.name.encode())
+        if n >= MAX_NAME:
+            raise PlanError(
+                f"{path}: output tensor {t.name!r} would be {n} bytes; llama.cpp allows at most {MAX_NAME - 1} "
+                "(a renumbered block index lengthens the name)"
+            )
+
+
 def blend_type(parts: list[TensorInfo]) -> GGMLQuantizationType:
     """The type a blend of `parts` is written in: their shared type when gguf can quantize it, else F16."""
     types = {t.ggml_type for t in parts}
@@ -94,6 +122,8 @@ def plan_surgery(
     warnings = check_hazards(model, plan, suffixes, force)
     if alignment is not None and (alignment < 8 or alignment & (alignment - 1)):
         raise PlanError(f"alignment {alignment} is not a power of two of at least 8")
+    if alignment is not None and alignment > MAX_ALIGNMENT:
+        raise PlanError(f"alignment {alignment} is too large: at most {MAX_ALIGNMENT} (1 MiB)")
     fields, changes, meta_warnings = plan_metadata(model, plan, name, alignment)
     warnings += meta_warnings
 
@@ -116,6 +146,11 @@ def plan_surgery(
                     raise PlanError(
                         f"{model.path}: cannot blend {t.name} {list(t.shape)} with {p.name} {list(p.shape)}: shapes differ"
                     )
+            unreadable = sorted({p.ggml_type.name for p in parts if not can_dequantize(p.ggml_type)})
+            if unreadable:
+                raise PlanError(
+                    f"{model.path}: cannot blend {t.name}: gguf cannot read {'/'.join(unreadable)} as numbers"
+                )
             out_type = blend_type(parts)
             name_out = f"blk.{out_i}.{t.block_suffix}"
             if any(p.ggml_type != out_type for p in parts):
@@ -132,6 +167,7 @@ def plan_surgery(
     tail = [t for t in model.tensors[first_block:] if t.block_index is None]
     as_copy = lambda t: OutputTensor(t.name, t.shape, t.ggml_type, ((t, 1.0),))  # noqa: E731
     tensors = [as_copy(t) for t in head] + block_tensors + [as_copy(t) for t in tail]
+    check_names(tensors, model.path)
     return Surgery(
         model.path,
         plan,

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
-from .files import reserve_temp
+from .errors import OutputError, PlanError
+from .files import NAME_MAX, os_reason, reserve_temp, signals_deferred
 from .metadata import PADDING_KEY, OutputField, encode_field, encode_string
 from .reader import Model, align
 from .surgery import OutputTensor, Surgery
@@ -29,6 +29,7 @@ COPY_CHUNK = 64 << 20  # bytes per copy_file_range call (a multiple of FOLIO)
 FOLIO = 64 << 10  # the page-cache unit kernel-side copies line up with on the output
 PAD_MIN_BYTES = 64 << 20  # outputs copying less than this get no folio padding (see _folio_padding)
 BUFFER_CHUNK = 8 << 20  # bytes per read/write when copying without copy_file_range
+MAX_SHARDS = 0xFFFF  # split.count is a UINT16
 BLEND_CHUNK = 2 << 20  # float32 bytes per blended row chunk (dequantize temporaries are a few times this)
 
 Progress = Callable[[int, int], None]  # (bytes written, total bytes)
@@ -154,6 +155,8 @@ def layout(
     if not split_max_size and not split_max_tensors:
         return [_lay_out_file(out, surgery.fields, surgery.tensors, surgery.alignment)]
     groups = _split_groups(surgery.tensors, split_max_size, split_max_tensors)
+    if len(groups) > MAX_SHARDS:
+        raise PlanError(f"{out}: the split would make {len(groups)} shards; split.count holds at most {MAX_SHARDS}")
     shards = []
     for no, group in enumerate(groups):
         split_fields = (
@@ -170,15 +173,23 @@ def layout(
 
 
 def check_output(out: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse a missing folder, an output that is an input (also via links), an existing file."""
-    parent = out.parent
-    if not parent.is_dir():
-        raise OutputError(f"{out}: output folder {parent} does not exist")
-    for src in inputs:
-        if out.resolve() == src.resolve() or (out.exists() and os.path.samefile(out, src)):
-            raise OutputError(f"{out}: output is the input file {src}; write to a new file")
-    if out.exists() and not force:
-        raise OutputError(f"{out}: already exists; use --force to overwrite")
+    """Refuse a missing folder, an output that is an input (also via links), an existing file
+    (a symbolic link too, dangling or looping), a name no filesystem here takes."""
+    if len(os.fsencode(out.name)) > NAME_MAX:
+        raise OutputError(f"{out}: file name too long ({len(os.fsencode(out.name))} bytes; at most {NAME_MAX})")
+    try:
+        parent = out.parent
+        if not parent.is_dir():
+            raise OutputError(f"{out}: output folder {parent} does not exist")
+        real = os.path.realpath(out)
+        for src in inputs:
+            if real == os.path.realpath(src) or (out.exists() and os.path.samefile(out, src)):
+                raise OutputError(f"{out}: output is the input file {src}; write to a new file")
+        if os.path.lexists(out) and not force:
+            kind = " (a symbolic link)" if out.is_symlink() else ""
+            raise OutputError(f"{out}: already exists{kind}; use --force to overwrite")
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write there: {os_reason(e)}") from None
 
 
 class _Copier:
@@ -310,6 +321,11 @@ def _blend_chunk(model: Model, t: OutputTensor, r0: int, r1: int) -> bytes:
         rows = rows_f32(raw, src.ggml_type, k, ne0)
         rows *= np.float32(w)  # a scratch buffer or a fresh array: ours to change
         acc += rows
+    if not np.isfinite(acc).all():
+        raise PlanError(
+            f"{t.name}: the blend is not finite in float32 (weights {', '.join(f'{w:g}' for _, w in t.sources)}); "
+            "nothing was kept"
+        )
     return encode_rows(acc, t.ggml_type)
 
 
@@ -318,6 +334,8 @@ def blend_rows(model: Model, t: OutputTensor, workers: int = BLEND_WORKERS) -> I
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    if t.n_bytes == 0:  # a tensor with a zero dimension: nothing to blend
+        return
     n_rows = 1
     for d in t.shape[1:]:
         n_rows *= d
@@ -349,83 +367,113 @@ def write_surgery(
     split_max_tensors: int | None = None,
     progress: Progress | None = None,
 ) -> WriteResult:
-    """Write the surgery's output; returns the paths written. Nothing is left behind on error."""
+    """Write the surgery's output; returns the paths written. Nothing is left behind on error,
+    Ctrl-C, SIGTERM or SIGHUP (the cleanup runs to its end even if another one comes)."""
     started = time.monotonic()
     shards = layout(surgery, out, split_max_size, split_max_tensors)
     inputs = [s.path for s in model.shards]
     for s in shards:
         check_output(s.path, inputs, force)
-    total = sum(s.size for s in shards)
-    done = 0
-    copier = _Copier()
-    src_fds: dict[Path, int] = {}
+    writer = _ShardWriter(model, inputs, sum(s.size for s in shards), progress)
     temps: list[tuple[Path, Path]] = []
     placed: list[Path] = []  # outputs that did not exist before this call, removed again on failure
     try:
-        for p in inputs:
-            src_fds[p] = os.open(p, os.O_RDONLY)
+        writer.open_inputs()
         for shard in shards:
             tmp = reserve_temp(shard.path)
             temps.append((tmp, shard.path))
-            fd = os.open(tmp, os.O_WRONLY)
-            try:
-                pos = 0
-                for part in shard.header:
-                    if isinstance(part, bytes):
-                        _pwrite_all(fd, part, pos)
-                        pos += len(part)
-                    else:  # keys copied verbatim from the source's first file
-                        copier.copy(src_fds[inputs[0]], part[0], fd, pos, part[1] - part[0])
-                        pos += part[1] - part[0]
-                base = shard.header_size
-                done += base
-                for t, off in zip(shard.tensors, shard.offsets):
-                    pos = base + off
-                    if t.is_copy:
-                        src = t.sources[0][0]
-                        copier.copy(src_fds[src.path], src.offset, fd, pos, src.n_bytes)
-                    else:
-                        for chunk in blend_rows(model, t):
-                            _pwrite_all(fd, chunk, pos)
-                            pos += len(chunk)
-                    done += t.n_bytes
-                    if progress:
-                        progress(done, total)
-                os.ftruncate(fd, shard.size)  # zero padding after the last tensor
-                done = sum(s.size for s in shards[: shards.index(shard) + 1])
-            finally:
-                os.close(fd)
+            writer.write(shard, tmp)
         for tmp, final in temps:
-            if force:
-                os.replace(tmp, final)
-            else:
-                try:
-                    os.link(tmp, final)  # fails, unlike a rename, if OUT appeared while writing
-                except FileExistsError:
-                    raise OutputError(f"{final}: appeared while writing; use --force to overwrite") from None
-                except OSError:
-                    if final.exists():
-                        raise
-                    os.replace(tmp, final)  # a filesystem without hard links
-                else:
-                    tmp.unlink()
+            if _place(tmp, final, force):
                 placed.append(final)
         temps.clear()
         placed.clear()
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise OutputError(f"{out}: disk full after writing {done} of {total} bytes; nothing was kept") from None
-        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
+            raise OutputError(
+                f"{out}: disk full after writing {writer.done} of {writer.total} bytes; nothing was kept"
+            ) from None
+        raise OutputError(f"{out}: cannot write: {os_reason(e)}") from None
     finally:
-        for fd in src_fds.values():
-            os.close(fd)
-        for p in placed:
-            p.unlink(missing_ok=True)
-        for tmp, _ in temps:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
+        with signals_deferred():
+            writer.close()
+            for p in placed:
+                p.unlink(missing_ok=True)
+            for tmp, _ in temps:
+                tmp.unlink(missing_ok=True)
     if progress:
-        progress(total, total)
-    return WriteResult(tuple(s.path for s in shards), total, copier.method, time.monotonic() - started)
+        progress(writer.total, writer.total)
+    return WriteResult(tuple(s.path for s in shards), writer.total, writer.copier.method, time.monotonic() - started)
+
+
+class _ShardWriter:
+    """Writes shards into their temp files: header parts, then each tensor copied or blended."""
+
+    def __init__(self, model: Model, inputs: list[Path], total: int, progress: Progress | None):
+        self.model, self.inputs, self.total, self.progress = model, inputs, total, progress
+        self.copier = _Copier()
+        self.src_fds: dict[Path, int] = {}
+        self.done = 0
+
+    def open_inputs(self) -> None:
+        for p in self.inputs:
+            self.src_fds[p] = os.open(p, os.O_RDONLY)
+
+    def close(self) -> None:
+        for fd in self.src_fds.values():
+            os.close(fd)
+        self.src_fds.clear()
+
+    def write(self, shard: ShardLayout, tmp: Path) -> None:
+        start = self.done
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            self._header(fd, shard)
+            self.done += shard.header_size
+            for t, off in zip(shard.tensors, shard.offsets):
+                self._tensor(fd, t, shard.header_size + off)
+                self.done += t.n_bytes
+                if self.progress:
+                    self.progress(self.done, self.total)
+            os.ftruncate(fd, shard.size)  # zero padding after the last tensor
+            self.done = start + shard.size
+        finally:
+            os.close(fd)
+
+    def _header(self, fd: int, shard: ShardLayout) -> None:
+        pos = 0
+        for part in shard.header:
+            if isinstance(part, bytes):
+                _pwrite_all(fd, part, pos)
+                pos += len(part)
+            else:  # keys copied verbatim from the source's first file
+                self.copier.copy(self.src_fds[self.inputs[0]], part[0], fd, pos, part[1] - part[0])
+                pos += part[1] - part[0]
+
+    def _tensor(self, fd: int, t: OutputTensor, pos: int) -> None:
+        if t.is_copy:
+            src = t.sources[0][0]
+            self.copier.copy(self.src_fds[src.path], src.offset, fd, pos, src.n_bytes)
+            return
+        for chunk in blend_rows(self.model, t):
+            _pwrite_all(fd, chunk, pos)
+            pos += len(chunk)
+
+
+def _place(tmp: Path, final: Path, force: bool) -> bool:
+    """Move a finished temp file onto its output name; True when the name is new (a failure
+    later must remove it again)."""
+    if force:
+        os.replace(tmp, final)
+        return False
+    try:
+        os.link(tmp, final)  # fails, unlike a rename, if OUT appeared while writing
+    except FileExistsError:
+        raise OutputError(f"{final}: appeared while writing; use --force to overwrite") from None
+    except OSError:
+        if final.exists():
+            raise
+        os.replace(tmp, final)  # a filesystem without hard links
+    else:
+        tmp.unlink()
+    return True

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,44 @@ def smollm2() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.exists(), path
     return path
+
+
+class GGUFLoader:
+    """llama.cpp's own GGUF loader, `gguf_init_from_file` in the pinned build's libggml-base.so,
+    called through ctypes: the judge of whether llama.cpp accepts a file's header."""
+
+    class _Params(ctypes.Structure):
+        _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+    def __init__(self, lib: Path):
+        self.lib = ctypes.CDLL(str(lib))
+        self.lib.gguf_init_from_file.restype = ctypes.c_void_p
+        self.lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, self._Params]
+        self.lib.gguf_free.argtypes = [ctypes.c_void_p]
+
+    def refusal(self, path: Path) -> str | None:
+        """None when llama.cpp loads the header of `path`, else its error lines."""
+        with tempfile.TemporaryFile() as log:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            os.dup2(log.fileno(), 2)
+            try:
+                ctx = self.lib.gguf_init_from_file(os.fsencode(path), self._Params(True, None))
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            if ctx:
+                self.lib.gguf_free(ctx)
+                return None
+            log.seek(0)
+            return log.read().decode(errors="replace").strip() or "refused"
+
+    def assert_loads(self, *paths: Path) -> None:
+        for p in paths:
+            refusal = self.refusal(p)
+            assert refusal is None, f"llama.cpp refuses {p}: {refusal}"
+
+
+@pytest.fixture(scope="session")
+def gguf_loader(llama_bin: Path) -> GGUFLoader:
+    return GGUFLoader(llama_bin / "libggml-base.so")

@@ -77,13 +77,9 @@ def recipes(draw: st.DrawFn, n_blocks: int = N_BLOCKS, max_steps: int = 5) -> tu
     texts = []
     for _ in range(draw(st.integers(1, max_steps))):
         n = len(layers)
-        ops = (
-            ["keep"]
-            + (["delete", "swap", "move"] if n >= 2 else [])
-            + (["duplicate", "interpolate"] if n < MAX_LAYERS else [])
-        )
+        ops = ["keep"] + (["delete", "swap", "move"] if n >= 2 else []) + (["duplicate"] if n < MAX_LAYERS else [])
         if n >= 2 and n < MAX_LAYERS:
-            ops.append("bridge")
+            ops += ["interpolate", "bridge"]
         op = draw(st.sampled_from(ops))
         index = st.integers(0, n - 1)
         if op == "delete":
@@ -108,7 +104,9 @@ def recipes(draw: st.DrawFn, n_blocks: int = N_BLOCKS, max_steps: int = 5) -> tu
             order = draw(st.lists(index, min_size=1, max_size=MAX_LAYERS))
             args, text = tuple(order), "keep " + ",".join(map(str, order))
         elif op == "interpolate":
-            a, b, t = draw(index), draw(index), draw(st.sampled_from(FRACTIONS))
+            a, t = draw(index), draw(st.sampled_from(FRACTIONS))
+            b = draw(st.integers(0, n - 2))
+            b += b >= a  # any index but a: a blend of a block with itself is refused
             if draw(st.booleans()):
                 where = draw(index)
                 args, text = (a, b, t, "replace", where), f"interpolate {a} {b} --t {t} --replace {where}"

@@ -1,17 +1,20 @@
 """Releases: Ollama Modelfile (TEMPLATE from the chat template, never executed), model card,
 release folder whose files llama.cpp loads.
 
-The Modelfile's TEMPLATE is checked by rendering its Go text/template structure here (a small
-interpreter for the subset Ollama templates use) for sample conversations, with Ollama's
-variables (.System collects the system messages, .Messages holds every turn), and comparing
-with the ChatML text the model was trained on, and with llama.cpp's own rendering of the
-GGUF's Jinja template.
+The Modelfile's TEMPLATE is rendered by Go's own text/template (tests/ollama_template, built
+once per session with Debian's golang-go), fed the data Ollama's /api/chat gives a template
+(.System collects the system messages, the Modelfile SYSTEM standing in when there are none;
+.Messages holds the turns), and compared with the ChatML text the model was trained on and
+with llama.cpp's own rendering of the GGUF's Jinja template for the same conversations.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import gguf
@@ -23,7 +26,7 @@ import gguf_surgeon.cli.search  # noqa: F401  (registers rank, search, release, 
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
 from gguf_surgeon.errors import ReleaseError
-from gguf_surgeon.llama.server import LlamaServer
+from gguf_surgeon.llama.server import LlamaServer, apply_chat_template
 from gguf_surgeon.reader import Model
 from gguf_surgeon.release.card import CardOptions, QuantFile, model_card
 from gguf_surgeon.release.ollama import (
@@ -65,111 +68,65 @@ CHATML_EXPECTED = (
 )
 
 
-# a Go text/template interpreter for the subset Ollama templates use ------------------------------
+# Ollama's renderer: Go's text/template -------------------------------------------------------
 
-_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.DOTALL)
-
-
-def _lex(template: str) -> list[tuple[str, str]]:
-    """[('text', s) | ('action', body)] with Go's trim markers applied ({{- and -}} eat white space)."""
-    parts: list[list[str]] = []
-    pos = 0
-    trim_next = False
-    for m in _ACTION.finditer(template):
-        text = template[pos : m.start()]
-        if trim_next:
-            text = text.lstrip()
-        if m.group(1):
-            text = text.rstrip()
-        parts += [["text", text], ["action", m.group(2)]]
-        trim_next = bool(m.group(3))
-        pos = m.end()
-    tail = template[pos:]
-    parts.append(["text", tail.lstrip() if trim_next else tail])
-    return [(k, v) for k, v in parts]
+OLLAMA_TEMPLATE_SRC = Path(__file__).parent / "ollama_template"
+NO_GO = "Go renders the Modelfile TEMPLATE here: install Debian's golang-go (apt-get install golang-go)"
 
 
-def _parse(tokens: list[tuple[str, str]], i: int = 0, stops: tuple[str, ...] = ()) -> tuple[list, int, str | None]:
-    nodes: list = []
-    while i < len(tokens):
-        kind, val = tokens[i]
-        if kind == "text":
-            nodes.append(("text", val))
-            i += 1
-            continue
-        word = val.split(" ", 1)[0]
-        if word in ("end", "else") and stops:
-            return nodes, i, val
-        if word == "if":
-            branches, else_body = [], []
-            cond = val[3:]
-            while True:
-                body, i, stop = _parse(tokens, i + 1, ("end", "else"))
-                branches.append((cond, body))
-                if stop == "end":
-                    break
-                if stop.startswith("else if "):
-                    cond = stop[len("else if ") :]
-                    continue
-                else_body, i, stop = _parse(tokens, i + 1, ("end",))
-                break
-            nodes.append(("if", branches, else_body))
-            i += 1
-        elif word == "range":
-            body, i, _ = _parse(tokens, i + 1, ("end",))
-            nodes.append(("range", val[len("range ") :], body))
-            i += 1
-        else:
-            nodes.append(("expr", val))
-            i += 1
-    return nodes, i, None
+class OllamaRenderer:
+    """The Go program in tests/ollama_template: a TEMPLATE and a conversation in, Ollama's prompt out."""
+
+    def __init__(self, exe: Path):
+        self.exe = exe
+
+    def __call__(self, template: str, messages: list[dict], system: str | None = None) -> str:
+        """What Ollama's /api/chat sends the model for `messages`; `system` is the Modelfile's
+        SYSTEM (Ollama prepends it as a message when the conversation has no system message)."""
+        request = {"template": template, "system": system or "", "messages": messages}
+        r = subprocess.run([str(self.exe)], input=json.dumps(request).encode(), capture_output=True, timeout=30)
+        assert r.returncode == 0, r.stderr.decode()
+        return r.stdout.decode()
 
 
-def _value(expr: str, data: dict, dot: dict) -> object:
-    expr = expr.strip()
-    if expr.startswith("eq "):
-        a, b = re.fullmatch(r'eq (\.\w+) "([^"]*)"', expr).groups()
-        return _value(a, data, dot) == b
-    if expr.startswith('"'):
-        return expr.strip('"')
-    assert re.fullmatch(r"\.\w+", expr), f"unsupported expression {expr!r}"
-    name = expr[1:]
-    return dot[name] if name in dot else data[name]
-
-
-def _exec(nodes: list, data: dict, dot: dict) -> str:
-    out = []
-    for node in nodes:
-        if node[0] == "text":
-            out.append(node[1])
-        elif node[0] == "expr":
-            out.append(str(_value(node[1], data, dot)))
-        elif node[0] == "if":
-            for cond, body in node[1]:
-                if _value(cond, data, dot):
-                    out.append(_exec(body, data, dot))
-                    break
-            else:
-                out.append(_exec(node[2], data, dot))
-        elif node[0] == "range":
-            for item in _value(node[1], data, dot):
-                out.append(_exec(node[2], data, item))
-    return "".join(out)
-
-
-def render_ollama(template: str, messages: list[dict], default_system: str | None = None) -> str:
-    """What Ollama sends to the model: .System holds the system messages (else the Modelfile's
-    SYSTEM, which Ollama then also prepends as a message), .Messages every message."""
-    if not any(m["role"] == "system" for m in messages) and default_system:
-        messages = [{"role": "system", "content": default_system}] + messages
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    data = {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
-    nodes, _, _ = _parse(_lex(template))
-    return _exec(nodes, data, {})
+@pytest.fixture(scope="session")
+def ollama_render(tmp_path_factory: pytest.TempPathFactory) -> OllamaRenderer:
+    """tests/ollama_template built once per session, its Go caches in tmp (nothing in $HOME)."""
+    go = shutil.which("go")
+    if go is None:
+        if os.environ.get("GGUF_SURGEON_REQUIRE_GO"):  # scripts/test.sh (CI) installs golang-go
+            pytest.fail(NO_GO)
+        pytest.skip(NO_GO)
+    tmp = tmp_path_factory.mktemp("ollama_template")
+    env = dict(
+        os.environ,
+        GOCACHE=str(tmp / "gocache"),
+        GOPATH=str(tmp / "gopath"),
+        GOFLAGS="",
+        GOPROXY="off",  # standard library only: nothing to download
+        GOTOOLCHAIN="local",
+        CGO_ENABLED="0",
+    )
+    exe = tmp / "ollama_template"
+    r = subprocess.run(
+        [go, "build", "-trimpath", "-o", str(exe), "."],
+        cwd=OLLAMA_TEMPLATE_SRC,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    return OllamaRenderer(exe)
 
 
 def modelfile_template(text: str) -> str:
     return re.search(r'^TEMPLATE """(.*?)"""$', text, re.DOTALL | re.MULTILINE).group(1)
+
+
+def modelfile_system(text: str) -> str:
+    m = re.search(r'^SYSTEM (?:"""(.*?)"""|"(.*)")$', text, re.DOTALL | re.MULTILINE)
+    return m.group(1) if m.group(1) is not None else m.group(2)
 
 
 def write_gguf(path: Path, chat_template: str | None, name: str = "Tiny") -> Path:
@@ -193,21 +150,60 @@ def write_gguf(path: Path, chat_template: str | None, name: str = "Tiny") -> Pat
 # the TEMPLATE --------------------------------------------------------------------------------
 
 
-def test_the_interpreter_reads_go_trim_markers():
-    assert render_ollama("a  {{- .System -}}  b\n{{ .System }}", [{"role": "system", "content": "S"}]) == "aSb\nS"
-
-
 @pytest.mark.parametrize("jinja", [SMOLLM2_TEMPLATE, QWEN_STYLE_TEMPLATE], ids=["smollm2", "qwen-style"])
-def test_chatml_template_renders_the_turns(jinja: str):
+def test_chatml_template_renders_the_turns(jinja: str, ollama_render: OllamaRenderer):
     t = recognize_chat_template(jinja)
     assert t is not None and t.format == "chatml"
-    assert render_ollama(t.template, CONVERSATION) == CHATML_EXPECTED
+    assert ollama_render(t.template, CONVERSATION) == CHATML_EXPECTED
     # no system message: the Modelfile's SYSTEM fills .System
-    assert render_ollama(t.template, CONVERSATION[1:2], "Be kind.") == (
+    assert ollama_render(t.template, CONVERSATION[1:2], "Be kind.") == (
         "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
     # and with no system prompt at all, none is written
-    assert render_ollama(t.template, CONVERSATION[1:2]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert ollama_render(t.template, CONVERSATION[1:2]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+# conversations Ollama and llama.cpp must turn into the same prompt
+CONVERSATIONS = {
+    "system+user": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
+    "multi-turn": CONVERSATION,
+    "no-system": [{"role": "user", "content": "What is the capital of France?"}],
+    "multi-turn-no-system": CONVERSATION[1:],
+    # text that looks like template syntax or markup, non-ASCII, inner and outer white space
+    "awkward-text": [
+        {"role": "system", "content": "Answer in French.\nBe brief."},
+        {"role": "user", "content": ' {{ .System }} {% if x %} <b>"&"</b> — é 你好\n\n'},
+        {"role": "assistant", "content": "D'accord.\n"},
+        {"role": "user", "content": "Merci"},
+    ],
+}
+
+
+@pytest.mark.slow
+def test_modelfile_template_renders_like_llama_cpp(
+    smollm2: Path, llama_bin: Path, ollama_render: OllamaRenderer, tmp_path: Path
+):
+    """SmolLM2's Modelfile (its TEMPLATE and SYSTEM, as Ollama reads them) rendered by Go's
+    text/template gives llama.cpp's rendering of the GGUF's embedded Jinja template, turn for
+    turn; with no system message, SmolLM2's Jinja inserts its default and Ollama the SYSTEM."""
+    mf = build_modelfile(smollm2)
+    template, system = modelfile_template(mf.text), modelfile_system(mf.text)
+    assert template == CHATML_GO_TEMPLATE and system.startswith("You are a helpful AI assistant named SmolLM")
+    with LlamaServer(llama_bin, smollm2, ctx_size=256, threads=1, extra_args=("--jinja",)) as server:
+        for name, messages in CONVERSATIONS.items():
+            jinja = apply_chat_template(server.url, messages, None)
+            assert jinja.count("<|im_start|>") == len(messages) + 1 + (messages[0]["role"] != "system"), name
+            assert ollama_render(template, messages, system) == jinja, name
+    # the same TEMPLATE mirrors a second ChatML template (given to llama.cpp as a file) for
+    # conversations that bring their own system prompt, thinking on: the TEMPLATE does not
+    # carry the enable_thinking switch (its notes say so), so it writes no empty <think> block
+    qwen = tmp_path / "qwen-style.jinja"
+    qwen.write_text(QWEN_STYLE_TEMPLATE)
+    extra = ("--jinja", "--chat-template-file", str(qwen))
+    with LlamaServer(llama_bin, smollm2, ctx_size=256, threads=1, extra_args=extra) as server:
+        for name, messages in CONVERSATIONS.items():
+            if messages[0]["role"] == "system":
+                assert ollama_render(template, messages) == apply_chat_template(server.url, messages, True), name
 
 
 def test_features_and_default_system_come_from_the_template_text():
@@ -411,20 +407,12 @@ def test_release_files_load_in_llama_cpp(smollm2: Path, tmp_path: Path, llama_bi
         assert f"| **{q['type']}** | {q['bits_per_weight']:.2f} |" in card and f"[{name}](./{name})" in card
     assert "| Layers | **29** (30 original, 1 deleted) |" in card and "| KLD | — | 0.23 |" in card
     modelfile = (out / "Modelfile").read_text()
-    assert modelfile.startswith("FROM ./SmolLM2-edited-Q8_0.gguf\n")
+    # SmolLM2's own Modelfile (TEMPLATE and SYSTEM matched with llama.cpp's rendering in
+    # test_modelfile_template_renders_like_llama_cpp), FROM the first quantization
+    assert modelfile == build_modelfile(smollm2, "./SmolLM2-edited-Q8_0.gguf").text
     with Model(out / "SmolLM2-edited.gguf") as m:
         assert m.value("surgery.recipe") == "delete 25" and len(m.blocks()) == 29
     prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     for name in names[:3]:
         with LlamaServer(llama_bin, out / name, ctx_size=256, threads=1) as server:  # 1: no spinning threads
             assert int(server.completion(prompt, n_predict=4)["tokens_predicted"]) >= 1, name
-            if name.endswith("Q8_0.gguf"):
-                # llama.cpp renders the GGUF's own Jinja template; the Modelfile's TEMPLATE must agree
-                from gguf_surgeon.evaluation.runner import apply_chat_template
-
-                template = modelfile_template(modelfile)
-                system = re.search(r'^SYSTEM "(.*)"$', modelfile, re.MULTILINE).group(1)
-                assert apply_chat_template(server.url, CONVERSATION, None) == render_ollama(template, CONVERSATION)
-                assert apply_chat_template(server.url, CONVERSATION[1:], None) == render_ollama(
-                    template, CONVERSATION[1:], system
-                )

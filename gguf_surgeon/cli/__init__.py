@@ -7,6 +7,7 @@ Only this package imports click or rich.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 from typing import Any
 
@@ -59,15 +60,66 @@ class SurgeonGroup(click.Group):
             return importlib.import_module(f"{__package__}.{LAZY_COMMANDS[name]}").COMMANDS[name]
         return super().get_command(ctx, name)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None:
+            refuse_repeated_options(cmd, rest, click.Context(cmd, info_name=name, parent=ctx))
+        return name, cmd, rest
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SurgeonError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {one_line(str(e))}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            click.echo("Error: interrupted; no output was kept", err=True)
+            sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Click's own error display is three lines; ours is one `Error:` line (exit 2 for usage)."""
+        kwargs.pop("standalone_mode", None)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
             click.echo("Error: interrupted; no output was kept", err=True)
             sys.exit(130)
+        except click.ClickException as e:
+            hint = ""
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                hint = f" (see '{e.ctx.command_path} --help')"
+            click.echo(f"Error: {one_line(e.format_message())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def one_line(message: str) -> str:
+    """An error message as one line: a path or value holding a newline is shown escaped."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def refuse_repeated_options(cmd: click.Command, args: list[str], ctx: click.Context) -> None:
+    """An option given twice (that is not meant to repeat) is refused instead of the last one
+    silently winning."""
+    single = {
+        opt: p
+        for p in cmd.params
+        if isinstance(p, click.Option) and not p.multiple and not p.count and not p.is_flag
+        for opt in p.opts
+    }
+    seen: dict[str, str] = {}
+    for arg in args:
+        if arg == "--":
+            break
+        flag = arg.split("=", 1)[0]
+        p = single.get(flag)
+        if p is None:
+            continue
+        if p.name in seen:
+            raise click.UsageError(f"option {flag} is given more than once", ctx)
+        seen[p.name] = flag
 
 
 @click.group(cls=SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -107,6 +107,12 @@ def run_edit(
     options = EditOptions(name, force, parse_size(split_max_size), split_max_tensors, alignment)
     if quantize_types and (split_max_size or split_max_tensors):
         raise click.UsageError("--quantize needs a single-file output; drop --split-max-size/--split-max-tensors")
+    if quantize_types and not dry_run:  # the tools and types before OUT is written, not after
+        from ..llama.quantize import QUANTIZE_TOOL, quant_types, resolve_types
+        from ..llama.tools import find_tool
+        from .llama import split_types
+
+        resolve_types(split_types((quantize_types,)), quant_types(find_tool(QUANTIZE_TOOL, llama_bin)))
     if dry_run or out is None:
         with Model(source) as model:
             surgery = prepare(model, recipe, options)

@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType, Keys
 from gguf.constants import GGUF_MAGIC
 
 from ..errors import FormatError, OutputError, PlanError
-from ..files import atomic_output
+from ..files import atomic_output, open_regular, reading
 from ..metadata import RECIPE_KEY
 from ..plan import LayerPlan
 from ..reader import BlockNamed, Model
@@ -85,15 +85,8 @@ class Imatrix:
 def read_imatrix(path: str | Path) -> Imatrix:
     """Read an imatrix in either format (told apart by the GGUF magic, as llama.cpp does)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise FormatError(f"{path}: is a folder, not an imatrix file") from None
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read: {e.strerror}") from None
+    with open_regular(path, FormatError, "imatrix file") as f, reading(path, FormatError, "imatrix file"):
+        head = f.read(4)
     if len(head) == 4 and struct.unpack("<I", head)[0] == GGUF_MAGIC:
         return _read_gguf(path)
     return _read_legacy(path)

@@ -32,6 +32,8 @@ def parse(tokens: list[str]) -> Interpolate:
     pos, opts = split_options(tokens, {"t", "at", "replace"})
     expect_count(pos, 2, "interpolate A B [--t 0.5] [--at POS | --replace I]")
     a, b = block_index(pos[0]), block_index(pos[1])
+    if a == b:
+        raise RecipeError(f"interpolate of block {a} with itself (use duplicate {a} for a copy)")
     t = fraction(opts.get("t", "0.5"))
     if "at" in opts and "replace" in opts:
         raise RecipeError("--at and --replace exclude each other")

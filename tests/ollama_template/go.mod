@@ -1,0 +1,3 @@
+module gguf-surgeon/tests/ollama_template
+
+go 1.19
