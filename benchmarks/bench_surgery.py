@@ -199,10 +199,18 @@ def run(cmd: list[str]) -> tuple[float, float]:
     return wall, int(peak.split()[1]) / 1024
 
 
-def settle(work: Path) -> None:
-    """Remove the last output and flush dirty pages, so no run pays for the previous one's writeback."""
-    (work / "out.gguf").unlink(missing_ok=True)
+def settle(work: Path, previous: Path | None = None) -> None:
+    """Remove the last output and flush dirty pages, so no run pays for the previous one's
+    writeback; with `previous`, leave a copy of it as the output to be overwritten (its pages
+    cached, as after a first surgery a user repeats with --force)."""
+    out = work / "out.gguf"
+    out.unlink(missing_ok=True)
+    if previous is not None:
+        subprocess.run(["cp", str(previous), str(out)], check=True)
     subprocess.run(["sync"], check=True)
+
+
+OVERWRITE = " (overwrite)"  # cases run over an existing OUT, against cp over an existing file
 
 
 def cases(model: Path, work: Path, s: Shape, llama_bin: Path | None) -> dict[str, list[str]]:
@@ -223,6 +231,8 @@ def cases(model: Path, work: Path, s: Shape, llama_bin: Path | None) -> dict[str
             "--force",
         ],
         "apply delete;swap": gs + ["apply", f"delete {mid - 1}; swap {mid} {mid + 1}", str(model), out, "--force"],
+        "apply delete;swap" + OVERWRITE: gs
+        + ["apply", f"delete {mid - 1}; swap {mid} {mid + 1}", str(model), out, "--force"],
         "interpolate": gs + ["interpolate", str(mid), str(mid + 1), str(model), out, "--force"],
         "inspect": gs + ["inspect", str(model)],
         "diff": gs + ["diff", str(model), str(work / "edited.gguf")],
@@ -271,7 +281,7 @@ def bench(size: str, work: Path, repeat: int, llama_bin: Path | None, skip: set[
             # of the machine within a pair (cache, writeback) does not favour either side
             pair = {}
             for which in ("base", "cmd") if i % 2 == 0 else ("cmd", "base"):
-                settle(work)
+                settle(work, work / "edited.gguf" if name.endswith(OVERWRITE) else None)
                 pair[which] = run(base_cmd if which == "base" else cmd)
             if i == 0:
                 continue

@@ -44,7 +44,8 @@ def signals_deferred() -> Iterator[None]:
         _DEFER.depth -= 1
         if _DEFER.depth == 0 and _DEFER.pending is not None:
             signum, _DEFER.pending = _DEFER.pending, None
-            raise Interrupted(signum)
+            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # one interrupt is enough
+                raise Interrupted(signum)
 
 
 def os_reason(e: OSError) -> str:

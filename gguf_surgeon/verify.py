@@ -42,8 +42,17 @@ class Verification:
         return {"path": self.path, "ok": self.ok, "findings": [asdict(f) for f in self.findings]}
 
 
+LOADER_RULES = (
+    "tensor names under 64 bytes and unique across shards, non-empty unique keys, every dimension a "
+    "non-negative int64 with the element count below INT64_MAX, rows a multiple of the type's block, "
+    "general.alignment a UINT32 power of two"
+)
+
+
 def check_structure(model: Model) -> list[Finding]:
-    findings = []
+    # a file that breaks one of llama.cpp's gguf_init_from_file rules is refused on reading,
+    # with the rule named (reader.parse_file); reaching here means they all hold
+    findings = [Finding("llama.cpp header rules", True, LOADER_RULES)]
     for shard in model.shards:
         expected = 0
         bad = None

@@ -24,7 +24,9 @@ if "gguf.constants" not in sys.modules:
     _constants_spec.loader.exec_module(_module)
 
 from gguf.constants import (  # noqa: E402
-    GGML_QUANT_SIZES,
+    GGML_QUANT_SIZES as _GGUF_PY_QUANT_SIZES,
+)
+from gguf.constants import (
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
     GGUF_VERSION,
@@ -52,6 +54,10 @@ __all__ = [
     "Keys",
     "LlamaFileType",
 ]
+
+# (block size, bytes per block) of each type, as ggml has them: gguf-py gives Q8_1 40 bytes (an
+# old layout with float scales); ggml's block_q8_1 is two halfs and 32 int8, 36 bytes
+GGML_QUANT_SIZES = {**_GGUF_PY_QUANT_SIZES, GGMLQuantizationType.Q8_1: (32, 36)}
 
 # tensor names gguf defines (TENSOR_NAMES) that the periphery reads by name
 TOKEN_EMBD = f"{TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD]}.weight"

@@ -374,6 +374,9 @@ def write_surgery(
     inputs = [s.path for s in model.shards]
     for s in shards:
         check_output(s.path, inputs, force)
+    if force:
+        for s in shards:
+            _drop_cached(s.path)
     writer = _ShardWriter(model, inputs, sum(s.size for s in shards), progress)
     temps: list[tuple[Path, Path]] = []
     placed: list[Path] = []  # outputs that did not exist before this call, removed again on failure
@@ -458,6 +461,24 @@ class _ShardWriter:
         for chunk in blend_rows(self.model, t):
             _pwrite_all(fd, chunk, pos)
             pos += len(chunk)
+
+
+def _drop_cached(path: Path) -> None:
+    """Ask the kernel to drop an OUT about to be replaced from the page cache: the atomic
+    replace keeps it until the new file is complete, and holding both makes the cache reclaim
+    memory while writing (an overwrite took 1.6-2.5x a fresh write on these machines)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not there (or not readable): nothing cached to drop
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _place(tmp: Path, final: Path, force: bool) -> bool:

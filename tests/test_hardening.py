@@ -4,15 +4,22 @@ by llama.cpp (`gguf_loader`, ctypes on the pinned libggml-base.so), not by our o
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 from test_bad_input import assert_error, assert_refused, encoded, run, tensor_info_offset, tiny_gguf, write_variant
+
+from gguf_surgeon.vocab import GGML_QUANT_SIZES
 
 
 def block_tensors(n_blocks: int, suffix: str = "attn_norm.weight", width: int = 8) -> dict[str, np.ndarray]:
@@ -104,6 +111,15 @@ def test_blend_overflow_is_refused(tmp_path: Path, tiny: Path) -> None:
 def test_interpolate_of_a_block_with_itself_is_refused(tmp_path: Path, tiny: Path) -> None:
     line = assert_refused(tmp_path, ["interpolate", 1, 1, tiny, tmp_path / "out.gguf"])
     assert "with itself" in line
+
+
+def test_type_sizes_are_ggml_s(gguf_loader) -> None:
+    """Every type's block and byte size is what ggml itself computes (gguf-py's table is off for Q8_1)."""
+    lib = gguf_loader.lib
+    lib.ggml_type_size.restype = ctypes.c_size_t
+    lib.ggml_blck_size.restype = ctypes.c_int64
+    for t, (block, size) in GGML_QUANT_SIZES.items():
+        assert (lib.ggml_blck_size(int(t)), lib.ggml_type_size(int(t))) == (block, size), t.name
 
 
 # --- tracebacks become one Error: line -------------------------------------------------------
@@ -295,3 +311,97 @@ def test_repeated_option_is_refused(tmp_path: Path, tiny: Path) -> None:
 )
 def test_quantize_options_checked_before_writing(tmp_path: Path, tiny: Path, extra: list) -> None:
     assert_refused(tmp_path, ["swap", 1, 2, tiny, tmp_path / "out.gguf", *extra])
+
+
+# --- signals: nothing left behind -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~300 MB: three F32 blocks of 100 MB, so a blend takes long enough to be interrupted."""
+    rng = np.random.default_rng(1)
+    row = rng.standard_normal(4096).astype(np.float32)
+    tensors = {f"blk.{i}.attn_norm.weight": row + i for i in range(3)}
+    tensors |= {f"blk.{i}.ffn_down.weight": np.tile(row + i, (6144, 1)) for i in range(3)}
+    return tiny_gguf(tmp_path_factory.mktemp("big") / "big.gguf", tensors)
+
+
+def _interrupted_write(big_model: Path, folder: Path, signums: list[int]) -> subprocess.CompletedProcess:
+    out = folder / "out.gguf"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gguf_surgeon", "interpolate", "0", "1", str(big_model), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".tmp") and p.stat().st_size > (50 << 20) for p in folder.iterdir()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the write never started"
+        time.sleep(0.01)
+    for s in signums:
+        proc.send_signal(s)
+        time.sleep(0.002)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signums",
+    [
+        [signal.SIGINT],
+        [signal.SIGTERM],
+        [signal.SIGHUP],
+        [signal.SIGINT, signal.SIGINT],
+        [signal.SIGTERM, signal.SIGINT],
+    ],
+    ids=["INT", "TERM", "HUP", "INT-INT", "TERM-INT"],
+)
+def test_signal_mid_write_leaves_nothing(tmp_path: Path, big_model: Path, signums: list[int]) -> None:
+    r = _interrupted_write(big_model, tmp_path, signums)
+    assert r.returncode == 128 + signums[0], r.stderr
+    assert r.stderr.splitlines() == ["Error: interrupted; no output was kept"], r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def _writer_file(path: Path, tensors: dict[str, np.ndarray], **kv: tuple[str, object]) -> Path:
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(sum(1 for n in tensors if n.endswith(".attn_norm.weight")))
+    for key, (kind, value) in kv.items():
+        getattr(w, f"add_{kind}")(key, value)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,rule",
+    [("long-name", "allows at most 63"), ("alignment", "requires a UINT32"), ("dims", "non-negative int64")],
+)
+def test_verify_names_the_loader_rule(tmp_path: Path, gguf_loader, case: str, rule: str) -> None:
+    """verify judges at least what llama.cpp's loader judges, and says which rule a file breaks."""
+    tensors = block_tensors(2)
+    kv: dict = {}
+    if case == "long-name":
+        tensors["blk.0." + "n" * 58] = np.ones(4, np.float32)
+        tensors["blk.1." + "n" * 58] = np.ones(4, np.float32)
+    if case == "alignment":
+        kv["general.alignment"] = ("uint16", 32)
+    path = _writer_file(tmp_path / f"{case}.gguf", tensors, **kv)
+    if case == "dims":
+        data = bytearray(path.read_bytes())
+        at = tensor_info_offset(bytes(data), "blk.1.attn_norm.weight") + 8 + len("blk.1.attn_norm.weight") + 4
+        data[at : at + 8] = struct.pack("<q", -8)
+        path.write_bytes(bytes(data))
+    assert gguf_loader.refusal(path) is not None
+    line = assert_error(run("verify", path))
+    assert rule in line, line
+    good = _writer_file(tmp_path / "good.gguf", block_tensors(2))
+    r = run("verify", good, "--json")
+    assert r.exit_code == 0 and '"llama.cpp header rules"' in r.output
+    gguf_loader.assert_loads(good)
