@@ -9,21 +9,20 @@ import signal
 import sys
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    from .files import interrupt
-
-    interrupt(signum)
-
-
 def run() -> None:
     try:
+        from .files import interrupt  # before the handlers: a handler must never import
+
+        def on_signal(signum: int, frame: object) -> None:
+            interrupt(signum)
+
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, _interrupt)
+            signal.signal(s, on_signal)
         from .cli import main
 
         main()
     except KeyboardInterrupt as e:  # before the command group took over (start-up)
-        sys.stderr.write("Error: interrupted; no output was kept\n")
+        sys.stderr.write("Error: interrupted; no partial output was kept\n")
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
 
 

@@ -88,7 +88,7 @@ def test_sigint_to_the_cli_leaves_no_output(tmp_path: Path):
     if proc.returncode == 0:
         pytest.skip("the write finished before the signal arrived")
     assert proc.returncode == 130, err
-    assert err.strip() == "Error: interrupted; no output was kept"
+    assert err.strip() == "Error: interrupted; no partial output was kept"
     assert list(out_dir.iterdir()) == []
 
 

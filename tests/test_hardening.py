@@ -361,7 +361,7 @@ def _interrupted_write(big_model: Path, folder: Path, signums: list[int]) -> sub
 def test_signal_mid_write_leaves_nothing(tmp_path: Path, big_model: Path, signums: list[int]) -> None:
     r = _interrupted_write(big_model, tmp_path, signums)
     assert r.returncode == 128 + signums[0], r.stderr
-    assert r.stderr.splitlines() == ["Error: interrupted; no output was kept"], r.stderr
+    assert r.stderr.splitlines() == ["Error: interrupted; no partial output was kept"], r.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -405,3 +405,45 @@ def test_verify_names_the_loader_rule(tmp_path: Path, gguf_loader, case: str, ru
     r = run("verify", good, "--json")
     assert r.exit_code == 0 and '"llama.cpp header rules"' in r.output
     gguf_loader.assert_loads(good)
+
+
+def test_piped_stdin_is_refused(tmp_path: Path, tiny: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "gguf_surgeon", "inspect", "/dev/stdin"],
+        input=tiny.read_bytes(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert r.stderr.decode().splitlines() == [
+        "Error: /dev/stdin: not a regular file (a pipe, FIFO or device); give a GGUF file"
+    ]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path, tiny: Path) -> None:
+    """SIGINT at 24 moments of the first 0.2 s: once our code runs, never a traceback, exit 130 or
+    success, and an output only when complete (a SIGINT inside the interpreter's own start-up,
+    before site has run, is Python's to report)."""
+    reference = tmp_path / "reference.gguf"
+    assert run("swap", 1, 2, tiny, reference).exit_code == 0
+    for i in range(24):
+        out = tmp_path / f"out{i}.gguf"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gguf_surgeon", "swap", "1", "2", str(tiny), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(i * 0.2 / 24)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        interpreter = stderr.startswith(("Fatal Python error", "Error processing line"))
+        if not interpreter and proc.returncode != -signal.SIGINT:
+            assert "Traceback" not in stderr, stderr
+            if proc.returncode != 0:
+                assert proc.returncode == 130, stderr
+                assert stderr.splitlines() == ["Error: interrupted; no partial output was kept"], stderr
+        if out.exists():
+            assert out.read_bytes() == reference.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

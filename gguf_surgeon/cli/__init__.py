@@ -73,8 +73,14 @@ class SurgeonGroup(click.Group):
             click.echo(f"Error: {one_line(str(e))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt as e:
-            click.echo("Error: interrupted; no output was kept", err=True)
+            click.echo("Error: interrupted; no partial output was kept", err=True)
             sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as e:  # click's own handler would print a blank line first
+            raise _Interrupt(getattr(e, "signum", signal.SIGINT)) from None
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """Click's own error display is three lines; ours is one `Error:` line (exit 2 for usage)."""
@@ -83,9 +89,9 @@ class SurgeonGroup(click.Group):
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("Error: interrupted; no output was kept", err=True)
-            sys.exit(130)
+        except (click.Abort, _Interrupt) as e:
+            click.echo("Error: interrupted; no partial output was kept", err=True)
+            sys.exit(128 + getattr(e, "signum", signal.SIGINT))
         except click.ClickException as e:
             hint = ""
             if isinstance(e, click.UsageError) and e.ctx is not None:
@@ -93,6 +99,14 @@ class SurgeonGroup(click.Group):
             click.echo(f"Error: {one_line(e.format_message())}{hint}", err=True)
             sys.exit(e.exit_code)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class _Interrupt(Exception):
+    """Ctrl-C while the arguments are parsed, carried past click's KeyboardInterrupt handling."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def one_line(message: str) -> str:
