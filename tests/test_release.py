@@ -343,6 +343,29 @@ def test_card_layout_from_metadata(tmp_path: Path):
     assert fm["base_model"] == "Org/Tiny-Qwen3" and fm["model_name"].startswith("Tiny")
 
 
+@pytest.mark.parametrize(
+    "kv,expected",
+    [
+        ({}, None),  # a name and an organization are no repository: no guessed link
+        ({"general.source.repo_url": "https://huggingface.co/Org/Base-Model"}, "Org/Base-Model"),
+        ({"general.repo_url": "https://huggingface.co/Org/Own/"}, "Org/Own"),
+        ({"general.repo_url": "https://github.com/Org/Code"}, None),
+    ],
+)
+def test_card_names_its_base_only_from_source_keys(tmp_path: Path, kv: dict, expected: str | None):
+    extra = {k: (gguf.GGUFValueType.STRING, v) for k, v in kv.items()}
+    src = build_model(tmp_path / "src.gguf", name="Smollm2 135M 8k Lc100K Mix1 Ep2", extra_kv=extra)
+    edited = tmp_path / "edited.gguf"
+    edit(src, edited, "delete 1")
+    card = model_card(edited)
+    fm = front_matter(card)
+    assert fm.get("base_model") == expected
+    if expected is None:
+        assert "huggingface.co/" not in card and "records no source repository" in card
+    else:
+        assert f"[{expected}](https://huggingface.co/{expected})" in card
+
+
 def test_card_cli_lists_and_measures_the_ladder(make_model, tmp_path: Path):
     src = make_model("src.gguf")
     edited = tmp_path / "m.gguf"

@@ -26,7 +26,7 @@ from ..operations import REGISTRY, build_plan, format_layer_spec
 from ..plan import LayerPlan
 from ..reader import Model
 from ..recipe import parse_recipe
-from ..vocab import BASE_MODEL_PREFIX, OUTPUT, base_model_key, file_type_name
+from ..vocab import OUTPUT, base_model_key, file_type_name
 from .ollama import DEFAULT_SYSTEM, Modelfile, build_modelfile, recognize_chat_template
 
 QUANT_DESCRIPTIONS = {
@@ -112,19 +112,27 @@ def _params(n: int) -> str:
     return f"~{n / 1e9:.2f}B" if n >= 1e9 else f"~{n / 1e6:.1f}M"
 
 
+# where a GGUF records its source repository, most specific first: the base an edit came from,
+# then the file's own source; a Hugging Face id is read only from a URL, never built from a name
+SOURCE_URL_KEYS = (
+    base_model_key(Keys.General.BASE_MODEL_REPO_URL),
+    base_model_key(Keys.General.BASE_MODEL_URL),
+    Keys.General.SOURCE_REPO_URL,
+    Keys.General.SOURCE_URL,
+    Keys.General.REPO_URL,
+    Keys.General.URL,
+)
+HF_URL = re.compile(r"https?://(?:www\.)?huggingface\.co/([\w.-]+/[\w.-]+)/?$")
+
+
 def base_model_id(m: Model) -> str | None:
-    """The base model's Hugging Face id from general.base_model.0.* (repo URL, else
-    organization/name), else from the file's own general.* when it has no base_model entry."""
-    for prefix in (f"{BASE_MODEL_PREFIX}0.", "general."):
-        url = m.value(prefix + "repo_url")
-        if isinstance(url, str):
-            hit = re.match(r"https?://huggingface\.co/([\w.-]+/[\w.-]+)", url)
-            if hit:
-                return hit.group(1)
-        org, name = m.value(prefix + "organization"), m.value(prefix + "name")
-        if isinstance(name, str) and name.strip():
-            slug = re.sub(r"\s+", "-", name.strip())
-            return f"{org.strip()}/{slug}" if isinstance(org, str) and org.strip() else slug
+    """The base model's Hugging Face id from the GGUF's own source keys (SOURCE_URL_KEYS), or
+    None when none records one: a name like general.name is not a repository."""
+    for key in SOURCE_URL_KEYS:
+        url = m.value(key)
+        hit = HF_URL.match(url.strip()) if isinstance(url, str) else None
+        if hit:
+            return hit.group(1)
     return None
 
 
@@ -281,7 +289,7 @@ def _facts(model: Path, options: CardOptions) -> _Facts:
         hf_id=hf_id,
         base_link=f"[{hf_id}](https://huggingface.co/{hf_id})"
         if hf_id
-        else _md(base_id or base_name or "the base model"),
+        else _md(base_id or base_name or "an unnamed base model"),
         rows=tuple(files) + (() if any(q.file == model.name for q in files) else (own,)),
         main_file=files[0].file if files else model.name,
         details=details,
@@ -473,7 +481,12 @@ def _methodology(f: _Facts) -> list[str]:
 def _credits(f: _Facts) -> list[str]:
     return [
         "## Credits",
-        f"- **Base model**: {f.base_link}",
+        f"- **Base model**: {f.base_link}"
+        + (
+            ""
+            if f.hf_id
+            else " (the GGUF records no source repository; `gguf-surgeon card --base-model ORG/NAME` names one)"
+        ),
         "- **Quantization**: llama.cpp",
         "- **Surgery**: gguf-surgeon" + (f", {_md(f.options.author)}" if f.options.author else ""),
         "",
