@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gguf_surgeon.edit import edit  # noqa: E402
-from gguf_surgeon.evaluation.runner import EvalOptions, EvalReport, default_threads, evaluate  # noqa: E402
+from gguf_surgeon.evaluation.records import EvalReport  # noqa: E402
+from gguf_surgeon.evaluation.runner import evaluate  # noqa: E402
+from gguf_surgeon.evaluation.suite import EvalOptions, default_threads  # noqa: E402
 
 
 def smollm2() -> Path | None:

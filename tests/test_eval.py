@@ -3,9 +3,12 @@ plumbing on tiny fixtures through the real llama.cpp tools; the claims on SmolLM
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,29 +19,34 @@ from click.testing import CliRunner
 import gguf_surgeon.cli.eval  # noqa: F401  (registers eval and compare)
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
-from gguf_surgeon.errors import SurgeonError, ToolError
-from gguf_surgeon.evaluation.runner import (
-    EVAL_TEXT_FILE,
-    EvalError,
-    EvalOptions,
-    Question,
-    _difference,
-    _Draws,
-    _mean_reps,
+from gguf_surgeon.errors import EvalError, SurgeonError, ToolError
+from gguf_surgeon.evaluation.answers import (
     answer_tokens,
-    apply_chat_template,
     coherence_of,
-    evaluate,
     is_correct,
-    kl_divergence,
-    load_questions,
-    parse_kld_output,
-    parse_perplexity_output,
     parse_thinking,
     repetition_of,
     thinking_check,
+    words,
 )
-from gguf_surgeon.llama.server import LlamaServer
+from gguf_surgeon.evaluation.metrics import METRICS, Metric, Raw, Row, differences, paired, register, score, weights
+from gguf_surgeon.evaluation.records import (
+    Answer,
+    BaseComparison,
+    Continuation,
+    Estimate,
+    KldResult,
+    ModelInfo,
+    Timings,
+)
+from gguf_surgeon.evaluation.report import comparison_table
+from gguf_surgeon.evaluation.runner import _report, evaluate, kl_divergence
+from gguf_surgeon.evaluation.stats import _difference, _Draws, _mean_reps
+from gguf_surgeon.evaluation.suite import EVAL_TEXT_FILE, EvalOptions, Question, Suite, load_questions
+from gguf_surgeon.llama import perplexity as perplexity_module
+from gguf_surgeon.llama.perplexity import parse_kld_output, parse_perplexity_output
+from gguf_surgeon.llama.server import LlamaServer, apply_chat_template
+from gguf_surgeon.llama.tools import run_tool
 
 SHORT_TEXT = EVAL_TEXT_FILE.read_text(encoding="utf-8")[:1600]  # 4 chunks of 256 for the byte-level tiny vocab
 
@@ -148,6 +156,90 @@ def test_five_points_from_seventeen_questions_is_within_noise():
     assert big.verdict == "better"
 
 
+def _toy_raw(correct: list[bool], chunk_nll: list[float], texts: list[str]) -> Raw:
+    """Per-item results as a model would produce them, without llama.cpp."""
+    conts = tuple(Continuation("p", t, 10, len(words(t)), coherence_of(t), repetition_of(t), None) for t in texts)
+    return Raw(
+        ModelInfo(Path("toy.gguf"), "0" * 64, None, False, 10),
+        tuple(Answer(f"q{i}", "?", "reply", c) for i, c in enumerate(correct)),
+        np.array(chunk_nll, float),
+        conts,
+        (None,) * len(conts),
+        (None,) * len(conts),
+        (),
+    )
+
+
+def test_metric_registry_drives_score_differences_and_table():
+    assert list(weights()) == ["factual", "perplexity", "coherence", "repetition", "thinking"]
+    assert sum(weights().values()) == pytest.approx(1.0)
+    texts = ["the cat sat on the mat and then it ran away from the dog", "a b a b a b a b a b"]
+    raw, base = _toy_raw([True, False, True], [2.0, 3.0, 2.5], texts), _toy_raw([True, True, True], [2.0, 2.0], texts)
+    draws = _Draws(42, 200)
+    suite = Suite(tuple(Question(f"q{i}", "?", ("x",)) for i in range(3)), "text", "toy.txt")
+
+    def report_of(raw_: Raw, scored, versus=None):
+        return _report(raw_, scored, EvalOptions(threads=1), suite, Timings(0, 0, 0, 0), True, versus)
+
+    def table_and_diffs():
+        scored, base_scored = score(raw, draws), score(base, draws)
+        diffs = differences(scored, base_scored, paired(raw, base, scored, base_scored, draws))
+        kld = KldResult(
+            Estimate(0.1, 0.05, 0.15), 0.09, 0.4, 1.0, Estimate(90, 85, 95), Estimate(1, 0, 2), (0.1,), (0.9,)
+        )
+        versus = BaseComparison(report_of(base, base_scored), kld, None, None, tuple(diffs), diffs[0].verdict)
+        header, rows = comparison_table([versus.base, report_of(raw, scored, versus)])
+        return scored, diffs, rows
+
+    scored, diffs, rows = table_and_diffs()
+    # no thinking switch: four parts, their weights renormalized
+    assert list(scored.report_parts) == ["factual", "perplexity", "coherence", "repetition"]
+    assert scored.report_parts["factual"] == pytest.approx(2 / 3)
+    assert scored.report_parts["perplexity"] == pytest.approx(1 - 2.5 / math.log(1000))
+    w = weights()
+    expected = 100 * sum(w[k] * v for k, v in scored.report_parts.items()) / (1 - w["thinking"])
+    assert scored.overall[0] == pytest.approx(expected)
+    assert [d.metric for d in diffs] == ["overall score"] + [
+        m.label for m in METRICS.values() if m.name in scored.report_parts
+    ]
+    labels = [r[0] for r in rows]
+    assert labels == [
+        "Overall score / 100",
+        *(row.label for m in METRICS.values() for row in m.rows),
+        "Verdict vs first",
+    ]
+    assert rows[labels.index("Factual accuracy")][2].startswith("2/3 (67 [")
+
+    # a new metric is one registry entry: it enters the score, the differences and the table
+    toy = Metric(
+        "toy",
+        "toy length",
+        0.5,
+        True,
+        "prompt",
+        items=lambda r: [min(1.0, len(c.text) / 100) for c in r.continuations],
+        rows=(
+            Row("Toy length", lambda r: Estimate(r.parts["toy"], r.parts["toy"], r.parts["toy"]), digits=2, delta=True),
+        ),
+    )
+    with pytest.raises(EvalError, match="already registered"):
+        register(METRICS["factual"])
+    register(toy)
+    try:
+        scored, diffs, rows = table_and_diffs()
+        assert scored.report_parts["toy"] == pytest.approx(np.mean([min(1.0, len(t) / 100) for t in texts]))
+        w = weights()
+        assert w["toy"] == 0.5 and scored.overall[0] == pytest.approx(
+            100 * sum(w[k] * v for k, v in scored.report_parts.items()) / (1.5 - w["thinking"])
+        )
+        assert diffs[-1].metric == "toy length" and diffs[-1].verdict == "not distinguishable"
+        assert [r[0] for r in rows][-2:] == ["Toy length", "Verdict vs first"]
+        assert rows[-2][2].startswith(f"{scored.report_parts['toy']:.2f}") and "Δ +0.00" in rows[-2][2]
+    finally:
+        METRICS.pop("toy")
+    assert "toy" not in weights()
+
+
 # --- tiny fixtures through llama.cpp ------------------------------------------------------
 
 
@@ -168,21 +260,92 @@ def test_template_thinking_switch_reaches_the_template(llama_bin: Path, tiny: Pa
     assert on.endswith("<|im_start|>assistant\n")
 
 
+def _llama_perplexity_final(llama_bin: Path, model: Path, text: Path, o: EvalOptions) -> float:
+    """The text's perplexity as llama-perplexity itself prints it ("Final estimate: PPL = ..."),
+    run directly with the same settings; retried, as llama.cpp's logger may drop the last lines."""
+    cmd = [str(llama_bin / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", str(o.ctx)]
+    cmd += ["-b", str(o.batch), "-t", str(o.threads), "--seed", str(o.seed)]
+    for _ in range(6):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        m = re.search(r"Final estimate: PPL = ([\d.]+)", out.stdout + out.stderr)
+        if m:
+            return float(m.group(1))
+    pytest.fail(f"no final estimate from {cmd}: {out.stderr[-500:]}")
+
+
 @pytest.mark.slow
-def test_tiny_eval_runs_every_part_and_caches(tiny: Path, tiny_options: EvalOptions):
+def test_tiny_eval_runs_every_part_and_caches(tiny: Path, tiny_options: EvalOptions, monkeypatch):
+    runs = {"llama-perplexity": 0, "llama-server": 0}
+
+    def counting_run_tool(binary, *args, **kwargs):
+        runs["llama-perplexity"] += 1
+        return run_tool(binary, *args, **kwargs)
+
+    def counting_start(self):
+        runs["llama-server"] += 1
+        return server_start(self)
+
+    server_start = LlamaServer.start
+    monkeypatch.setattr(perplexity_module, "run_tool", counting_run_tool)
+    monkeypatch.setattr(LlamaServer, "start", counting_start)
+
     steps: list[str] = []
     r = evaluate(tiny, options=tiny_options, progress=lambda s, d, t: steps.append(s))
+    assert runs["llama-perplexity"] >= 1 and runs["llama-server"] == 1  # one server for every generation
+    assert r.model.sha256 == hashlib.sha256(tiny.read_bytes()).hexdigest()
     assert r.model.thinking_switch and r.thinking.supported and r.thinking.per_mode == 2
     assert {s.mode for s in r.thinking.samples} == {"thinking", "non-thinking"} and len(r.thinking.samples) == 4
     for s in r.thinking.samples:  # random weights: whatever came out, the check is the parser's verdict
         assert s.passed == thinking_check(s.mode, "", s.reply) or "<think>" in s.reply
-    assert r.factual.total == 2 and r.perplexity.chunks >= 4 and r.perplexity.ppl.value > 1
+    assert r.thinking.thinking_passed == sum(s.passed for s in r.thinking.samples if s.mode == "thinking")
+
+    # each part against a reading of its raw parts
+    questions = load_questions()[:2]
+    assert [a.id for a in r.factual.answers] == [q.id for q in questions]
+    assert [a.correct for a in r.factual.answers] == [
+        is_correct(a.reply, q) for a, q in zip(r.factual.answers, questions)
+    ]
+    assert r.factual.total == 2 and r.factual.accuracy.value == r.factual.correct / 2
+    # the perplexity is llama-perplexity's own final estimate, and exp(mean NLL) of the chunks
+    assert r.perplexity.chunks == len(r.perplexity.chunk_nll) >= 4 and r.perplexity.ppl.value > 1
+    assert r.perplexity.tokens == r.perplexity.chunks * (tiny_options.ctx // 2 - 1)
+    assert r.perplexity.ppl.value == pytest.approx(math.exp(np.mean(r.perplexity.chunk_nll)), rel=1e-12)
+    direct = _llama_perplexity_final(tiny_options.llama_bin, tiny, tiny_options.text, tiny_options)
+    assert r.perplexity.ppl.value == pytest.approx(direct, abs=1e-3)
+    conts = r.generation.continuations
+    assert len(conts) == 3 and all(c.coherence == coherence_of(c.text) for c in conts)
+    assert r.generation.coherence.value == pytest.approx(np.mean([coherence_of(c.text) for c in conts]))
+    assert r.generation.repetition.value == pytest.approx(np.mean([repetition_of(c.text) for c in conts]))
+    # the overall score is the documented formula over the parts
+    parts = {
+        "factual": r.factual.accuracy.value,
+        "perplexity": min(1.0, max(0.0, 1 - math.log(r.perplexity.ppl.value) / math.log(1000))),
+        "coherence": r.generation.coherence.value,
+        "repetition": 1 - r.generation.repetition.value,
+        "thinking": (r.thinking.thinking_passed + r.thinking.non_thinking_passed) / 4,
+    }
+    assert r.parts == pytest.approx(parts)
+    weights = {"factual": 0.40, "perplexity": 0.20, "coherence": 0.15, "repetition": 0.10, "thinking": 0.15}
+    assert r.settings["weights"] == weights
+    assert r.score.value == pytest.approx(100 * sum(weights[k] * v for k, v in parts.items()))
     assert r.score.low <= r.score.value <= r.score.high and 0 <= r.score.value <= 100
-    assert set(r.parts) == {"factual", "perplexity", "coherence", "repetition", "thinking"}
     assert any("perplexity" in s for s in steps) and any("factual" in s for s in steps)
     json.dumps(r.to_dict())
+
+    # the raw results are on disk, and a second run reads them instead of running anything
+    model_dir = tiny_options.cache_dir / r.model.sha256[:32]
+    assert (tiny_options.cache_dir / "hashes.json").is_file()
+    assert {p.name.split("-")[0] for p in model_dir.iterdir()} == {"ppl", "gen", "forced"}
+    (ppl_file,) = model_dir.glob("ppl-*.json")
+    assert json.loads(ppl_file.read_text())["chunk_nll"] == list(r.perplexity.chunk_nll)
+    (gen_file,) = model_dir.glob("gen-*.json")
+    cached_texts = {v["text"] for v in json.loads(gen_file.read_text()).values()}
+    assert {a.reply for a in r.factual.answers} | {c.text for c in conts} <= cached_texts
+    before = dict(runs)
     again = evaluate(tiny, options=tiny_options)
+    assert runs == before  # no llama-perplexity run, no server
     assert again.cached and again.score == r.score and again.timings.llama == 0
+    assert again.to_dict() == {**r.to_dict(), "timings": again.to_dict()["timings"], "cached": True}
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""`gguf-surgeon eval` and `gguf-surgeon compare`: parse options, call evaluate.py, render."""
+"""`gguf-surgeon eval` and `gguf-surgeon compare`: parse options, call evaluation.runner, render."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from .common import emit_json, json_option, llama_bin_option, out_console, step_
 # evaluate (numpy) and rich.progress are imported inside the commands: registering these
 # commands must not slow down every other gguf-surgeon command.
 if TYPE_CHECKING:
-    from ..evaluation.runner import EvalOptions, EvalReport
+    from ..evaluation.records import EvalReport
+    from ..evaluation.suite import EvalOptions
 
 
 def eval_options(f: Callable) -> Callable:
@@ -47,7 +48,7 @@ def eval_options(f: Callable) -> Callable:
 def make_options(
     text: Path | None, questions: int | None, threads: int | None, no_cache: bool, llama_bin: Path | None
 ) -> EvalOptions:
-    from ..evaluation.runner import EvalOptions, default_threads
+    from ..evaluation.suite import EvalOptions, default_threads
 
     return EvalOptions(
         llama_bin=llama_bin,
@@ -132,7 +133,8 @@ def eval_cmd(
     Example:
       gguf-surgeon eval edited.gguf --base original.gguf
     """
-    from ..evaluation.runner import comparison_table, evaluate
+    from ..evaluation.report import comparison_table
+    from ..evaluation.runner import evaluate
 
     options = make_options(text, questions, threads, no_cache, llama_bin)
     with step_progress(enabled=not as_json) as progress:
@@ -182,7 +184,8 @@ def compare_cmd(
     """
     if len(models) < 2:
         raise click.UsageError("compare needs at least two models")
-    from ..evaluation.runner import compare, comparison_table
+    from ..evaluation.report import comparison_table
+    from ..evaluation.runner import compare
 
     options = make_options(text, questions, threads, no_cache, llama_bin)
     with step_progress(enabled=not (as_json or markdown)) as progress:

@@ -5,7 +5,9 @@
 
 The server listens on 127.0.0.1 only, on a free port picked at start. `__enter__` returns
 once GET /health answers 200; leaving the block (normally, on an exception or on Ctrl-C)
-stops the process, with SIGKILL if it ignores SIGTERM. HTTP uses the standard library only.
+stops the process, with SIGKILL if it ignores SIGTERM. HTTP uses the standard library only:
+request_json is the one request function, and apply_chat_template, complete (greedy, with
+log-probabilities) and gbnf_literal speak the server's API given only its base URL.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import ToolError
+from ..records import Record
 
 SERVER_BINARY = "llama-server"
 HOST = "127.0.0.1"
@@ -46,6 +49,104 @@ class TokenProb:
     id: int
     token: str  # the token's text piece (may be empty for partial UTF-8)
     logprob: float  # natural log; -inf when the probability underflows
+
+
+def request_json(
+    base_url: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    timeout: float = 120.0,
+    *,
+    model_name: str | None = None,
+    log_tail: Callable[[], str] | None = None,
+) -> Any:
+    """One JSON request to the llama-server at `base_url`; the decoded JSON answer, or
+    ToolError naming the request (and `model_name`), with `log_tail()` for a failure that
+    is not an HTTP error status."""
+    who = f"{SERVER_BINARY} {method} {path}" + (f" for {model_name}" if model_name else "")
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    req = urllib.request.Request(
+        base_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read().decode("utf-8"))
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode("utf-8", "replace")
+        raise ToolError(f"{who}: HTTP {e.code}: {detail}") from None
+    except (OSError, http.client.HTTPException, ValueError) as e:  # ValueError: not JSON
+        reason = getattr(e, "reason", None) or e
+        raise ToolError(f"{who}: {reason}" + (f"\n{log_tail()}" if log_tail else "")) from None
+
+
+def apply_chat_template(
+    base_url: str, messages: list[dict[str, str]], enable_thinking: bool | None, timeout: float = 60.0
+) -> str:
+    """The prompt text the model's own template (--jinja) makes of `messages`, with the
+    generation prompt added; `enable_thinking` goes to the template as a kwarg when not None."""
+    body: dict[str, Any] = {"messages": messages}
+    if enable_thinking is not None:
+        body["chat_template_kwargs"] = {"enable_thinking": enable_thinking}
+    return str(request_json(base_url, "POST", "/apply-template", body, timeout)["prompt"])
+
+
+@dataclass(frozen=True)
+class Completion(Record):
+    text: str
+    stop: str  # eos | limit | word
+    logprobs: tuple[float, ...]  # of each generated token under the serving model (EOS excluded)
+
+
+def complete(
+    base_url: str,
+    prompt: str,
+    n_predict: int,
+    seed: int,
+    timeout: float,
+    grammar: str | None = None,
+    logprobs: bool = True,
+) -> Completion:
+    """Greedy continuation of a raw prompt (special tokens in it are parsed), no prompt cache,
+    so an answer does not depend on earlier requests."""
+    body: dict[str, Any] = {
+        "prompt": prompt,
+        "n_predict": n_predict,
+        "temperature": 0.0,
+        "top_k": 1,
+        "seed": seed,
+        "cache_prompt": False,
+        "n_probs": 1 if logprobs else 0,
+        "post_sampling_probs": False,
+    }
+    if grammar is not None:
+        body["grammar"] = grammar
+    ans = request_json(base_url, "POST", "/completion", body, timeout)
+    stop = str(ans.get("stop_type") or ("eos" if ans.get("stopped_eos") else "limit"))
+    probs = ans.get("completion_probabilities") or []
+    lps = [float("-inf") if p.get("logprob") is None else float(p["logprob"]) for p in probs]
+    if stop == "eos" and lps:
+        lps = lps[:-1]  # the end-of-generation token itself is listed last
+    return Completion(str(ans.get("content", "")), stop, tuple(lps))
+
+
+def gbnf_literal(text: str) -> str:
+    """A GBNF grammar (llama.cpp's `grammar` parameter) matching exactly `text`."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 32 or ch == "\x7f":
+            out.append(f"\\x{ord(ch):02X}")
+        else:
+            out.append(ch)
+    return 'root ::= "' + "".join(out) + '"'
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -218,21 +319,9 @@ class LlamaServer:
     # requests
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """One JSON request; returns the decoded JSON answer or raises ToolError."""
-        data = None if body is None else json.dumps(body).encode("utf-8")
-        req = urllib.request.Request(
-            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        return request_json(
+            self.url, method, path, body, self.request_timeout, model_name=self.model.name, log_tail=self.log_tail
         )
-        try:
-            with urllib.request.urlopen(req, timeout=self.request_timeout) as resp:
-                return json.loads(resp.read().decode("utf-8"))
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode("utf-8", "replace")
-            raise ToolError(f"{SERVER_BINARY} {method} {path} for {self.model.name}: HTTP {e.code}: {detail}") from None
-        except (OSError, http.client.HTTPException, ValueError) as e:  # ValueError: not JSON
-            reason = getattr(e, "reason", None) or e
-            raise ToolError(
-                f"{SERVER_BINARY} {method} {path} for {self.model.name}: {reason}\n{self.log_tail()}"
-            ) from None
 
     def completion(
         self,

@@ -213,8 +213,10 @@ def doctor(llama_bin: str | Path | None = None, tools: Sequence[str] = tuple(TOO
 
 # running -----------------------------------------------------------------------------
 
-_ERROR_LINE = re.compile(
-    r"error|failed|invalid|cannot|unable|abort|exception|what\(\)|disabled|usage:|not found", re.IGNORECASE
+# a line that reports a failure, in the output of any llama.cpp tool
+ERROR_LINE = re.compile(
+    r"error|failed|invalid|cannot|unable|abort|exception|what\(\)|disabled|usage:|not found|not enough|you need",
+    re.IGNORECASE,
 )
 
 
@@ -279,7 +281,7 @@ def run_tool(
             if stripped.startswith("usage:"):
                 usage = True
             # the usage text's option descriptions contain "error"-like words; keep its first line only
-            if _ERROR_LINE.search(stripped) and (not usage or stripped.startswith("usage:")):
+            if ERROR_LINE.search(stripped) and (not usage or stripped.startswith("usage:")):
                 errors.append(stripped)
         rc = proc.wait()
     except BaseException:

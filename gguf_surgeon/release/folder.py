@@ -73,8 +73,10 @@ def default_release_name(base: Path) -> str:
 
 
 def benchmark_markdown(base: Path, edited: Path, llama_bin: Path | None = None, questions: int | None = None) -> str:
-    """The base-vs-edited table of the eval suite (gguf_surgeon.evaluate.compare), as Markdown."""
-    from ..evaluation.runner import EvalOptions, compare, comparison_table
+    """The base-vs-edited table of the eval suite (evaluation.runner.compare), as Markdown."""
+    from ..evaluation.report import comparison_table
+    from ..evaluation.runner import compare
+    from ..evaluation.suite import EvalOptions
 
     reports = compare([base, edited], EvalOptions(llama_bin=llama_bin, questions=questions))
     header, rows = comparison_table(reports)

@@ -28,7 +28,7 @@ class ShortScore:
 
 def short_text(chars: int = SHORT_CHARS) -> str:
     """The first `chars` characters of the eval suite's text, cut at a sentence end."""
-    from ..evaluation.runner import EVAL_TEXT_FILE
+    from ..evaluation.suite import EVAL_TEXT_FILE
 
     text = EVAL_TEXT_FILE.read_text(encoding="utf-8")
     if len(text) <= chars:
@@ -41,7 +41,7 @@ def short_text(chars: int = SHORT_CHARS) -> str:
 class CandidateScorer:
     """Writes a candidate's GGUF, scores it, deletes it (unless keep).
 
-    The integration point with gguf_surgeon.evaluate: stage 1 runs llama-perplexity
+    The integration point with gguf_surgeon.evaluation: stage 1 runs llama-perplexity
     --kl-divergence-base/--kl-divergence through evaluate's evaluator and cache (base logits
     are computed once per text and cached by the base's hash; a candidate's result is cached
     by its own hash, so a rebuilt identical candidate costs nothing); stage 2 is
@@ -73,7 +73,7 @@ class CandidateScorer:
         self.cache_dir = cache_dir
 
     def _options(self, text: Path | None) -> Any:
-        from ..evaluation.runner import EvalOptions
+        from ..evaluation.suite import EvalOptions
 
         kw: dict[str, Any] = {"llama_bin": self.llama_bin, "cache_dir": self.cache_dir}
         if self.threads:

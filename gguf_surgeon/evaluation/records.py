@@ -1,0 +1,170 @@
+"""The records an evaluation returns: frozen dataclasses with to_dict() for --json, from a
+point value with its interval (Estimate) up to the whole report (EvalReport)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..records import Record
+
+
+@dataclass(frozen=True)
+class Estimate(Record):
+    """A point value and its bootstrap interval (CONFIDENCE, percentile method)."""
+
+    value: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Difference(Record):
+    """This model minus the base on one measure, paired over the same items."""
+
+    metric: str
+    higher_is_better: bool
+    delta: Estimate
+    verdict: str  # better | worse | not distinguishable (interval includes 0)
+
+
+@dataclass(frozen=True)
+class ModelInfo(Record):
+    path: Path
+    sha256: str  # of all shards' bytes, in order
+    name: str | None  # general.name
+    thinking_switch: bool  # the chat template reads enable_thinking
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Answer(Record):
+    id: str
+    question: str
+    reply: str
+    correct: bool
+
+
+@dataclass(frozen=True)
+class FactualResult(Record):
+    correct: int
+    total: int
+    accuracy: Estimate  # fraction correct, interval over questions
+    answers: tuple[Answer, ...]
+
+
+@dataclass(frozen=True)
+class PerplexityResult(Record):
+    ppl: Estimate  # exp(mean NLL over scored tokens), interval over chunks
+    chunks: int
+    ctx: int  # chunk length; its second half is scored
+    tokens: int  # scored tokens
+    text: str  # text file name
+    chunk_nll: tuple[float, ...]  # mean negative log-likelihood of each chunk (nats)
+
+
+@dataclass(frozen=True)
+class Continuation(Record):
+    prompt: str
+    text: str
+    tokens: int
+    words: int
+    coherence: float
+    repetition: float
+    base_ppl: float | None  # the base's perplexity of `text` after `prompt` (with a base)
+
+
+@dataclass(frozen=True)
+class GenerationResult(Record):
+    coherence: Estimate  # mean per-prompt coherence, interval over prompts
+    repetition: Estimate  # mean per-prompt repetition ratio, interval over prompts
+    continuations: tuple[Continuation, ...]
+
+
+@dataclass(frozen=True)
+class ThinkingSample(Record):
+    mode: str  # thinking | non-thinking
+    prompt: str
+    reply: str
+    passed: bool
+
+
+@dataclass(frozen=True)
+class ThinkingResult(Record):
+    supported: bool  # the template has an enable_thinking switch; else no checks ran
+    thinking_passed: int
+    non_thinking_passed: int
+    per_mode: int  # checks per mode
+    samples: tuple[ThinkingSample, ...]
+
+    @property
+    def thinking_ok(self) -> bool | None:
+        return None if not self.supported else self.thinking_passed == self.per_mode
+
+    @property
+    def non_thinking_ok(self) -> bool | None:
+        return None if not self.supported else self.non_thinking_passed == self.per_mode
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**Record.to_dict(self), "thinking_ok": self.thinking_ok, "non_thinking_ok": self.non_thinking_ok}
+
+
+@dataclass(frozen=True)
+class KldResult(Record):
+    mean: Estimate  # mean KL(base || model) per token, interval over chunks
+    median: float | None  # over tokens, from llama-perplexity (None under 100 tokens)
+    p99: float | None
+    maximum: float | None
+    same_top: Estimate  # % of tokens where both models rank the same token first
+    delta_ppl: Estimate  # PPL(model) - PPL(base), paired over chunks
+    chunk_kld: tuple[float, ...]
+    chunk_same_top: tuple[float, ...]  # fraction per chunk
+
+
+@dataclass(frozen=True)
+class Timings(Record):
+    """Wall time of this call, split by what it waited on."""
+
+    load: float  # llama.cpp processes starting, loading the model, stopping
+    perplexity: float  # llama-perplexity computing (perplexity, logits, KLD)
+    generation: float  # llama-server answering requests
+    total: float
+
+    @property
+    def llama(self) -> float:
+        return self.load + self.perplexity + self.generation
+
+    @property
+    def overhead(self) -> float:
+        """Time spent in gguf-surgeon itself: hashing, caching, parsing, bootstrap."""
+        return max(0.0, self.total - self.llama)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**Record.to_dict(self), "llama": self.llama, "overhead": self.overhead}
+
+
+@dataclass(frozen=True)
+class BaseComparison(Record):
+    base: EvalReport  # the base scored alone (same suite, same bootstrap draws)
+    kld: KldResult
+    continuation_ppl: Estimate | None  # base's perplexity of this model's continuations
+    base_continuation_ppl: Estimate | None  # base's perplexity of its own continuations
+    differences: tuple[Difference, ...]  # overall first
+    verdict: str  # of the overall score difference
+
+
+@dataclass(frozen=True)
+class EvalReport(Record):
+    model: ModelInfo
+    suite_version: int
+    settings: dict  # threads, seed, ctx, batch, bootstrap samples, confidence, questions, text
+    score: Estimate  # overall 0-100
+    parts: dict  # part -> 0-1 sub-score that entered the overall score
+    factual: FactualResult
+    perplexity: PerplexityResult
+    generation: GenerationResult
+    thinking: ThinkingResult
+    versus_base: BaseComparison | None
+    timings: Timings
+    cached: bool  # nothing had to run: every raw result came from the cache
