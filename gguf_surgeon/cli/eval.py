@@ -73,15 +73,6 @@ def render_table(header: list[str], rows: list[list[str]]) -> None:
     out_console.print(t)
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    def esc(cell: str) -> str:
-        return cell.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|:---|" + ":---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def footer(reports: Sequence[EvalReport]) -> None:
     r = reports[-1]
     s = r.settings
@@ -184,7 +175,7 @@ def compare_cmd(
     """
     if len(models) < 2:
         raise click.UsageError("compare needs at least two models")
-    from ..evaluation.report import comparison_table
+    from ..evaluation.report import comparison_table, markdown_table
     from ..evaluation.runner import compare
 
     options = make_options(text, questions, threads, no_cache, llama_bin)

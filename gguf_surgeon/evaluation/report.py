@@ -4,6 +4,7 @@ overall score, each registered metric's rows, and the verdict against the first 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 from .metrics import METRICS, OVERALL, Row
@@ -57,3 +58,15 @@ def comparison_table(reports: Sequence[EvalReport]) -> tuple[list[str], list[lis
         rows += [[row.label] + [_cell(row, metric.label, r) for r in reports] for row in metric.rows]
     rows.append(["Verdict vs first"] + ["—" if not r.versus_base else r.versus_base.verdict for r in reports])
     return header, rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (first column left-aligned, the rest centred) with each cell's bare `|`
+    escaped: `compare --markdown` and the release card print the same table."""
+
+    def cell(text: str) -> str:
+        return re.sub(r"(?<!\\)\|", r"\\|", text)
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|:---|" + ":---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)

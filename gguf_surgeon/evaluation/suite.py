@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EvalError
-from ..files import read_toml
+from ..files import read_text, read_toml
 from .answers import answer_tokens
 
 SUITE_VERSION = 1  # bump when a change alters any score of an unchanged model
@@ -123,14 +123,7 @@ def load_suite(options: EvalOptions = DEFAULT_OPTIONS) -> Suite:
             raise EvalError(f"--questions {options.questions}: must be at least 1")
         questions = questions[: options.questions]
     path = options.text or EVAL_TEXT_FILE
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EvalError(f"--text {path}: no such file") from None
-    except UnicodeDecodeError:
-        raise EvalError(f"--text {path}: not UTF-8 text") from None
-    except OSError as e:
-        raise EvalError(f"--text {path}: cannot read: {e.strerror}") from None
+    text = read_text(Path(path), EvalError, "text file", label=f"--text {path}")
     if not text.strip():
         raise EvalError(f"--text {path}: empty")
     return Suite(questions, text, Path(path).name)

@@ -74,19 +74,14 @@ def default_release_name(base: Path) -> str:
 
 def benchmark_markdown(base: Path, edited: Path, llama_bin: Path | None = None, questions: int | None = None) -> str:
     """The base-vs-edited table of the eval suite (evaluation.runner.compare), as Markdown."""
-    from ..evaluation.report import comparison_table
+    from ..evaluation.report import comparison_table, markdown_table
     from ..evaluation.runner import compare
     from ..evaluation.suite import EvalOptions
 
     reports = compare([base, edited], EvalOptions(llama_bin=llama_bin, questions=questions))
     header, rows = comparison_table(reports)
-    header = [header[0]] + [f"{h} (base)" if i == 0 else f"**{h}**" for i, h in enumerate(header[1:])]
-    lines = [
-        "| " + " | ".join(_md(h).replace("\\*", "*") for h in header) + " |",
-        "|:---|" + "|".join(":---:" for _ in header[1:]) + "|",
-    ]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    header = [header[0]] + [f"{_md(h)} (base)" if i == 0 else f"**{_md(h)}**" for i, h in enumerate(header[1:])]
+    return markdown_table(header, rows)
 
 
 def release(
