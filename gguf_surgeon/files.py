@@ -70,21 +70,21 @@ def reading(path: Path, error: type[SurgeonError], noun: str = "file", label: st
         raise error(f"{label}: not UTF-8 text (byte {e.start})") from None
 
 
-def open_regular(path: Path, error: type[SurgeonError], noun: str = "file") -> Any:
+def open_regular(path: Path, error: type[SurgeonError], noun: str = "file", label: str | None = None) -> Any:
     """Open an input for binary reading, refusing what is not a regular file first: a FIFO
     would block open() forever, a pipe or device cannot be mapped or sized."""
-    with reading(path, error, noun):
+    with reading(path, error, noun, label):
         st = os.stat(path)
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError
         if not stat.S_ISREG(st.st_mode):
-            raise error(f"{path}: not a regular file (a pipe, FIFO or device); give a {noun}")
+            raise error(f"{label or path}: not a regular file (a pipe, FIFO or device); give a {noun}")
         return open(path, "rb")
 
 
 def read_text(path: Path, error: type[SurgeonError], noun: str = "file", label: str | None = None) -> str:
     """A UTF-8 text input, every failure one `error` naming it."""
-    with reading(path, error, noun, label), open_regular(path, error, noun) as f:
+    with reading(path, error, noun, label), open_regular(path, error, noun, label) as f:
         return f.read().decode("utf-8")
 
 

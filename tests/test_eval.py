@@ -39,10 +39,20 @@ from gguf_surgeon.evaluation.records import (
     ModelInfo,
     Timings,
 )
-from gguf_surgeon.evaluation.report import comparison_table
+from gguf_surgeon.evaluation.report import comparison_table, verdict_lines
 from gguf_surgeon.evaluation.runner import _report, evaluate, kl_divergence
-from gguf_surgeon.evaluation.stats import _difference, _Draws, _mean_reps
+from gguf_surgeon.evaluation.stats import (
+    _Draws,
+    binom_cdf,
+    bootstrap_p,
+    clopper_pearson,
+    detectable_binary,
+    detectable_continuous,
+    judge,
+    paired_binary_difference,
+)
 from gguf_surgeon.evaluation.suite import EVAL_TEXT_FILE, EvalOptions, Question, Suite, load_questions
+from gguf_surgeon.evaluation.yardstick import Rung, Yardstick, yardstick
 from gguf_surgeon.llama import perplexity as perplexity_module
 from gguf_surgeon.llama.perplexity import parse_kld_output, parse_perplexity_output
 from gguf_surgeon.llama.server import LlamaServer, apply_chat_template
@@ -139,21 +149,44 @@ def test_parse_llama_perplexity_output():
 
 
 def test_five_points_from_seventeen_questions_is_within_noise():
-    """The model card's +12% factual (15/17 -> 17/17) and a one-question change are noise."""
-    draws = _Draws(42, 2000)
+    """The model card's +12% factual (15/17 -> 17/17) is noise; the same gain over 170 is not.
+    Checked against the exact McNemar p-value computed by hand: with every discordant pair
+    going one way, p = 2 * 0.5**m."""
     base = np.array([1] * 15 + [0] * 2, float)
-    model = np.ones(17)
-    d = _difference("factual accuracy", True, _mean_reps(model, draws, "question"), _mean_reps(base, draws, "question"))
-    assert d.delta.value == pytest.approx(2 / 17)
-    assert d.verdict == "not distinguishable" and d.delta.low <= 0
-    # the same gain over 170 questions is not
-    big = _difference(
-        "factual accuracy",
-        True,
-        _mean_reps(np.ones(170), draws, "question"),
-        _mean_reps(np.array([1] * 150 + [0] * 20, float), draws, "question"),
+    d = paired_binary_difference("factual accuracy", True, np.ones(17), base, 0.05)
+    assert d.delta.value == pytest.approx(2 / 17) and d.discordant == (2, 0)
+    assert d.p_value == pytest.approx(2 * 0.5**2) and d.verdict == "inconclusive" and d.delta.low <= 0
+    big = paired_binary_difference("factual accuracy", True, np.ones(170), np.array([1] * 150 + [0] * 20, float), 0.05)
+    assert big.p_value == pytest.approx(2 * 0.5**20) and big.verdict == "better"
+    # the same model on the same items: an exact zero, equivalent within any margin
+    same = paired_binary_difference("factual accuracy", True, base, base, 0.05)
+    assert (same.delta.low, same.delta.high, same.p_value, same.verdict) == (0.0, 0.0, 1.0, "equivalent")
+    # six answers lost, none gained, of 50: significant (p = 2 / 2**6 = 0.031)
+    lost = paired_binary_difference(
+        "factual accuracy", True, np.array([1] * 29 + [0] * 21, float), np.array([1] * 35 + [0] * 15, float), 0.05
     )
-    assert big.verdict == "better"
+    assert lost.discordant == (0, 6) and lost.p_value == pytest.approx(2 / 2**6) and lost.verdict == "worse"
+
+
+def test_exact_intervals_and_power_against_closed_forms():
+    # Clopper-Pearson with k = 0 or k = n has closed forms: 1 - (a/2)**(1/n) and (a/2)**(1/n)
+    assert clopper_pearson(0, 10)[1] == pytest.approx(1 - 0.025 ** (1 / 10), abs=1e-9)
+    assert clopper_pearson(10, 10)[0] == pytest.approx(0.025 ** (1 / 10), abs=1e-9)
+    lo, hi = clopper_pearson(7, 20)
+    assert binom_cdf(6, 20, lo) == pytest.approx(1 - 0.025, abs=1e-6)  # P(X >= 7 | lo) = 2.5%
+    assert binom_cdf(7, 20, hi) == pytest.approx(0.025, abs=1e-6)
+    # the detectable difference solves Connor's McNemar sample-size formula for n
+    for n, discordant in ((50, 10), (400, 13), (300, 60)):
+        d, psi = detectable_binary(n, discordant), discordant / n
+        need = (1.959964 * math.sqrt(psi) + 0.841621 * math.sqrt(psi - d * d)) ** 2 / d**2
+        assert need == pytest.approx(n, rel=1e-3)
+    assert detectable_binary(400, 13) < detectable_binary(50, 10)  # more items resolve less
+    # a bootstrap difference of N(0.5, 0.1) replicates: significant, detects about 2.8 sd
+    reps = np.random.default_rng(0).normal(0.5, 0.1, 4000)
+    assert bootstrap_p(reps) < 0.01 and detectable_continuous(reps) == pytest.approx(2.8 * 0.1, rel=0.05)
+    assert judge(Estimate(0.01, -0.02, 0.03), 0.6, True, 0.05) == "equivalent"
+    assert judge(Estimate(0.01, -0.08, 0.1), 0.6, True, 0.05) == "inconclusive"
+    assert judge(Estimate(-0.1, -0.15, -0.05), 0.001, True, 0.2) == "worse"  # significant beats equivalent
 
 
 def _toy_raw(correct: list[bool], chunk_nll: list[float], texts: list[str]) -> Raw:
@@ -183,7 +216,7 @@ def test_metric_registry_drives_score_differences_and_table():
 
     def table_and_diffs():
         scored, base_scored = score(raw, draws), score(base, draws)
-        diffs = differences(scored, base_scored, paired(raw, base, scored, base_scored, draws))
+        diffs = differences(scored, base_scored, paired(raw, base, scored, base_scored, draws), raw, base)
         kld = KldResult(
             Estimate(0.1, 0.05, 0.15), 0.09, 0.4, 1.0, Estimate(90, 85, 95), Estimate(1, 0, 2), (0.1,), (0.9,)
         )
@@ -232,7 +265,7 @@ def test_metric_registry_drives_score_differences_and_table():
         assert w["toy"] == 0.5 and scored.overall[0] == pytest.approx(
             100 * sum(w[k] * v for k, v in scored.report_parts.items()) / (1.5 - w["thinking"])
         )
-        assert diffs[-1].metric == "toy length" and diffs[-1].verdict == "not distinguishable"
+        assert diffs[-1].metric == "toy length" and diffs[-1].verdict == "equivalent"  # the same texts
         assert [r[0] for r in rows][-2:] == ["Toy length", "Verdict vs first"]
         assert rows[-2][2].startswith(f"{scored.report_parts['toy']:.2f}") and "Δ +0.00" in rows[-2][2]
     finally:
@@ -430,17 +463,18 @@ def test_smollm2_answers_most_bundled_questions(smollm2: Path, smol_report, smol
 
 
 @pytest.mark.slow
-def test_smollm2_identical_copy_is_not_distinguishable(
-    smollm2: Path, smol_report, smol_options: EvalOptions, tmp_path: Path
-):
+def test_smollm2_identical_copy_is_equivalent(smollm2: Path, smol_report, smol_options: EvalOptions, tmp_path: Path):
     copy = tmp_path / "copy.gguf"
     shutil.copyfile(smollm2, copy)
     r = evaluate(copy, base=smollm2, options=smol_options)
     v = r.versus_base
     assert v.kld.mean.value < 1e-3 and v.kld.same_top.value > 99.9
     assert r.score.value == v.base.score.value == smol_report.score.value
-    assert v.verdict == "not distinguishable"
-    assert all(d.verdict == "not distinguishable" for d in v.differences)
+    assert v.verdict == "equivalent"
+    assert all(d.verdict == "equivalent" for d in v.differences), [(d.metric, d.verdict) for d in v.differences]
+    factual = next(d for d in v.differences if d.metric == "factual accuracy")
+    assert factual.discordant == (0, 0) and factual.p_value == 1.0 and 0 < factual.detectable < 0.3
+    assert verdict_lines(v)[0].startswith("Verdict: equivalent")
 
 
 @pytest.mark.slow
@@ -454,3 +488,30 @@ def test_smollm2_without_middle_blocks_is_worse(smollm2: Path, smol_report, smol
     assert v.kld.delta_ppl.low > 0
     assert r.score.value < v.base.score.value
     assert v.verdict == "worse"
+
+
+def test_yardstick_places_a_kld_in_words():
+    stick = Yardstick(
+        "0" * 64,
+        16.0,
+        (Rung("Q8_0", 0.001, 8.5, 1), Rung("Q4_K_M", 0.03, 4.9, 1), Rung("Q2_K", 0.4, 3.0, 1)),
+    )
+    assert stick.place(0.025) == "about as much as Q4_K_M (0.0300)"
+    assert stick.place(0.0001) == "less than Q8_0 (0.0010)"
+    assert stick.place(2.0) == "more than Q2_K (0.4000)"
+    assert stick.place(0.1) == "between Q4_K_M (0.0300) and Q2_K (0.4000)"
+
+
+@pytest.mark.slow
+def test_yardstick_of_a_base_is_its_own_ladder(make_model, llama_bin: Path, tmp_path: Path):
+    """The rungs are llama-quantize's files of the base, each KLD measured by llama-perplexity:
+    fewer bits cost more KLD; a second call reads the cache and runs no tool."""
+    base = make_model("base.gguf", n_embd=256, n_head=4, n_head_kv=2, ff=512, n_blocks=2)
+    options = EvalOptions(llama_bin=llama_bin, threads=1, cache_dir=tmp_path / "cache", questions=1)
+    stick = yardstick(base, options, types=("Q8_0", "Q4_K_M", "Q2_K"))
+    assert [r.type for r in stick.rungs] == ["Q8_0", "Q4_K_M", "Q2_K"]
+    klds = [r.kld for r in stick.rungs]
+    assert 0 <= klds[0] < klds[1] < klds[2], klds
+    assert stick.rungs[0].bits_per_weight > stick.rungs[2].bits_per_weight
+    again = yardstick(base, replace(options, llama_bin=tmp_path / "no-tools-here"), types=("Q8_0", "Q4_K_M", "Q2_K"))
+    assert again == stick

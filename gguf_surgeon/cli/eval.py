@@ -38,6 +38,12 @@ def eval_options(f: Callable) -> Callable:
                 help="llama.cpp threads (default: min(4, CPUs)); results are cached per thread count.",
             ),
             click.option("--no-cache", is_flag=True, help="Recompute everything and keep nothing."),
+            click.option(
+                "--yardstick",
+                is_flag=True,
+                help="Place each KLD on the base's own quantization ladder (Q8_0 ... Q2_K, made and "
+                "measured once per base, then cached).",
+            ),
             llama_bin_option("Folder holding llama-perplexity and llama-server."),
         ]
     ):
@@ -57,6 +63,23 @@ def make_options(
         threads=threads or default_threads(),
         use_cache=not no_cache,
     )
+
+
+def place_on_yardstick(base: Path, reports: Sequence[EvalReport], options: EvalOptions, progress) -> dict:
+    """The base's quantization ladder and each report's KLD placed on it (JSON-able)."""
+    from ..evaluation.yardstick import yardstick
+
+    stick = yardstick(base, options, progress=lambda step: progress(step, 0, None))
+    placed = [
+        {
+            "model": str(r.model.path),
+            "kld": r.versus_base.kld.mean.value,
+            "place": stick.place(r.versus_base.kld.mean.value),
+        }
+        for r in reports
+        if r.versus_base
+    ]
+    return {**stick.to_dict(), "placed": placed}
 
 
 def useful_rows(rows: list[list[str]]) -> list[list[str]]:
@@ -109,13 +132,14 @@ def eval_cmd(
     questions: int | None,
     threads: int | None,
     no_cache: bool,
+    yardstick: bool,
     llama_bin: Path | None,
     as_json: bool,
     out: Path | None,
 ) -> None:
     """Score MODEL 0-100 (factual questions, perplexity, coherence, repetition, thinking modes),
     each with a 95% bootstrap interval; with --base also KL divergence, same-top-token rate,
-    differences to the base and a verdict: better, worse or not distinguishable.
+    differences to the base and a verdict: better, worse, equivalent or inconclusive.
 
     Runs llama-perplexity and llama-server (temperature 0, fixed seed and threads). Results
     are cached by file hash in ~/.cache/gguf-surgeon/eval, so a rerun is instant.
@@ -124,13 +148,16 @@ def eval_cmd(
     Example:
       gguf-surgeon eval edited.gguf --base original.gguf
     """
-    from ..evaluation.report import comparison_table
+    from ..evaluation.report import comparison_table, verdict_lines
     from ..evaluation.runner import evaluate
 
     options = make_options(text, questions, threads, no_cache, llama_bin)
     with step_progress(enabled=not as_json) as progress:
         report = evaluate(model, base, options, progress)
+        stick = place_on_yardstick(base, [report], options, progress) if yardstick and base else None
     data = report.to_dict()
+    if stick is not None:
+        data["yardstick"] = stick
     if out is not None:
         from ..files import write_text_atomic
 
@@ -141,13 +168,12 @@ def eval_cmd(
     render_table(*comparison_table(reports))
     if report.versus_base:
         d = report.versus_base.differences[0].delta
-        out_console.print(
-            f"Verdict: [bold]{report.versus_base.verdict}[/] than the base"
-            if report.versus_base.verdict != "not distinguishable"
-            else "Verdict: [bold]not distinguishable[/] from the base",
-            end="",
-        )
-        out_console.print(f" (overall Δ {d.value:+.1f}, 95% interval [{d.low:+.1f}, {d.high:+.1f}])")
+        first, *rest = verdict_lines(report.versus_base)
+        out_console.print(f"[bold]{first}[/] (overall Δ {d.value:+.1f}, 95% interval [{d.low:+.1f}, {d.high:+.1f}])")
+        for line in rest:
+            out_console.print(line)
+        if stick is not None:
+            out_console.print(f"KL divergence {stick['placed'][0]['kld']:.4f} costs {stick['placed'][0]['place']}")
     footer(reports)
 
 
@@ -162,6 +188,7 @@ def compare_cmd(
     questions: int | None,
     threads: int | None,
     no_cache: bool,
+    yardstick: bool,
     llama_bin: Path | None,
     markdown: bool,
     as_json: bool,
@@ -181,9 +208,13 @@ def compare_cmd(
     options = make_options(text, questions, threads, no_cache, llama_bin)
     with step_progress(enabled=not (as_json or markdown)) as progress:
         reports = compare(models, options, progress)
+        stick = place_on_yardstick(models[0], reports, options, progress) if yardstick else None
     if as_json:
-        return emit_json([r.to_dict() for r in reports])
+        data = [r.to_dict() for r in reports]
+        return emit_json({"reports": data, "yardstick": stick} if stick is not None else data)
     header, rows = comparison_table(reports)
+    if stick is not None:
+        rows.append(["KLD on the base's ladder"] + ["—"] + [p["place"] for p in stick["placed"]])
     if markdown:
         return click.echo(markdown_table(header, rows))
     render_table(header, rows)

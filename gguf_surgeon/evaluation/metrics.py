@@ -25,10 +25,11 @@ from .records import (
     ModelInfo,
     ThinkingSample,
 )
-from .stats import Estimated, _difference, _Draws, _mean_reps, _nll_estimate
+from .stats import Estimated, _Draws, _mean_reps, _nll_estimate, continuous_difference, paired_binary_difference
 
 PPL_CEILING = 1000.0  # perplexity that scores 0; 1 scores 1; log scale in between
 OVERALL = "overall score"  # the name of the overall score's difference (always first)
+OVERALL_MARGIN = 3.0  # points of 100: a smaller change of the overall score counts as equivalent
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,13 @@ class Metric:
     optional: bool = False  # a model without items has no value (else: the mean of nothing, NaN)
     pair: Pairing | None = None
     rows: tuple[Row, ...] = ()  # in the comparison table
+    binary: bool = False  # items are 0/1 (right or wrong): compared by exact McNemar
+    margin: Callable[[float], float] = lambda base: 0.0  # equivalence margin from the base's value
+    primary: bool | None = None  # a significant loss makes the overall verdict worse (default: weighted)
+
+    @property
+    def is_primary(self) -> bool:
+        return self.weight > 0 if self.primary is None else self.primary
 
     def measure(self, raw: Raw, draws: _Draws) -> Estimated | None:
         """The point value and bootstrap replicates of this model's measure, None when it has none."""
@@ -165,6 +173,8 @@ FACTUAL = Metric(
     True,
     "question",
     items=lambda raw: [a.correct for a in raw.answers],
+    binary=True,
+    margin=lambda base: 0.05,  # 5 points of accuracy
     rows=(
         Row(
             "Factual accuracy",
@@ -185,6 +195,7 @@ PERPLEXITY = Metric(
     items=lambda raw: raw.chunk_nll,  # exp(mean NLL) over the chunks
     of_mean=_exp,
     subscore=ppl_subscore,
+    margin=lambda base: 0.02 * base,  # 2% of the base's perplexity
     # the KL divergence to the first model is measured on the same text chunks
     rows=(
         Row("Perplexity", lambda r: r.perplexity.ppl, digits=2, delta=True),
@@ -200,6 +211,7 @@ COHERENCE = Metric(
     True,
     "prompt",
     items=lambda raw: [c.coherence for c in raw.continuations],
+    margin=lambda base: 0.05,
     rows=(Row("Coherence", lambda r: r.generation.coherence, digits=3, delta=True),),
 )
 REPETITION = Metric(
@@ -210,6 +222,7 @@ REPETITION = Metric(
     "prompt",
     items=lambda raw: [c.repetition for c in raw.continuations],
     subscore=lambda x: 1 - x,
+    margin=lambda base: 0.05,
     rows=(Row("Repetition", lambda r: r.generation.repetition, digits=3, delta=True),),
 )
 THINKING = Metric(
@@ -219,6 +232,8 @@ THINKING = Metric(
     True,
     "thinking",
     items=lambda raw: [s.passed for s in raw.thinking],
+    binary=True,
+    margin=lambda base: 0.25,  # one check in four
     optional=True,  # only where the chat template has an enable_thinking switch
     rows=(
         Row(
@@ -238,6 +253,7 @@ CONTINUATION = Metric(
     False,
     "prompt",
     pair=_continuation_ppl,
+    margin=lambda base: 0.05 * base,
 )
 
 for _metric in (FACTUAL, PERPLEXITY, COHERENCE, REPETITION, THINKING, CONTINUATION):
@@ -285,12 +301,40 @@ def paired(
 
 
 def differences(
-    scored: Scored, base_scored: Scored, pairs: dict[str, tuple[Estimated | None, Estimated | None]]
+    scored: Scored,
+    base_scored: Scored,
+    pairs: dict[str, tuple[Estimated | None, Estimated | None]],
+    raw: Raw,
+    base_raw: Raw,
 ) -> list[Difference]:
-    """Model minus base with verdicts: the overall score first, then each metric both have."""
-    diffs = [_difference(OVERALL, True, scored.overall, base_scored.overall)]
+    """Model minus base with p-value, power and verdict: the overall score first, then each
+    metric both have (items scored 0/1 by exact McNemar on the same items, the rest by the
+    paired bootstrap)."""
+    n_items = {m.kind: len(m.items(raw)) for m in METRICS.values() if m.items is not None}
+    diffs = [
+        continuous_difference(OVERALL, True, scored.overall, base_scored.overall, OVERALL_MARGIN, sum(n_items.values()))
+    ]
     for m in METRICS.values():
         mv, bv = pairs[m.name]
-        if mv is not None and bv is not None:
-            diffs.append(_difference(m.label, m.higher_is_better, mv, bv))
+        if mv is None or bv is None:
+            continue
+        margin = float(m.margin(bv[0]))
+        if m.binary and m.items is not None:
+            model_items, base_items = np.array(m.items(raw), float), np.array(m.items(base_raw), float)
+            diffs.append(paired_binary_difference(m.label, m.higher_is_better, model_items, base_items, margin))
+        else:
+            diffs.append(continuous_difference(m.label, m.higher_is_better, mv, bv, margin, n_items.get(m.kind, 0)))
     return diffs
+
+
+def overall_verdict(diffs: Sequence[Difference]) -> str:
+    """worse when any primary measure is significantly worse, whatever the weighted score says;
+    else the overall score's verdict, equivalent only when every primary measure is too."""
+    primary = {m.label for m in METRICS.values() if m.is_primary}
+    measures = [d for d in diffs[1:] if d.metric in primary]
+    if any(d.verdict == "worse" for d in measures):
+        return "worse"
+    verdict = diffs[0].verdict
+    if verdict == "equivalent" and not all(d.verdict == "equivalent" for d in measures):
+        return "inconclusive"
+    return verdict

@@ -26,7 +26,12 @@ class Difference(Record):
     metric: str
     higher_is_better: bool
     delta: Estimate
-    verdict: str  # better | worse | not distinguishable (interval includes 0)
+    verdict: str  # better | worse (significant) | equivalent (interval inside ±margin) | inconclusive
+    items: int  # paired items the difference is measured over
+    discordant: tuple[int, int] | None  # items scored 0/1: (only the model right, only the base right)
+    p_value: float  # exact McNemar for items scored 0/1, paired bootstrap otherwise
+    detectable: float  # smallest difference this item count detects (80% power, 5% two-sided)
+    margin: float  # the equivalence margin, in the measure's units
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 
 from .metrics import METRICS, OVERALL, Row
-from .records import Difference, Estimate, EvalReport
+from .records import BaseComparison, Difference, Estimate, EvalReport
 
 
 def _fmt_ci(e: Estimate, digits: int, pct: bool = False) -> str:
@@ -19,11 +19,22 @@ def _fmt_ci(e: Estimate, digits: int, pct: bool = False) -> str:
 
 
 def _fmt_delta(d: Difference | None, digits: int, pct: bool = False) -> str:
+    """'Δ -6 [-14, +2] inconclusive (p 0.15; 3 gained, 6 lost of 50; detects ±9; equivalent within ±5)'."""
     if d is None:
         return ""
     k = 100 if pct else 1
     e = d.delta
-    return f"Δ {e.value * k:+.{digits}f} [{e.low * k:+.{digits}f}, {e.high * k:+.{digits}f}] {d.verdict}"
+    facts = [f"p {d.p_value:.3g}"]
+    if d.discordant is not None:
+        facts.append(f"{d.discordant[0]} gained, {d.discordant[1]} lost of {d.items}")
+    if math.isfinite(d.detectable):
+        facts.append(f"detects ±{d.detectable * k:.{digits}f}")
+    if d.margin:
+        facts.append(f"equivalent within ±{d.margin * k:.{digits}f}")
+    return (
+        f"Δ {e.value * k:+.{digits}f} [{e.low * k:+.{digits}f}, {e.high * k:+.{digits}f}] {d.verdict}"
+        f" ({'; '.join(facts)})"
+    )
 
 
 def _with_delta(text: str, d: Difference | None, digits: int, pct: bool = False) -> str:
@@ -70,3 +81,43 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|:---|" + ":---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+_PERCENT_METRICS = {"factual accuracy", "thinking checks"}  # proportions shown in points
+
+
+def _amount(d: Difference, value: float) -> str:
+    return f"{value * 100:.1f} points" if d.metric in _PERCENT_METRICS else f"{value:.3g}"
+
+
+def verdict_lines(versus: BaseComparison) -> list[str]:
+    """The verdict against the base in words: what is significantly better or worse, and the
+    smallest differences the suite could not have missed (never a bare 'no difference')."""
+    v = versus.verdict
+    head = {
+        "better": "better than the base",
+        "worse": "worse than the base",
+        "equivalent": "equivalent to the base on every primary measure, within the margins",
+        "inconclusive": "inconclusive: no significant difference, and not shown equivalent within the margins",
+    }.get(v, v)
+    lines = [f"Verdict: {head}"]
+    for word in ("worse", "better"):
+        hits = [d for d in versus.differences[1:] if d.verdict == word]
+        if hits:
+            lines.append(
+                f"{word.capitalize()} on: "
+                + "; ".join(
+                    f"{d.metric} Δ {_amount(d, d.delta.value)} (p {d.p_value:.3g}"
+                    + (f", {d.discordant[0]} gained / {d.discordant[1]} lost of {d.items}" if d.discordant else "")
+                    + ")"
+                    for d in hits
+                )
+            )
+    unresolved = [d for d in versus.differences if d.verdict == "inconclusive" and math.isfinite(d.detectable)]
+    if unresolved:
+        lines.append(
+            "This suite cannot tell differences below: "
+            + "; ".join(f"{d.metric} ±{_amount(d, d.detectable)}" for d in unresolved)
+            + " (80% power, 5% two-sided)"
+        )
+    return lines

@@ -2,7 +2,7 @@
 
     report = evaluate("edited.gguf", base="original.gguf")
     report.score            # Estimate(value=81.2, low=77.0, high=85.1): overall 0-100
-    report.versus_base.verdict   # "better" | "worse" | "not distinguishable"
+    report.versus_base.verdict   # "better" | "worse" | "equivalent" | "inconclusive"
 
 Parts (docs/evaluation.md has the formula and the reasoning; metrics.py the registry):
 - factual accuracy: the bundled questions (data/questions.toml), asked through the model's own
@@ -42,7 +42,7 @@ from ..llama.tools import find_tool
 from ..reader import Model
 from .answers import coherence_of, is_correct, repetition_of, thinking_check, words
 from .cache import EvalCache, cache_key
-from .metrics import CONTINUATION, Raw, Scored, differences, paired, score, weights
+from .metrics import CONTINUATION, Raw, Scored, differences, overall_verdict, paired, score, weights
 from .records import (
     Answer,
     BaseComparison,
@@ -501,7 +501,7 @@ def _evaluate_against(ev: _Evaluator, target: _Target, base: _Target, t_start: f
     scored, base_scored = score(raw, draws), score(base_raw, draws)
     kld_result = _kld_result(target.info.path, kld, raw.chunk_nll, base_raw.chunk_nll, draws)
     pairs = paired(raw, base_raw, scored, base_scored, draws)
-    diffs = differences(scored, base_scored, pairs)
+    diffs = differences(scored, base_scored, pairs, raw, base_raw)
     cont, base_cont = pairs[CONTINUATION.name]
     timings = _timings(ev.clock, t_start)
     cached = not ev.clock.ran
@@ -511,7 +511,7 @@ def _evaluate_against(ev: _Evaluator, target: _Target, base: _Target, t_start: f
         _interval(*cont) if cont else None,
         _interval(*base_cont) if base_cont else None,
         tuple(diffs),
-        diffs[0].verdict,
+        overall_verdict(diffs),
     )
     return _report(raw, scored, ev.options, ev.suite, timings, cached, versus)
 
