@@ -29,6 +29,7 @@ from gguf_surgeon.evaluation.answers import (
     thinking_check,
     words,
 )
+from gguf_surgeon.evaluation.cache import EvalCache
 from gguf_surgeon.evaluation.metrics import METRICS, Metric, Raw, Row, differences, paired, register, score, weights
 from gguf_surgeon.evaluation.records import (
     Answer,
@@ -40,7 +41,7 @@ from gguf_surgeon.evaluation.records import (
     Timings,
 )
 from gguf_surgeon.evaluation.report import comparison_table, verdict_lines
-from gguf_surgeon.evaluation.runner import _report, evaluate, kl_divergence
+from gguf_surgeon.evaluation.runner import _Evaluator, _report, _Target, evaluate, identify, kl_divergence
 from gguf_surgeon.evaluation.stats import (
     _Draws,
     binom_cdf,
@@ -51,7 +52,15 @@ from gguf_surgeon.evaluation.stats import (
     judge,
     paired_binary_difference,
 )
-from gguf_surgeon.evaluation.suite import EVAL_TEXT_FILE, EvalOptions, Question, Suite, load_questions
+from gguf_surgeon.evaluation.suite import (
+    EVAL_TEXT_FILE,
+    FEW_SHOT_EXAMPLES,
+    EvalOptions,
+    Question,
+    Suite,
+    load_questions,
+    load_suite,
+)
 from gguf_surgeon.evaluation.yardstick import Rung, Yardstick, yardstick
 from gguf_surgeon.llama import perplexity as perplexity_module
 from gguf_surgeon.llama.perplexity import parse_kld_output, parse_perplexity_output
@@ -515,3 +524,40 @@ def test_yardstick_of_a_base_is_its_own_ladder(make_model, llama_bin: Path, tmp_
     assert stick.rungs[0].bits_per_weight > stick.rungs[2].bits_per_weight
     again = yardstick(base, replace(options, llama_bin=tmp_path / "no-tools-here"), types=("Q8_0", "Q4_K_M", "Q2_K"))
     assert again == stick
+
+
+def test_a_model_without_chat_template_is_asked_few_shot(make_model, llama_bin: Path, tmp_path: Path):
+    """A pretrained base has no chat template: its questions are plain few-shot Q/A prompts
+    cut at the end of the answer line, and the report says so."""
+    plain = make_model("plain.gguf", chat_template=None)
+    chat = make_model("chat.gguf")
+    cache = EvalCache(tmp_path / "cache", True)
+    try:
+        info, chat_info = identify(plain, cache), identify(chat, cache)
+    finally:
+        cache.close()
+    assert (info.prompt_format, chat_info.prompt_format) == ("few-shot Q/A", "chat template")
+    assert not info.thinking_switch
+    options = EvalOptions(questions=3, llama_bin=llama_bin)
+    ev = _Evaluator(load_suite(options), options, EvalCache(tmp_path / "cache", True), None)
+    suite = ev.suite
+    items = [req for step, _, req in ev.generation_items(_Target(info, "plain")) if step == "factual questions"]
+    assert len(items) == 3 and all("messages" not in r and r["stop"] == ["\n"] for r in items)
+    assert items[0]["prompt"].endswith(f"Question: {suite.questions[0].question}\nAnswer:")
+    assert items[0]["prompt"].count("Question: ") == len(FEW_SHOT_EXAMPLES) + 1
+    # the examples are not questions of the suite (they would give the answer away)
+    asked = {q.question for q in load_questions()}
+    assert not asked & {q for q, _ in FEW_SHOT_EXAMPLES}
+    chat_items = [
+        req for step, _, req in ev.generation_items(_Target(chat_info, "chat")) if step == "factual questions"
+    ]
+    assert all("messages" in r for r in chat_items)
+
+
+@pytest.mark.slow
+def test_few_shot_eval_runs_through_llama_server(make_model, llama_bin: Path, tmp_path: Path):
+    plain = make_model("plain.gguf", chat_template=None)
+    r = evaluate(plain, options=EvalOptions(llama_bin=llama_bin, threads=1, questions=3, cache_dir=tmp_path / "c"))
+    assert r.model.prompt_format == "few-shot Q/A" and r.factual.total == 3
+    assert all("\n" not in a.reply for a in r.factual.answers)  # cut at the end of the answer line
+    assert not r.thinking.supported

@@ -41,6 +41,7 @@ class ModelInfo(Record):
     name: str | None  # general.name
     thinking_switch: bool  # the chat template reads enable_thinking
     vocab_size: int
+    prompt_format: str = "chat template"  # or "few-shot Q/A" for a model without a chat template
 
 
 @dataclass(frozen=True)

@@ -59,16 +59,19 @@ from .records import (
 )
 from .stats import CONFIDENCE, _Draws, _interval, _mean_reps
 from .suite import (
+    CHAT_FORMAT,
     COHERENCE_N_PREDICT,
     DEFAULT_OPTIONS,
     FACTUAL_N_PREDICT,
     FACTUAL_SYSTEM_PROMPT,
+    FEW_SHOT_FORMAT,
     NON_THINKING_N_PREDICT,
     SERVER_CTX,
     SUITE_VERSION,
     THINKING_N_PREDICT,
     EvalOptions,
     Suite,
+    few_shot_prompt,
     load_suite,
 )
 
@@ -110,6 +113,7 @@ def identify(path: Path, cache: EvalCache) -> ModelInfo:
         name if isinstance(name, str) else None,
         isinstance(tmpl, str) and "enable_thinking" in tmpl,
         tokens.count if tokens else 0,
+        CHAT_FORMAT if isinstance(tmpl, str) and tmpl.strip() else FEW_SHOT_FORMAT,
     )
 
 
@@ -182,6 +186,14 @@ class _Evaluator:
         """(step, item key, request) for every generation the suite asks of this model."""
         items = []
         for q in self.suite.questions:
+            if target.info.prompt_format == FEW_SHOT_FORMAT:
+                req: dict[str, Any] = {
+                    "prompt": few_shot_prompt(q.question),
+                    "n_predict": FACTUAL_N_PREDICT,
+                    "stop": ["\n"],
+                }
+                items.append(("factual questions", cache_key("raw", req), req))
+                continue
             msgs = [{"role": "system", "content": FACTUAL_SYSTEM_PROMPT}, {"role": "user", "content": q.question}]
             req = {
                 "messages": msgs,
@@ -281,7 +293,7 @@ class _Evaluator:
                 prompt = apply_chat_template(url, req["messages"], req["enable_thinking"], o.request_timeout)
             else:
                 prompt = req["prompt"]
-            c = complete(url, prompt, req["n_predict"], o.seed, o.request_timeout)
+            c = complete(url, prompt, req["n_predict"], o.seed, o.request_timeout, stop=req.get("stop"))
             self.clock.generation += time.perf_counter() - t0
             replies[key] = {"prompt": prompt, "text": c.text, "stop": c.stop, "logprobs": list(c.logprobs)}
             done[step] += 1

@@ -19,6 +19,21 @@ EVAL_TEXT_FILE = DATA / "eval_text.txt"
 
 # generation settings (all greedy; part of the generation cache key)
 FACTUAL_SYSTEM_PROMPT = "Answer the question in one short sentence."
+# a model without a chat template (a pretrained base) is asked in the form it speaks: plain
+# few-shot question and answer lines, the reply cut at the end of its line
+CHAT_FORMAT, FEW_SHOT_FORMAT = "chat template", "few-shot Q/A"
+FEW_SHOT_EXAMPLES = (
+    ("Which planet do we live on?", "Earth."),
+    ("What is the opposite of up?", "Down."),
+    ("Which animal says moo?", "A cow."),
+)
+
+
+def few_shot_prompt(question: str) -> str:
+    shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in FEW_SHOT_EXAMPLES)
+    return f"{shots}Question: {question}\nAnswer:"
+
+
 FACTUAL_N_PREDICT = 32
 COHERENCE_PROMPTS = (
     "The old lighthouse keeper climbed the stairs one last time. He",

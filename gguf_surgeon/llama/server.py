@@ -106,6 +106,7 @@ def complete(
     timeout: float,
     grammar: str | None = None,
     logprobs: bool = True,
+    stop: list[str] | None = None,
 ) -> Completion:
     """Greedy continuation of a raw prompt (special tokens in it are parsed), no prompt cache,
     so an answer does not depend on earlier requests."""
@@ -121,13 +122,15 @@ def complete(
     }
     if grammar is not None:
         body["grammar"] = grammar
+    if stop:
+        body["stop"] = stop
     ans = request_json(base_url, "POST", "/completion", body, timeout)
-    stop = str(ans.get("stop_type") or ("eos" if ans.get("stopped_eos") else "limit"))
+    ended = str(ans.get("stop_type") or ("eos" if ans.get("stopped_eos") else "limit"))
     probs = ans.get("completion_probabilities") or []
     lps = [float("-inf") if p.get("logprob") is None else float(p["logprob"]) for p in probs]
-    if stop == "eos" and lps:
+    if ended == "eos" and lps:
         lps = lps[:-1]  # the end-of-generation token itself is listed last
-    return Completion(str(ans.get("content", "")), stop, tuple(lps))
+    return Completion(str(ans.get("content", "")), ended, tuple(lps))
 
 
 def gbnf_literal(text: str) -> str:
