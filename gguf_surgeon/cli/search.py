@@ -182,7 +182,12 @@ def render_ranking(ranking: Any, plot: Path | None) -> None:
 
 # --- search -------------------------------------------------------------------------------
 
-VERDICT_MARK = {"better": "[green]better[/]", "worse": "[red]worse[/]", "not distinguishable": "≈ base"}
+VERDICT_MARK = {
+    "better": "[green]better[/]",
+    "worse": "[red]worse[/]",
+    "equivalent": "≈ base",
+    "inconclusive": "inconclusive",
+}
 
 
 def leaderboard_table(entries: Sequence[Any], top: int = 10) -> Table:
@@ -227,6 +232,8 @@ class live_leaderboard:
         if self.enabled:
             self.live = Live(console=err_console.get(), transient=True, refresh_per_second=4)
             self.live.__enter__()
+        else:
+            return None  # off a terminal: nothing to show, and the search need not count for it
 
         def update(event: Any) -> None:
             if self.live is None or (event.kind == "waiting" and time.monotonic() - self.last < 1):
@@ -259,7 +266,17 @@ class live_leaderboard:
             self.live.__exit__(*exc)
 
 
-@click.command("search")
+class SearchCommand(click.Command):
+    """`search BASE ...` runs a search; `search status ...` reports on one (a subcommand name
+    in BASE's place, so that `search` keeps its arguments)."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any):
+        if args and args[0] == "status":
+            return status_cmd.make_context(f"{info_name} status", args[1:], parent=parent, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+@click.command("search", cls=SearchCommand)
 @click.argument("base", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--space",
@@ -363,8 +380,11 @@ def search_cmd(
       gguf-surgeon search base.gguf --space phase1 --budget 80 --jobs 2 --export release/
     """
     from ..search.space import load_space
-    from ..search.storage import SearchOptions, default_study_name, storage_url
+    from ..search.storage import SearchOptions, default_study_name, redact_url, set_notice, storage_url
     from ..search.study import run_search
+
+    # the database-outage lines, through rich: above the live leaderboard, not through it
+    set_notice(lambda line: err_console.get().print(line, markup=False, highlight=False))
 
     space = load_space(space_spec)
     options = SearchOptions(
@@ -390,7 +410,7 @@ def search_cmd(
             result = run_search(base, space, options, progress)
     except KeyboardInterrupt:
         click.echo(
-            f"Error: interrupted; every finished result is kept in {url} (study {name!r}): "
+            f"Error: interrupted; every finished result is kept in {redact_url(url)} (study {name!r}): "
             "rerun the same command to continue",
             err=True,
         )
@@ -430,6 +450,94 @@ def render_search(result: Any, data: dict) -> None:
         out_console.print(f"Champion: [bold]{result.champion.recipe}[/] — {result.verdict}")
     if "export" in data:
         out_console.print(f"Released into {data['export']['out_dir']}")
+
+
+@click.command("status")
+@click.option(
+    "--storage",
+    metavar="URL",
+    help="The study's storage URL, as given to search (default: sqlite in --work-dir).",
+)
+@click.option("--study-name", help="The study (default: the only one in the storage).")
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("gguf-surgeon-search"),
+    show_default=True,
+    help="Where the default SQLite database is.",
+)
+@click.option("--top", type=click.IntRange(min=0), default=5, show_default=True, help="Leaderboard rows to show.")
+@json_option()
+def status_cmd(storage: str | None, study_name: str | None, work_dir: Path, top: int, as_json: bool) -> None:
+    """Progress of a search over all its worker hosts, read from the study: per host the
+    candidates done, running, failed and retried, its rate; the study's rate and ETA; the best
+    candidates so far. Runs no candidate and changes no study.
+
+    \b
+    Example:
+      gguf-surgeon search status --storage postgresql://search:PASSWORD@db:5432/search
+    """
+    from ..search.storage import SearchOptions, storage_url
+    from ..search.study import study_progress
+
+    url = storage_url(SearchOptions(storage=storage, work_dir=work_dir))
+    progress = study_progress(url, study_name)
+    if as_json:
+        data = progress.to_dict()
+        data["leaderboard"] = data["leaderboard"][:top] if top else data["leaderboard"]
+        return emit_json(data)
+    render_status(progress, top)
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def render_status(p: Any, top: int) -> None:
+    of = f" of {p.candidates}" if p.candidates is not None else ""
+    budget = f", budget {p.budget}" if p.budget is not None else ""
+    rate = f"{p.rate:.1f} candidates/min" if p.rate else "no worker running"
+    left = f", {p.remaining} to go" if p.remaining is not None else ""
+    out_console.print(
+        f"Study {p.study_name!r} in {p.storage}: {p.evaluated}{of} candidates scored{budget}, "
+        f"{p.running} running, {p.waiting} queued, {p.failed} failed{left}; {rate}; ETA {_minutes(p.eta_s)}",
+        highlight=False,
+    )
+    table = Table(
+        "host", "workers", "done", "running", "failed", "retried", "reused", "rate/min", "last done", box=None
+    )
+    for h in p.hosts:
+        table.add_row(
+            h.host,
+            str(h.workers),
+            str(h.done),
+            str(h.running),
+            str(h.failed),
+            str(h.retried),
+            str(h.reused),
+            f"{h.rate:.1f}" if h.rate else "",
+            (h.last or "").split("T")[-1],
+        )
+    table.add_row(
+        "all",
+        str(sum(h.workers for h in p.hosts)),
+        str(p.evaluated),
+        str(p.running),
+        str(p.failed),
+        str(sum(h.retried for h in p.hosts)),
+        str(sum(h.reused for h in p.hosts)),
+        f"{p.rate:.1f}" if p.rate else "",
+        f"ETA {_minutes(p.eta_s)}",
+    )
+    out_console.print(table)
+    if top and p.leaderboard:
+        out_console.print(leaderboard_table(p.leaderboard, top))
 
 
 COMMANDS: dict[str, click.Command] = {c.name: c for c in (rank_cmd, search_cmd)}  # type: ignore[misc]

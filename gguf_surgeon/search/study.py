@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SearchError
-from .phases import first_phase, scored_trials
+from .phases import PHASE_ATTR, first_phase, scored_trials
 from .scorer import CandidateScorer
 from .space import SearchSpace
 from .storage import (
@@ -53,6 +53,9 @@ from .storage import (
     create_or_load,
     load_optuna,
     open_storage,
+    redact_url,
+    study_trials,
+    worker_host,
 )
 from .worker import Worker, make_scorer, run_processes
 
@@ -160,7 +163,11 @@ def verdict_text(champion: Entry | None) -> str:
     f = champion.full
     d = f["delta"]
     return (
-        f"{f['verdict']} than the base" if f["verdict"] in ("better", "worse") else "not distinguishable from the base"
+        {
+            "better": "better than the base",
+            "worse": "worse than the base",
+            "equivalent": "equivalent to the base within the margins",
+        }.get(f["verdict"], "inconclusive against the base")
     ) + (
         f": overall score {f['score'][0]:.1f} vs {f['base_score'][0]:.1f} (Δ {d[0]:+.1f}, 95% interval "
         f"[{d[1]:+.1f}, {d[2]:+.1f}]), factual {f['factual'][0]}/{f['factual'][1]} vs "
@@ -215,7 +222,7 @@ def run_search(
     scorer = scorer or make_scorer(ctx)
     scorer.prepare()
     optuna = load_optuna()
-    study = optuna.load_study(study_name=ctx.study_name, storage=open_storage(ctx.url))
+    study = optuna.load_study(study_name=ctx.study_name, storage=open_storage(ctx.url, options))
     before = count_evaluated(study)
     interrupted = False
     try:
@@ -235,7 +242,7 @@ def run_search(
     total = count_evaluated(study)
     return SearchResult(
         ctx.study_name,
-        ctx.url,
+        redact_url(ctx.url),
         str(base),
         space.name,
         options.budget,
@@ -255,11 +262,142 @@ def _cleanup(scorer: CandidateScorer) -> None:
             p.unlink(missing_ok=True)
 
 
-def search_status(storage: str, study_name: str) -> list[Entry]:
-    """The leaderboard of an existing study, without running anything."""
+def _load_study(storage: str, study_name: str | None) -> Any:
     optuna = load_optuna()
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise SearchError(f"no search database at {storage.removeprefix('sqlite:///')} (pass --storage or --work-dir)")
+    st = open_storage(storage)
+    if study_name is None:
+        names = sorted(s.study_name for s in st.get_all_studies())
+        if len(names) != 1:
+            which = (
+                f"{len(names)} studies ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+                if names
+                else "no study"
+            )
+            raise SearchError(f"{redact_url(storage)} holds {which}: pass --study-name")
+        study_name = names[0]
     try:
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+        return optuna.load_study(study_name=study_name, storage=st)
     except KeyError:
-        raise SearchError(f"no study {study_name!r} in {storage}") from None
-    return leaderboard(study)
+        raise SearchError(f"no study {study_name!r} in {redact_url(storage)}") from None
+
+
+def search_status(storage: str, study_name: str | None) -> list[Entry]:
+    """The leaderboard of an existing study, without running anything."""
+    return leaderboard(_load_study(storage, study_name))
+
+
+@dataclass(frozen=True)
+class HostProgress:
+    """What one worker host did in a study (host = the part of the worker id before its pid)."""
+
+    host: str
+    workers: int  # worker processes seen
+    done: int  # candidates scored (stage 1)
+    running: int
+    failed: int  # trials that failed there: killed, interrupted, cut off from the database
+    retried: int  # of `done`, candidates that had failed before (here or on another host)
+    reused: int  # duplicates answered from an earlier result
+    rate: float | None  # candidates per minute, from its first start to its last finish
+    last: str | None  # when it finished its last candidate (its own clock, ISO)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StudyProgress:
+    """The progress of a study over all hosts, for `search status`."""
+
+    study_name: str
+    storage: str  # password hidden
+    candidates: int | None  # in the grid phases published so far (None: sampled with TPE)
+    budget: int | None  # of the latest run that gave one
+    evaluated: int
+    running: int
+    waiting: int  # queued candidates no worker has taken yet
+    failed: int
+    remaining: int | None
+    rate: float | None  # candidates per minute of the hosts running now
+    eta_s: float | None
+    hosts: tuple[HostProgress, ...]
+    leaderboard: tuple[Entry, ...]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hosts"] = [h.to_dict() for h in self.hosts]
+        d["leaderboard"] = [e.to_dict() for e in self.leaderboard]
+        return d
+
+
+def study_progress(storage: str, study_name: str | None = None) -> StudyProgress:
+    """Done, running, failed, retried, rate and ETA per worker host, read from the study."""
+    study = _load_study(storage, study_name)
+    trials = study_trials(study)
+    attrs = study.user_attrs
+
+    def recipe_of(t: Any) -> str | None:
+        return t.user_attrs.get("recipe") or t.system_attrs.get("fixed_params", t.params).get("candidate")
+
+    def scored(t: Any) -> bool:
+        return t.state.name == "COMPLETE" and bool(t.user_attrs.get("evaluated"))
+
+    first_fail: dict[str, int] = {}
+    for t in trials:
+        r = recipe_of(t)
+        if t.state.name == "FAIL" and r is not None:
+            first_fail.setdefault(r, t.number)
+    by_host: dict[str, list[Any]] = {}
+    for t in trials:
+        if "worker" in t.user_attrs or t.state.name != "WAITING":
+            by_host.setdefault(worker_host(t.user_attrs.get("worker")), []).append(t)
+    hosts = []
+    for host, ts in sorted(by_host.items()):
+        done = [t for t in ts if scored(t)]
+        rate = None
+        stamps = [(t.datetime_start, t.datetime_complete) for t in done if t.datetime_start and t.datetime_complete]
+        if stamps:
+            span = (max(c for _, c in stamps) - min(s for s, _ in stamps)).total_seconds()
+            rate = len(stamps) / span * 60 if span > 0 else None
+        hosts.append(
+            HostProgress(
+                host,
+                len({t.user_attrs["worker"] for t in ts if "worker" in t.user_attrs}),
+                len(done),
+                sum(t.state.name == "RUNNING" for t in ts),
+                sum(t.state.name == "FAIL" for t in ts),
+                sum(1 for t in done if first_fail.get(recipe_of(t), t.number) < t.number),
+                sum(t.state.name == "COMPLETE" and not t.user_attrs.get("evaluated") for t in ts),
+                rate,
+                max(c for _, c in stamps).isoformat(timespec="seconds") if stamps else None,
+            )
+        )
+    evaluated = sum(scored(t) for t in trials)
+    phases = [v for k, v in attrs.items() if k.startswith(PHASE_ATTR)]
+    candidates = sum(len(v["candidates"]) for v in phases) if phases else None
+    settled = {t.user_attrs.get("key") for t in trials if scored(t) or "error" in t.user_attrs}
+    remaining = None
+    if phases:
+        remaining = sum(1 for v in phases for c in v["candidates"] if c[2] not in settled)
+    budget = attrs.get("budget")
+    if budget is not None:
+        remaining = max(0, budget - evaluated) if remaining is None else min(remaining, max(0, budget - evaluated))
+    active = [h.rate for h in hosts if h.running and h.rate]
+    rate = sum(active) if active else None
+    eta = remaining / rate * 60 if remaining is not None and rate else (0.0 if remaining == 0 else None)
+    return StudyProgress(
+        study.study_name,
+        redact_url(storage),
+        candidates,
+        budget,
+        evaluated,
+        sum(t.state.name == "RUNNING" for t in trials),
+        sum(t.state.name == "WAITING" for t in trials),
+        sum(t.state.name == "FAIL" for t in trials),
+        remaining,
+        rate,
+        eta,
+        tuple(hosts),
+        tuple(leaderboard(study)),
+    )

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,57 @@ from .storage import (
     StudyContext,
     count_claimed,
     count_evaluated,
+    is_connection_error,
     load_optuna,
+    notice,
     open_storage,
+    set_user_attrs,
+    study_lock,
     study_trials,
+    timing,
     worker_id,
 )
 
 MAX_REUSED_IN_A_ROW = 50  # TPE proposing only known candidates this often: the space is used up
 POLL_S = 0.5  # waiting for other workers to finish a phase
+
+
+class Heartbeat:
+    """While a trial runs: its heartbeat in the storage every interval, from a thread. A beat
+    that cannot reach the database is skipped (the grace period is several beats long)."""
+
+    def __init__(self, storage: Any, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        once = getattr(self.storage, "record_heartbeat_once", None)
+        try:
+            if once is not None:
+                once(self.trial_id)
+            else:
+                self.storage.record_heartbeat(self.trial_id)
+        except Exception as e:
+            if not is_connection_error(e):  # SQLite busy or a server away: a missed beat
+                raise
+
+    def loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.beat()
+
+    def __enter__(self) -> Heartbeat:
+        if self.interval:
+            self.beat()
+            self.thread = threading.Thread(target=self.loop, name=f"heartbeat-{self.trial_id}", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
 
 
 class Worker:
@@ -38,9 +83,11 @@ class Worker:
     def __init__(self, ctx: StudyContext, scorer: CandidateScorer, progress: SearchProgress | None):
         self.ctx = ctx
         self.scorer = scorer
-        self.progress = progress or (lambda e: None)
+        self.progress = progress
+        self.stale_checked = -math.inf
+        self.check_every = min(5.0, timing(ctx.options).heartbeat_s)
         self.optuna = load_optuna()
-        self.storage = open_storage(ctx.url)
+        self.storage = open_storage(ctx.url, ctx.options, wait=True)
         self.evaluated_now = 0
         self.id = worker_id()
 
@@ -50,68 +97,89 @@ class Worker:
             n_startup = max(4, min(10, (self.ctx.options.budget or 40) // 4))
             sampler = o.samplers.TPESampler(seed=self.ctx.options.seed, n_startup_trials=n_startup)
         else:
-            grid = {phase.param: [c.recipe for c in phase.candidates]}
-            sampler = o.samplers.GridSampler(grid, seed=self.ctx.options.seed)
+            # grid phases only run enqueued trials, whose fixed parameters any sampler keeps; a
+            # GridSampler would read the whole study again after every trial
+            sampler = o.samplers.RandomSampler(seed=self.ctx.options.seed)
         return o.load_study(study_name=self.ctx.study_name, storage=self.storage, sampler=sampler)
 
-    def run_one(self, study: Any, objective: Callable[[Any], float]) -> None:
+    def run_one(self, study: Any, objective: Callable[[Any], float], queued_only: bool = False) -> bool:
         """Take one trial (a queued one first) and run it, as Study.optimize would: a heartbeat
         while it runs, PRUNED/FAIL/COMPLETE at the end, and any other exception re-raised
-        after the trial is failed (so Ctrl-C loses only the running candidate)."""
+        after the trial is failed (so Ctrl-C loses only the running candidate). A trial that
+        the other workers failed meanwhile (this worker was cut off from the database for
+        longer than the grace period) is left to them: it is scored again. With `queued_only`
+        (grid phases) a trial is taken only from the queue, and only while the budget lasts:
+        False when there is none to take."""
+        o = self.optuna
         with self.claim_lock():
-            self.optuna.storages.fail_stale_trials(study)
+            self.fail_stale(study)
+            if queued_only:
+                trials = study_trials(study)
+                if not any(t.state.name == "WAITING" for t in trials) or not self.budget_left(study, trials):
+                    return False
             trial = study.ask()
-        try:
-            from optuna.storages._heartbeat import get_heartbeat_thread
-        except ImportError:  # pragma: no cover  (older or newer optuna: no heartbeat, same results)
-
-            def get_heartbeat_thread(*_: Any) -> Any:
-                return contextlib.nullcontext()
-
-        with get_heartbeat_thread(trial._trial_id, self.storage):
+        finished = o.exceptions.UpdateFinishedTrialError
+        state, value = o.trial.TrialState.COMPLETE, None
+        with Heartbeat(self.storage, trial._trial_id):
             try:
+                trial.set_user_attr("worker", self.id)
                 value = objective(trial)
-            except self.optuna.TrialPruned:
-                study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
-                return
+            except o.TrialPruned:
+                state = o.trial.TrialState.PRUNED
+            except finished:
+                self.taken_over(trial)
+                return True
             except BaseException:
-                study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
+                with contextlib.suppress(finished):
+                    study.tell(trial, state=o.trial.TrialState.FAIL, skip_if_finished=True)
                 raise
-        study.tell(trial, value)
+        try:
+            told = study.tell(
+                trial, value if state == o.trial.TrialState.COMPLETE else None, state=state, skip_if_finished=True
+            )
+        except finished:
+            self.taken_over(trial)
+            return True
+        if told.state != state:
+            self.taken_over(trial)
+        return True
+
+    def taken_over(self, trial: Any) -> None:
+        recipe = trial.user_attrs.get("recipe") or trial.params.get("candidate") or f"trial {trial.number}"
+        notice(
+            f"search ({self.id}): {recipe} was failed by the other workers while this one could not reach "
+            "the database for longer than the grace period; it is scored again"
+        )
 
     def claim_lock(self) -> Any:
-        """Serialize taking a trial between the workers of a SQLite study. SQLite ignores the
-        row lock Optuna asks for, so two processes could pop the same queued trial; a lock
-        file next to the database (one machine) prevents it. Server databases lock rows."""
-        if not self.ctx.url.startswith("sqlite:///"):
-            return contextlib.nullcontext()
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover  (Windows: one worker per SQLite study)
-            return contextlib.nullcontext()
-        lock_path = Path(self.ctx.url.removeprefix("sqlite:///") + ".lock")
+        """Serialize taking a trial, checking the budget and enqueueing between all the workers of
+        the study: an advisory lock on PostgreSQL; a lock file next to a SQLite database (one
+        machine), as SQLite ignores the row locks Optuna asks for."""
+        return study_lock(self.ctx.url, self.storage, "claim:" + self.ctx.study_name)
 
-        @contextlib.contextmanager
-        def locked() -> Iterator[None]:
-            with open(lock_path, "a+") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(f, fcntl.LOCK_UN)
+    def fail_stale(self, study: Any, force: bool = False) -> None:
+        """Fail the trials of dead workers (heartbeat older than the grace period); looked for at
+        most every few seconds, which is often enough against a grace period of many seconds."""
+        if force or time.monotonic() - self.stale_checked >= self.check_every:
+            self.optuna.storages.fail_stale_trials(study)
+            self.stale_checked = time.monotonic()
 
-        return locked()
-
-    def budget_left(self, study: Any) -> bool:
+    def budget_left(self, study: Any, trials: Any = None) -> bool:
         b = self.ctx.options.budget
-        return b is None or count_claimed(study) < b
+        return b is None or count_claimed(study, trials) < b
 
     def emit(self, kind: str, phase: str, recipe: str | None, study: Any, **detail: Any) -> None:
+        if self.progress is None:
+            return
         done = count_evaluated(study) + (kind == "scored")  # the scored trial is told complete just after
         self.progress(SearchEvent(kind, phase, recipe, done, self.ctx.options.budget, detail))
 
     # grid phases: every candidate enqueued in order, workers pop them
     def enqueue_missing(self, study: Any, phase: Phase) -> None:
+        with self.claim_lock():  # two hosts starting together enqueue the phase once
+            self._enqueue_missing(study, phase)
+
+    def _enqueue_missing(self, study: Any, phase: Phase) -> None:
         taken = set()
         for t in study_trials(study):
             # a PRUNED trial is settled only when its candidate is broken; one pruned as a
@@ -143,8 +211,8 @@ class Worker:
             recipe = trial.suggest_categorical(ph.param, [c.recipe for c in ph.candidates])
             return self.score(study, trial, ph.name, ph.candidate(recipe))
 
-        while self.budget_left(study) and self.waiting(study):
-            self.run_one(study, objective)
+        while self.run_one(study, objective, queued_only=True):
+            pass
 
     # a sampled phase: TPE over step1..stepK, each a move or "none"
     def run_tpe(self, phase: Phase) -> None:
@@ -174,26 +242,31 @@ class Worker:
             reused_in_a_row = 0 if self.evaluated_now > before else reused_in_a_row + 1
 
     def score(self, study: Any, trial: Any, phase: str, cand: Candidate) -> float:
-        trial.set_user_attr("phase", phase)
-        trial.set_user_attr("recipe", cand.recipe)
-        trial.set_user_attr("key", cand.key)
-        trial.set_user_attr("moves", [m.label for m in cand.moves])
-        trial.set_user_attr("blocks", cand.blocks)
-        trial.set_user_attr("worker", self.id)
-        for t in study_trials(study):
-            if t.number == trial.number or t.user_attrs.get("key") != cand.key:
-                continue
-            if t.state.name == "COMPLETE" and t.user_attrs.get("evaluated"):
-                for k in ("kld_low", "kld_high", "same_top"):
-                    trial.set_user_attr(k, t.user_attrs.get(k))
-                trial.set_user_attr("reused_from", t.number)
-                self.emit("reused", phase, cand.recipe, study)
-                return float(t.value)
-            if t.state.name == "RUNNING" and t.user_attrs.get("scoring") and t.number < trial.number:
-                raise self.optuna.TrialPruned(f"being scored by trial {t.number}")
-        if not self.budget_left(study):
-            raise self.optuna.TrialPruned("budget reached")
-        trial.set_user_attr("scoring", True)
+        set_user_attrs(
+            trial,
+            {
+                "phase": phase,
+                "recipe": cand.recipe,
+                "key": cand.key,
+                "moves": [m.label for m in cand.moves],
+                "blocks": cand.blocks,
+            },
+        )
+        with self.claim_lock():  # the budget and duplicates are checked and claimed by one worker at a time
+            trials = study_trials(study)
+            for t in trials:
+                if t.number == trial.number or t.user_attrs.get("key") != cand.key:
+                    continue
+                if t.state.name == "COMPLETE" and t.user_attrs.get("evaluated"):
+                    kept = {k: t.user_attrs.get(k) for k in ("kld_low", "kld_high", "same_top")}
+                    set_user_attrs(trial, {**kept, "reused_from": t.number})
+                    self.emit("reused", phase, cand.recipe, study)
+                    return float(t.value)
+                if t.state.name == "RUNNING" and t.user_attrs.get("scoring"):
+                    raise self.optuna.TrialPruned(f"being scored by trial {t.number}")
+            if not self.budget_left(study, trials):
+                raise self.optuna.TrialPruned("budget reached")
+            trial.set_user_attr("scoring", True)
         try:
             # the file name is unique per candidate: evaluate memoizes hashes by path, size and mtime
             s = self.scorer.short(cand.recipe, f"{trial.number}-{hashlib.sha256(cand.key.encode()).hexdigest()[:12]}")
@@ -202,14 +275,10 @@ class Worker:
                 raise  # the machine's fault (disk full, missing tool), not the candidate's: a rerun retries it
             trial.set_user_attr("error", str(e))  # this candidate is broken (NaN logits): never retried
             raise self.optuna.TrialPruned(str(e)) from None
-        for k, v in (
-            ("kld_low", s.low),
-            ("kld_high", s.high),
-            ("same_top", s.same_top),
-            ("seconds", s.seconds),
-            ("evaluated", True),
-        ):
-            trial.set_user_attr(k, v)
+        set_user_attrs(
+            trial,
+            {"kld_low": s.low, "kld_high": s.high, "same_top": s.same_top, "seconds": s.seconds, "evaluated": True},
+        )
         self.evaluated_now += 1
         self.emit("scored", phase, cand.recipe, study, kld=s.kld)
         return s.kld
@@ -217,12 +286,14 @@ class Worker:
     def wait_for_others(self, study: Any) -> None:
         """Block until no trial is RUNNING (other workers finishing the phase); stale ones are failed."""
         while True:
-            self.optuna.storages.fail_stale_trials(study)
-            if not any(t.state.name == "RUNNING" for t in study_trials(study)):
+            self.fail_stale(study)
+            trials = study_trials(study)
+            if not any(t.state.name == "RUNNING" for t in trials):
                 return
-            if self.waiting(study) and self.budget_left(study):
+            if any(t.state.name == "WAITING" for t in trials) and self.budget_left(study, trials):
                 return  # re-enqueued work: the caller goes round again
-            self.progress(SearchEvent("waiting", "", None, count_evaluated(study), self.ctx.options.budget))
+            if self.progress is not None:
+                self.progress(SearchEvent("waiting", "", None, count_evaluated(study), self.ctx.options.budget))
             time.sleep(POLL_S)
 
     def run(self) -> None:
@@ -231,7 +302,8 @@ class Worker:
         if phase.name == "tpe":
             self.run_tpe(phase)
             return
-        phase = publish_phase(study, phase)
+        with self.claim_lock():
+            phase = publish_phase(study, phase)
         while True:
             self.run_grid(phase)
             if not self.budget_left(study):
@@ -250,7 +322,8 @@ class Worker:
             nxt = beam_phase(self.ctx, study, depth, phase.name if phase.name.startswith("beam") else "singles")
             if nxt is None:
                 return
-            phase = publish_phase(study, nxt)
+            with self.claim_lock():
+                phase = publish_phase(study, nxt)
 
     def retry_failed(self, study: Any, phase: Phase) -> bool:
         before = self.waiting(study)
@@ -292,7 +365,9 @@ def run_processes(ctx: StudyContext, study: Any, progress: SearchProgress | None
     phase = first_phase(ctx)
     if phase.name != "tpe":
         grid_study = w.study(phase)
-        w.enqueue_missing(grid_study, publish_phase(grid_study, phase))
+        with w.claim_lock():
+            phase = publish_phase(grid_study, phase)
+        w.enqueue_missing(grid_study, phase)
     barrier = mp.Barrier(ctx.options.jobs)
     procs = [
         mp.Process(target=worker_main, args=(ctx, barrier), name=f"gguf-surgeon-search-{i}")
@@ -304,8 +379,10 @@ def run_processes(ctx: StudyContext, study: Any, progress: SearchProgress | None
     try:
         while any(p.is_alive() for p in procs):
             time.sleep(POLL_S)
+            if progress is None:
+                continue
             now = count_evaluated(study)
-            if progress and now != seen:
+            if now != seen:
                 seen = now
                 progress(SearchEvent("scored", "workers", None, now, ctx.options.budget))
     except KeyboardInterrupt:
