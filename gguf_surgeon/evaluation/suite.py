@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import EvalError
@@ -91,6 +91,7 @@ class Question:
     question: str
     answers: tuple[str, ...]  # any one, matched as whole words after normalization
     reject: tuple[str, ...] = ()  # any one of these makes the reply wrong (hedges)
+    topic: str = ""  # e.g. "geography": items cluster by topic (required in the bundled file)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class Suite:
 
 
 def load_questions(path: Path = QUESTIONS_FILE) -> tuple[Question, ...]:
-    """The questions of a TOML file of [[question]] tables (id, question, answers, reject)."""
+    """The questions of a TOML file of [[question]] tables (id, question, answers, topic, reject)."""
     data = read_toml(Path(path), EvalError)
     out: list[Question] = []
     for i, q in enumerate(data.get("question", [])):
@@ -118,6 +119,10 @@ def load_questions(path: Path = QUESTIONS_FILE) -> tuple[Question, ...]:
             item = Question(str(q["id"]), str(q["question"]), answers, tuple(str(r) for r in q.get("reject", ())))
         except (KeyError, TypeError) as e:
             raise EvalError(f"{path}: question {i + 1} lacks {e}") from None
+        topic = q.get("topic")
+        if not isinstance(topic, str) or not topic.strip():
+            raise EvalError(f'{path}: question {item.id} ({i + 1}) has no topic (add topic = "...")')
+        item = replace(item, topic=topic.strip())
         if not answers or not all(answer_tokens(a) for a in answers):
             raise EvalError(f"{path}: question {item.id} has an empty answer")
         out.append(item)
