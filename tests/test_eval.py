@@ -561,3 +561,36 @@ def test_few_shot_eval_runs_through_llama_server(make_model, llama_bin: Path, tm
     assert r.model.prompt_format == "few-shot Q/A" and r.factual.total == 3
     assert all("\n" not in a.reply for a in r.factual.answers)  # cut at the end of the answer line
     assert not r.thinking.supported
+
+
+def test_bundled_questions_have_topics_and_robust_answers():
+    qs = load_questions()
+    assert len(qs) >= 300
+    assert [q.id for q in qs[:3]] == ["capital-france", "capital-japan", "capital-italy"]  # the original 50 lead
+    assert all(q.topic for q in qs)
+    topics: dict[str, int] = {}
+    for q in qs:
+        topics[q.topic] = topics.get(q.topic, 0) + 1
+    assert sum(n >= 20 for n in topics.values()) >= 8, topics
+    texts = [" ".join(answer_tokens(q.question)) for q in qs]
+    assert len(set(texts)) == len(texts), "duplicate question texts"
+    for q in qs:
+        assert not is_correct("", q) and not is_correct("I don't know.", q), q.id
+        assert not is_correct(q.question, q), f"{q.id}: echoing the question counts as correct"
+        for a in q.answers:
+            assert is_correct(a, q) and is_correct(f"The answer is {a}.", q), (q.id, a)
+    # within a topic, another question's canonical reply may be accepted only where that answer is
+    # listed outright (shared facts such as "7"), never by a fragment of it (an ambiguous key)
+    for q in qs:
+        listed = {tuple(answer_tokens(a)) for a in q.answers}
+        for other in qs:
+            canon = other.answers[0]
+            if other is not q and other.topic == q.topic and is_correct(f"The answer is {canon}.", q):
+                assert any(tuple(answer_tokens(a)) in listed for a in other.answers), (q.id, other.id, canon)
+
+
+def test_a_question_without_a_topic_is_refused(tmp_path: Path):
+    f = tmp_path / "q.toml"
+    f.write_text('[[question]]\nid = "x"\nquestion = "What is 2 plus 2?"\nanswers = ["4"]\n', encoding="utf-8")
+    with pytest.raises(EvalError, match="question x .*no topic"):
+        load_questions(f)

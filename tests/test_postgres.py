@@ -431,7 +431,7 @@ FAST = {"GGUF_SURGEON_SEARCH_HEARTBEAT": "1", "GGUF_SURGEON_SEARCH_GRACE": "4"} 
 # outages of ~10 s must not make a running candidate stale: a grace period well past them
 PATIENT = {
     "GGUF_SURGEON_SEARCH_HEARTBEAT": "2",
-    "GGUF_SURGEON_SEARCH_GRACE": "40",
+    "GGUF_SURGEON_SEARCH_GRACE": "90",
     "GGUF_SURGEON_SEARCH_DB_WAIT": "120",
 }
 
