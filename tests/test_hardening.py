@@ -88,16 +88,7 @@ def test_dimension_llama_cpp_refuses_is_refused(tmp_path: Path, tiny: Path, gguf
 
 
 def test_alignment_not_uint32_is_refused(tmp_path: Path, gguf_loader) -> None:
-    w = gguf.GGUFWriter(str(tmp_path / "a8.gguf"), "llama")
-    w.add_block_count(2)
-    w.add_uint8("general.alignment", 32)
-    for name, arr in block_tensors(2).items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    src = tmp_path / "a8.gguf"
+    src = _writer_file(tmp_path / "a8.gguf", block_tensors(2), **{"general.alignment": ("uint8", 32)})
     assert gguf_loader.refusal(src) is not None
     line = assert_refused(tmp_path, ["swap", 0, 1, src, tmp_path / "out.gguf"])
     assert "general.alignment" in line and "UINT32" in line
@@ -235,18 +226,8 @@ def test_dangling_symlink_output(tmp_path: Path, tiny: Path) -> None:
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, [1, 2, 3]])
 def test_inspect_odd_file_type(tmp_path: Path, value, gguf_loader) -> None:
-    w = gguf.GGUFWriter(str(tmp_path / "ft.gguf"), "llama")
-    w.add_block_count(2)
-    if isinstance(value, list):
-        w.add_array("general.file_type", value)
-    else:
-        w.add_float32("general.file_type", value)
-    for name, arr in block_tensors(2).items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    kind = "array" if isinstance(value, list) else "float32"
+    _writer_file(tmp_path / "ft.gguf", block_tensors(2), **{"general.file_type": (kind, value)})
     for args in (["inspect", tmp_path / "ft.gguf"], ["inspect", tmp_path / "ft.gguf", "--json"]):
         r = run(*args)
         assert r.exit_code == 0 and "Traceback" not in r.output, r.output
