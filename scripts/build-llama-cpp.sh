@@ -27,6 +27,14 @@ if have_all; then
 fi
 
 mkdir -p "$ROOT"
+# Two builds into one cache at once corrupt each other: hold a lock on the cache folder; a
+# second caller waits, then finds the finished build.
+exec 9>"$ROOT.lock"
+flock 9
+if have_all; then
+  echo "$BIN"
+  exit 0
+fi
 if [ ! -d "$ROOT/src/vendor/llama.cpp" ]; then
   tmp="$(mktemp -d "$CACHE/dl.XXXXXX")"
   trap 'rm -rf "$tmp"' EXIT
