@@ -69,6 +69,7 @@ def report(
         "output_blocks": len(surgery.plan.layers),
         "layers": [
             {"output": i, "source": src.describe(), "parts": [[b, w] for b, w in src.parts]}
+            | ({"experts": list(src.experts)} if src.experts is not None else {})  # prune-experts: source experts kept
             for i, src in enumerate(surgery.plan.layers)
         ],
         "metadata_changes": [{"key": c.key, "old": c.old, "new": c.new} for c in surgery.changes],

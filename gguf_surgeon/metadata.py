@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import OptionError
+from .experts import expert_values
 from .plan import LayerPlan
 from .reader import SCALAR_FORMATS, SPLIT_KEYS, Model
 from .vocab import BASE_MODEL_PREFIX, GGUFValueType, Keys
@@ -121,6 +122,7 @@ def plan_metadata(
                 )
             new.append(old[src.primary])
         new_values[key] = (GGUFValueType.ARRAY, new, f.item_type)
+    new_values.update(expert_values(model, plan))  # expert_count and the kept experts (prune-experts)
 
     if name is not None:
         try:

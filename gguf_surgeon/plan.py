@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import PlanError
+
 
 @dataclass(frozen=True)
 class LayerSource:
     """Where one output block comes from: a weighted sum of source blocks (weights sum to 1)."""
 
     parts: tuple[tuple[int, float], ...]  # (source block index, weight), sorted by index
+    experts: tuple[int, ...] | None = None  # source experts kept, ascending (prune-experts); None: all
 
     @staticmethod
     def copy(index: int) -> LayerSource:
@@ -37,6 +40,8 @@ class LayerSource:
     @staticmethod
     def blend(a: LayerSource, b: LayerSource, t: float) -> LayerSource:
         """(1-t)*a + t*b, merged by source index; zero weights dropped."""
+        if a.experts is not None or b.experts is not None:
+            raise PlanError("cannot blend a block whose experts were pruned (blend first, then prune-experts)")
         weights: dict[int, float] = {}
         for src, scale in ((a, 1.0 - t), (b, t)):
             for i, w in src.parts:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PlanError
+from .experts import check_expert_plan, expert_pieces, expert_shape
 from .hazards import check_hazards
 from .metadata import MetadataChange, OutputField, plan_metadata
 from .plan import LayerPlan
@@ -42,6 +43,9 @@ class OutputTensor:
     shape: tuple[int, ...]
     ggml_type: GGMLQuantizationType
     sources: tuple[tuple[TensorInfo, float], ...]  # one (tensor, 1.0): a byte copy; more: a blend
+    pieces: tuple[tuple[int, int], ...] | None = (
+        None  # a copy of only these [start, end) bytes of its source (kept experts)
+    )
 
     @property
     def is_copy(self) -> bool:
@@ -124,6 +128,8 @@ def plan_surgery(
         raise PlanError(f"alignment {alignment} is not a power of two of at least 8")
     if alignment is not None and alignment > MAX_ALIGNMENT:
         raise PlanError(f"alignment {alignment} is too large: at most {MAX_ALIGNMENT} (1 MiB)")
+    warnings += check_expert_plan(model, plan, blocks)
+    n_expert = expert_shape(model).count
     fields, changes, meta_warnings = plan_metadata(model, plan, name, alignment)
     warnings += meta_warnings
 
@@ -133,7 +139,10 @@ def plan_surgery(
     for out_i, src in enumerate(plan.layers):
         if src.is_copy:
             for t in blocks[src.parts[0][0]]:
-                block_tensors.append(OutputTensor(f"blk.{out_i}.{t.block_suffix}", t.shape, t.ggml_type, ((t, 1.0),)))
+                shape, pieces = expert_pieces(t, src.experts, n_expert)
+                block_tensors.append(
+                    OutputTensor(f"blk.{out_i}.{t.block_suffix}", shape, t.ggml_type, ((t, 1.0),), pieces)
+                )
             continue
         first = src.parts[0][0]
         for i, _ in src.parts[1:]:

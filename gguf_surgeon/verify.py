@@ -128,7 +128,17 @@ def check_against(model: Model, source: Model, plan: LayerPlan) -> list[Finding]
     first_bad = None
     for t in expected.tensors:
         got = model.tensor(t.name)
-        if t.is_copy:
+        if t.is_copy and t.pieces is not None:  # kept experts: the source's byte ranges, in order
+            copies += 1
+            src = t.sources[0][0]
+            h, g = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
+            for a, b in t.pieces:
+                for start in range(a, b, 16 << 20):
+                    h.update(source.tensor_bytes(src, start, min(b, start + (16 << 20))))
+            for chunk in model.tensor_chunks(got):
+                g.update(chunk)
+            same = (got.shape, got.ggml_type) == (t.shape, t.ggml_type) and g.digest() == h.digest()
+        elif t.is_copy:
             copies += 1
             same = got.shape == t.shape and tensors_equal(model, got, source, t.sources[0][0])
         else:

@@ -456,7 +456,9 @@ class _ShardWriter:
     def _tensor(self, fd: int, t: OutputTensor, pos: int) -> None:
         if t.is_copy:
             src = t.sources[0][0]
-            self.copier.copy(self.src_fds[src.path], src.offset, fd, pos, src.n_bytes)
+            for start, end in t.pieces or ((0, src.n_bytes),):  # pieces: the kept experts' byte ranges
+                self.copier.copy(self.src_fds[src.path], src.offset + start, fd, pos, end - start)
+                pos += end - start
             return
         for chunk in blend_rows(self.model, t):
             _pwrite_all(fd, chunk, pos)

@@ -194,10 +194,12 @@ def render_plan(data: dict, dry_run: bool) -> None:
     out_console.print(f"Plan: {data['recipe']}  ({data['source_blocks']} -> {data['output_blocks']} blocks)")
     from rich.table import Table
 
-    table = Table("output block", "source", box=None, pad_edge=False)
+    pruned = any("experts" in row for row in data["layers"])
+    table = Table("output block", "source", *(["experts kept"] if pruned else []), box=None, pad_edge=False)
     for row in data["layers"]:
         moved = row["source"] != str(row["output"])
-        table.add_row(str(row["output"]), f"[bold]{row['source']}[/]" if moved else row["source"])
+        experts = [",".join(map(str, row["experts"])) if "experts" in row else "all"] if pruned else []
+        table.add_row(str(row["output"]), f"[bold]{row['source']}[/]" if moved else row["source"], *experts)
     out_console.print(table)
     out_console.print("Metadata changes:")
     for c in data["metadata_changes"]:
@@ -230,7 +232,7 @@ def operation_command(name: str) -> click.Command:
         options = {k: kwargs.pop(k) for k in WRITER_OPTIONS}
         tokens: list[str] = []
         for p in op.params:
-            value = kwargs[p.name]
+            value = kwargs[p.name.replace("-", "_")]
             if p.kind == "arguments":
                 tokens += value
             elif p.kind == "argument":
@@ -245,7 +247,7 @@ def operation_command(name: str) -> click.Command:
         if p.kind == "option":
             f = click.option(
                 f"--{p.name}",
-                p.name,
+                p.name.replace("-", "_"),  # --keep-file -> keep_file
                 help=p.help,
                 default=p.default,
                 show_default=p.default is not None,
@@ -254,7 +256,7 @@ def operation_command(name: str) -> click.Command:
     f = IN_ARG(OUT_ARG(f))
     for p in reversed(op.params):
         if p.kind != "option":
-            f = click.argument(p.name, nargs=-1 if p.kind == "arguments" else 1, required=True)(f)
+            f = click.argument(p.name.replace("-", "_"), nargs=-1 if p.kind == "arguments" else 1, required=True)(f)
     example = f"\n\n\b\nExample:\n  {op.example}" if op.example else ""
     return click.command(name, help=f"{op.help or op.summary}{example}")(f)
 

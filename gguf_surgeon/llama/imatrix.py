@@ -193,7 +193,8 @@ def remap_imatrix(imatrix: Imatrix, plan: LayerPlan) -> Imatrix:
     Output block i takes the entries of ``plan.layers[i]``'s source block; a blended block
     gets, per weight, the weighted mean of its sources' means (weights renormalized over
     the sources that have that entry; clipped at 0 for extrapolations), with counts blended
-    the same way. Entries outside the blocks (output.weight) pass through.
+    the same way. A block whose experts were pruned keeps its per-expert entries' rows of the
+    kept experts. Entries outside the blocks (output.weight) pass through.
     Raises PlanError when the imatrix covers another number of blocks than the plan's source.
     """
     where = f"{imatrix.path}: " if imatrix.path else ""
@@ -211,7 +212,14 @@ def remap_imatrix(imatrix: Imatrix, plan: LayerPlan) -> Imatrix:
             present = [(by_block[b][suffix], w) for b, w in layer.parts if suffix in by_block.get(b, {})]
             if layer.is_copy:
                 src = present[0][0]
-                out[name] = ImatrixEntry(name, src.sums, src.counts)
+                sums, counts = src.sums, src.counts
+                if layer.experts is not None and sums.shape[0] > 1:  # a per-expert entry: the kept experts' rows
+                    if layer.experts[-1] >= sums.shape[0]:
+                        raise PlanError(
+                            f"{where}{src.name} holds {sums.shape[0]} experts; the plan keeps expert {layer.experts[-1]}"
+                        )
+                    sums, counts = sums[list(layer.experts)], counts[list(layer.experts)]
+                out[name] = ImatrixEntry(name, sums, counts)
             else:
                 out[name] = _blend(name, present, where)
     return replace(imatrix, entries=dict(sorted(out.items())), path=None)

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import PlanError, RecipeError
 from ..plan import LayerPlan, LayerSource, Step
-from . import bridge, delete, duplicate, interpolate, keep, move, swap
+from . import bridge, delete, duplicate, interpolate, keep, move, prune_experts, swap
 from .base import (
     MAX_RANGE,
     Layers,
@@ -43,15 +43,16 @@ REGISTRY: dict[str, Operation] = {}
 
 def register(operation: Operation, *, replace: bool = False) -> Operation:
     """Add an operation to the registry (a name already taken needs replace=True)."""
-    if not operation.name.isidentifier() or operation.name != operation.name.lower():
-        raise RecipeError(f"operation name {operation.name!r} must be a lower-case identifier")
+    # hyphens allowed between words (prune-experts), as in command names
+    if not operation.name.replace("-", "_").isidentifier() or operation.name != operation.name.lower():
+        raise RecipeError(f"operation name {operation.name!r} must be a lower-case identifier (hyphens allowed)")
     if operation.name in REGISTRY and not replace:
         raise RecipeError(f"operation {operation.name!r} is already registered")
     REGISTRY[operation.name] = operation
     return operation
 
 
-for _module in (delete, swap, duplicate, move, keep, interpolate, bridge):
+for _module in (delete, swap, duplicate, move, keep, interpolate, bridge, prune_experts):
     register(_module.OPERATION)
 
 

@@ -1,0 +1,311 @@
+"""Expert pruning on tiny qwen3moe models: byte-exact slices of every per-expert tensor, the
+metadata llama.cpp checks, the refusals, and llama.cpp loading and running the result."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from make_fixtures import build_model  # fixtures/ is on sys.path via conftest
+
+from gguf_surgeon.cli import main
+from gguf_surgeon.edit import edit, plan_for
+from gguf_surgeon.experts import KEPT_KEY, SOURCE_COUNT_KEY, is_expert_tensor
+from gguf_surgeon.llama.imatrix import Imatrix, ImatrixEntry, remap_imatrix
+from gguf_surgeon.llama.server import LlamaServer
+from gguf_surgeon.reader import Model
+
+F32, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0
+EXPERT_SUFFIXES = ("ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+# 6 blocks, 8 experts each: a different choice of 6 per block, listed out of order on purpose
+KEEP6 = "7,0-4/1-6/2-7/0,2-5,7/0-5/1,3,4,5,6,7"
+KEEP6_LISTS = [
+    (0, 1, 2, 3, 4, 7),
+    (1, 2, 3, 4, 5, 6),
+    (2, 3, 4, 5, 6, 7),
+    (0, 2, 3, 4, 5, 7),
+    (0, 1, 2, 3, 4, 5),
+    (1, 3, 4, 5, 6, 7),
+]
+
+
+def moe(path: Path, **kwargs) -> Path:
+    kwargs.setdefault("arch", "qwen3moe")
+    kwargs.setdefault("name", "Tiny Qwen3 MoE")
+    return build_model(path, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory) -> dict[str, Path]:
+    """The MoE fixtures (read-only): 8 experts in F32 and Q8_0, 6 experts in F32."""
+    d = tmp_path_factory.mktemp("moe")
+    return {
+        "f32": moe(d / "moe-f32.gguf"),
+        "q8_0": moe(d / "moe-q8_0.gguf", qtype=Q8_0),
+        "six": moe(d / "moe-6.gguf", n_expert=6, seed=1),
+    }
+
+
+def run(*args: object) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def field(path: Path, key: str):
+    f = gguf.GGUFReader(path).get_field(key)
+    return None if f is None else f.contents()
+
+
+def assert_slices(src: Path, out: Path, kept: list[tuple[int, ...]], sources: list[int] | None = None) -> None:
+    """Every per-expert tensor of `out` block i is source block sources[i]'s tensor restricted to
+    kept[i] (gguf's reader: the expert axis is numpy's first); every other tensor is identical."""
+    a, b = tensors(src), tensors(out)
+    sources = list(range(len(kept))) if sources is None else sources
+    assert len([n for n in b if n.startswith("blk.") and n.endswith("attn_norm.weight")]) == len(kept)
+    for name, t in b.items():
+        if not name.startswith("blk."):
+            np.testing.assert_array_equal(t.data, a[name].data)
+            continue
+        _, i, suffix = name.split(".", 2)
+        s = a[f"blk.{sources[int(i)]}.{suffix}"]
+        assert t.tensor_type == s.tensor_type
+        if suffix in EXPERT_SUFFIXES:
+            assert t.shape[-1] == len(kept[int(i)])
+            np.testing.assert_array_equal(t.data, s.data[list(kept[int(i)])], err_msg=name)
+        else:
+            np.testing.assert_array_equal(t.data, s.data, err_msg=name)
+
+
+# --- byte-exact slicing ---------------------------------------------------------------
+
+
+def test_fixture_is_shaped_like_qwen3_moe(moe_models):
+    t = tensors(moe_models["q8_0"])
+    assert t["blk.0.ffn_gate_inp.weight"].shape.tolist() == [64, 8]
+    assert t["blk.0.ffn_gate_inp.weight"].tensor_type == F32  # the router stays F32
+    assert t["blk.0.ffn_gate_exps.weight"].shape.tolist() == [64, 32, 8]
+    assert t["blk.0.ffn_down_exps.weight"].shape.tolist() == [32, 64, 8]
+    assert t["blk.0.ffn_up_exps.weight"].tensor_type == Q8_0
+    assert field(moe_models["q8_0"], "qwen3moe.expert_count") == 8
+    assert field(moe_models["q8_0"], "qwen3moe.expert_used_count") == 2
+    assert field(moe_models["six"], "qwen3moe.expert_count") == 6
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_keeping_every_expert_is_byte_identical(moe_models, tmp_path, kind):
+    src = moe_models[kind]
+    out = tmp_path / "all.gguf"
+    edit(src, out, "prune-experts 8 --keep " + "/".join(["0-7"] * 6))
+    a, b = tensors(src), tensors(out)
+    assert list(a) == list(b)
+    for name in a:
+        assert bytes(a[name].data.tobytes()) == bytes(b[name].data.tobytes()), name
+    assert field(out, "qwen3moe.expert_count") == 8
+    assert field(out, KEPT_KEY) == [",".join(map(str, range(8)))] * 6
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_kept_experts_are_the_source_slices(moe_models, tmp_path, kind):
+    src = moe_models[kind]
+    out = tmp_path / "pruned.gguf"
+    edit(src, out, f"prune-experts 6 --keep {KEEP6}")
+    assert_slices(src, out, KEEP6_LISTS)
+    assert field(out, "qwen3moe.expert_count") == 6
+    assert field(out, "qwen3moe.expert_used_count") == 2
+    assert field(out, SOURCE_COUNT_KEY) == 8
+    assert field(out, KEPT_KEY) == [",".join(map(str, k)) for k in KEEP6_LISTS]
+    # the recorded recipe replays to the same plan
+    recipe = field(out, "surgery.recipe")
+    with Model(src) as m:
+        assert plan_for(m, recipe) == plan_for(m, f"prune-experts 6 --keep {KEEP6}")
+    # the output is smaller by exactly the dropped experts' bytes
+    with Model(src) as m:
+        dropped = sum(t.n_bytes // 4 for t in m.tensors if is_expert_tensor(t))
+    assert os.path.getsize(src) - os.path.getsize(out) == pytest.approx(dropped, abs=64 * 64)
+
+
+def test_composes_with_layer_steps_and_with_itself(moe_models, tmp_path):
+    src = moe_models["f32"]
+    out = tmp_path / "composed.gguf"
+    # delete 1 -> source blocks 0 2 3 4 5; then keep 6 of 8; then 4 of those 6 (indices into the 6)
+    edit(
+        src,
+        out,
+        "delete 1; prune-experts 6 --keep 0-5/0-5/2-7/0-5/0-5; swap 0 1; prune-experts 4 --keep 0-3/2-5/0,1,4,5/0-3/1-4",
+    )
+    after_first = [(0, 1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 5), (2, 3, 4, 5, 6, 7), (0, 1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 5)]
+    order = [2, 0, 3, 4, 5]  # output block -> source block after the swap
+    first = [after_first[1], after_first[0], *after_first[2:]]
+    picks = [(0, 1, 2, 3), (2, 3, 4, 5), (0, 1, 4, 5), (0, 1, 2, 3), (1, 2, 3, 4)]
+    kept = [tuple(first[i][k] for k in p) for i, p in enumerate(picks)]
+    assert_slices(src, out, kept, order)
+    assert field(out, KEPT_KEY) == [",".join(map(str, k)) for k in kept]
+    # a later edit of the pruned file re-indexes the kept lists and keeps the original count
+    again = tmp_path / "again.gguf"
+    edit(out, again, "delete 0")
+    assert field(again, KEPT_KEY) == [",".join(map(str, k)) for k in kept[1:]]
+    assert field(again, SOURCE_COUNT_KEY) == 8
+
+
+@pytest.mark.parametrize("fmt", ["json", "toml", "json-list"])
+def test_keep_file(moe_models, tmp_path, fmt):
+    src = moe_models["six"]
+    lists = [[0, 1, 2, 5], [1, 2, 3, 4], [0, 2, 3, 5], [0, 1, 2, 3], [2, 3, 4, 5], [0, 1, 4, 5]]
+    if fmt == "json":
+        keep = tmp_path / "keep.json"
+        keep.write_text(json.dumps({"experts": {str(i): l for i, l in enumerate(lists)}}))
+    elif fmt == "json-list":
+        keep = tmp_path / "keep.json"
+        keep.write_text(json.dumps(lists))
+    else:
+        keep = tmp_path / "keep.toml"
+        keep.write_text("".join(f"{i} = {l}\n" for i, l in enumerate(lists)))
+    out = tmp_path / "out.gguf"
+    result = run("prune-experts", 4, src, out, "--keep-file", keep, "--json")
+    assert result.exit_code == 0, result.output
+    assert [row["experts"] for row in json.loads(result.stdout)["layers"]] == lists
+    assert_slices(src, out, [tuple(l) for l in lists])
+    assert field(out, "qwen3moe.expert_count") == 4
+
+
+def test_dry_run_shows_each_layers_experts_and_the_exact_size(moe_models, tmp_path):
+    out = tmp_path / "out.gguf"
+    result = run("prune-experts", 6, moe_models["f32"], out, "--keep", KEEP6, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "experts kept" in result.stdout and "0,1,2,3,4,7" in result.stdout
+    assert "qwen3moe.expert_count: 8 -> 6" in result.stdout
+    assert not out.exists()
+    size = int(result.stdout.split("Output size: ")[1].split()[0])
+    assert run("prune-experts", 6, moe_models["f32"], out, "--keep", KEEP6).exit_code == 0
+    assert out.stat().st_size == size
+
+
+def test_verify_checks_sliced_tensors(moe_models, tmp_path):
+    out = tmp_path / "out.gguf"
+    edit(moe_models["q8_0"], out, f"prune-experts 6 --keep {KEEP6}")
+    result = run("verify", out, "--against", moe_models["q8_0"], "--json")
+    assert result.exit_code == 0, result.output
+    assert all(f["ok"] for f in json.loads(result.stdout)["findings"])
+
+
+def test_imatrix_remap_slices_per_expert_entries(moe_models):
+    """Per-expert imatrix entries (one row per expert) keep the kept experts' rows."""
+    entries = {}
+    for b in range(6):
+        for s, rows in (("ffn_down_exps.weight", 8), ("attn_q.weight", 1)):
+            name = f"blk.{b}.{s}"
+            sums = (1000.0 * b + 10.0 * np.arange(rows)[:, None] + np.arange(4)).astype(np.float32)
+            entries[name] = ImatrixEntry(name, sums, (1.0 + np.arange(rows)).astype(np.float32))
+    im = Imatrix(entries, ("calib.txt",), 1, 64, False)
+    with Model(moe_models["f32"]) as m:
+        out = remap_imatrix(im, plan_for(m, f"delete 0; prune-experts 6 --keep {KEEP6.split('/', 1)[1]}"))
+    for i, kept in enumerate(KEEP6_LISTS[1:]):
+        e, src = out.entries[f"blk.{i}.ffn_down_exps.weight"], im.entries[f"blk.{i + 1}.ffn_down_exps.weight"]
+        np.testing.assert_array_equal(e.sums, src.sums[list(kept)])
+        np.testing.assert_array_equal(e.counts, src.counts[list(kept)])
+        np.testing.assert_array_equal(
+            out.entries[f"blk.{i}.attn_q.weight"].sums, im.entries[f"blk.{i + 1}.attn_q.weight"].sums
+        )
+
+
+# --- refusals -------------------------------------------------------------------------
+
+
+def assert_refused(result: Result, out: Path, fragment: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
+    assert fragment in lines[0], lines[0]
+    assert not out.exists() and [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["1", "--keep", "0/0/0/0/0/0"], "fewer experts than qwen3moe.expert_used_count = 2"),
+        (["4", "--keep", "0-3/0-3/0-3"], "output block 3 keeps all 8 experts while others keep 4"),
+        (["4", "--keep", "0-3/5-8/0-3/0-3/0-3/0-3"], "expert 8 out of range"),
+        (["4", "--keep", "0-3/0-4"], "block 1 keeps 5 experts, not 4"),
+        (["4", "--keep", "0-3/0-3/0-3/0-3/0-3/0-3/0-3"], "the keep lists name block 6; the model has 6"),
+        (["4", "--keep", "0-3/x"], "--keep block 1"),
+    ],
+)
+def test_bad_counts_get_one_error_line(moe_models, tmp_path, args, fragment):
+    out = tmp_path / "out.gguf"
+    assert_refused(run("prune-experts", args[0], moe_models["f32"], out, *args[1:]), out, fragment)
+
+
+def test_dense_model_is_refused(tiny, tmp_path):
+    out = tmp_path / "out.gguf"
+    assert_refused(
+        run("prune-experts", 4, tiny, out, "--keep", "0-3"), out, "a dense model (qwen3.expert_count is not set)"
+    )
+
+
+def test_groups_and_nextn_are_refused(tmp_path):
+    grouped = moe(
+        tmp_path / "grouped.gguf",
+        extra_kv={
+            "qwen3moe.expert_group_count": (gguf.GGUFValueType.UINT32, 2),
+            "qwen3moe.expert_group_used_count": (gguf.GGUFValueType.UINT32, 1),
+        },
+    )
+    out = tmp_path / "out.gguf"
+    uneven = "/".join(["0-2,4"] * 6)  # 3 from group 0-3, 1 from group 4-7
+    assert_refused(run("prune-experts", 4, grouped, out, "--keep", uneven), out, "prune the same number in every group")
+    odd = "/".join(["0,1,4,5,6"] * 6)
+    assert_refused(
+        run("prune-experts", 5, grouped, out, "--keep", odd), out, "not divisible by qwen3moe.expert_group_count = 2"
+    )
+    assert run("prune-experts", 4, grouped, out, "--keep", "/".join(["0,1,5,6"] * 6)).exit_code == 0
+    mtp = moe(tmp_path / "mtp.gguf", extra_kv={"qwen3moe.nextn_predict_layers": (gguf.GGUFValueType.UINT32, 1)})
+    out2 = tmp_path / "out2.gguf"
+    assert_refused(run("prune-experts", 4, mtp, out2, "--keep", "/".join(["0-3"] * 6)), out2, "MTP/nextn")
+
+
+def test_blend_of_pruned_block_is_refused(moe_models, tmp_path):
+    out = tmp_path / "out.gguf"
+    assert_refused(
+        run("apply", f"prune-experts 6 --keep {KEEP6}; interpolate 1 2", moe_models["f32"], out),
+        out,
+        "cannot blend a block whose experts were pruned",
+    )
+
+
+# --- llama.cpp -----------------------------------------------------------------------
+
+
+def decoded(llama_bin: Path, path: Path, n: int = 6) -> int:
+    with LlamaServer(llama_bin, path, ctx_size=128, threads=2) as server:
+        return int(server.completion("hello world", n_predict=n, ignore_eos=True)["tokens_predicted"])
+
+
+@pytest.mark.slow
+def test_fixtures_load_and_generate(moe_models, llama_bin, gguf_loader):
+    gguf_loader.assert_loads(*moe_models.values())
+    for path in moe_models.values():
+        assert decoded(llama_bin, path) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, recipe",
+    [
+        ("f32", f"prune-experts 6 --keep {KEEP6}"),
+        ("q8_0", "delete 1; prune-experts 4 --keep 0-3/4-7/0,2,4,6/1,3,5,7/2-5"),
+        ("six", "prune-experts 2 --keep 0,5/1,2/3,4/0,1/4,5/2,3"),
+    ],
+)
+def test_pruned_models_load_and_generate(moe_models, tmp_path, llama_bin, gguf_loader, kind, recipe):
+    out = tmp_path / "pruned.gguf"
+    edit(moe_models[kind], out, recipe)
+    gguf_loader.assert_loads(out)
+    assert decoded(llama_bin, out) == 6
