@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from make_fixtures import build_model  # fixtures/ is on sys.path via conftest
+from test_faithfulness import DIFFERS, TOL, TOP_K, assert_agrees, llama_top, reference_logprobs
 
+from gguf_surgeon.analysis.reference import ExpertStats, ReferenceModel, log_softmax
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit, plan_for
 from gguf_surgeon.experts import KEPT_KEY, SOURCE_COUNT_KEY, is_expert_tensor
 from gguf_surgeon.llama.imatrix import Imatrix, ImatrixEntry, remap_imatrix
-from gguf_surgeon.llama.server import LlamaServer
+from gguf_surgeon.llama.server import FLOAT32_ARGS, LlamaServer
 from gguf_surgeon.reader import Model
 
 F32, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0
@@ -309,3 +311,73 @@ def test_pruned_models_load_and_generate(moe_models, tmp_path, llama_bin, gguf_l
     edit(moe_models[kind], out, recipe)
     gguf_loader.assert_loads(out)
     assert decoded(llama_bin, out) == 6
+
+
+# --- the numpy MoE reference against llama.cpp ------------------------------------------
+
+SHORT = [9, 150, 23, 260, 77]  # on which every block of the f32 fixture leaves >= 2 experts unrouted
+SHORT_PREFIXES = (3, 5)
+
+
+def routed_tokens(path: Path, tokens: list[int]) -> list[np.ndarray]:
+    """Per block, how many of `tokens` the reference routes to each expert."""
+    with Model(path) as model:
+        ref = ReferenceModel(model)
+        x, positions, counts = ref.embed(tokens), np.arange(len(tokens)), []
+        for i in range(ref.block_count):
+            stats = ExpertStats.zeros(8)
+            x = ref.run_block(ref.load_block(i), x, positions, None, stats)
+            counts.append(stats.tokens)
+    return counts
+
+
+def llama_short(llama_bin: Path, path: Path) -> dict[int, np.ndarray]:
+    """llama.cpp's log-probabilities of its top-K tokens after each prefix of SHORT, by token id."""
+    with LlamaServer(llama_bin, path, ctx_size=64, threads=2, extra_args=FLOAT32_ARGS + ("--fit", "off")) as server:
+        return {n: {t.id: t.logprob for t in server.next_token_probs(SHORT[:n], TOP_K)} for n in SHORT_PREFIXES}
+
+
+def test_reference_runs_moe_blocks_and_counts_routing(moe_models):
+    counts = routed_tokens(moe_models["f32"], SHORT)
+    assert all(c.sum() == 2 * len(SHORT) for c in counts)  # 2 experts per token in every block
+    with Model(moe_models["f32"]) as model:
+        ref = ReferenceModel(model)
+        w = ref.load_block(0)
+        assert w.moe is not None and w.gate is None and w.moe.n_expert == 8 and w.moe.n_used == 2
+        gate, up, down = ref.expert(w.moe, 3)
+        assert gate.shape == up.shape == (32, 64) and down.shape == (64, 32)
+        assert np.isfinite(ref.forward(SHORT).logits).all()
+
+
+@pytest.mark.slow
+def test_moe_reference_matches_llama_cpp(moe_models, llama_bin):
+    """The numpy router, top-k and renormalized weights give llama.cpp's next-token log-probabilities."""
+    path = moe_models["f32"]
+    assert_agrees(llama_top(llama_bin, path), reference_logprobs(path))
+
+
+@pytest.mark.slow
+def test_pruning_unrouted_experts_leaves_llama_cpp_logits_unchanged(moe_models, tmp_path, llama_bin):
+    src = moe_models["f32"]
+    counts = routed_tokens(src, SHORT)
+    unrouted = [np.flatnonzero(c == 0)[:2].tolist() for c in counts]
+    assert all(len(u) == 2 for u in unrouted), counts
+    keep = "/".join(",".join(str(e) for e in range(8) if e not in u) for u in unrouted)
+    out = tmp_path / "unrouted.gguf"
+    edit(src, out, f"prune-experts 6 --keep {keep}")
+    base, pruned = llama_short(llama_bin, src), llama_short(llama_bin, out)
+    for n in SHORT_PREFIXES:
+        assert base[n].keys() == pruned[n].keys()
+        assert max(abs(base[n][t] - pruned[n][t]) for t in base[n]) < TOL / 10, n
+    # the reference on the pruned file agrees too
+    with Model(out) as model:
+        lp = log_softmax(ReferenceModel(model).forward(SHORT).logits)
+    assert max(abs(lp[n - 1, t] - v) for n in SHORT_PREFIXES for t, v in pruned[n].items()) < TOL
+    # the control: dropping the two most used experts of every block does change the logits
+    busiest = [np.argsort(-c, kind="stable")[:2].tolist() for c in counts]
+    keep = "/".join(",".join(str(e) for e in range(8) if e not in b) for b in busiest)
+    out2 = tmp_path / "routed.gguf"
+    edit(src, out2, f"prune-experts 6 --keep {keep}")
+    changed = llama_short(llama_bin, out2)
+    gaps = [abs(base[n][t] - changed[n].get(t, -100.0)) for n in SHORT_PREFIXES for t in base[n]]
+    assert max(gaps) > DIFFERS

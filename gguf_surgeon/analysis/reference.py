@@ -2,7 +2,9 @@
 
 It follows llama.cpp's graphs for the dense `llama` and `qwen3` architectures (token
 embedding, RMSNorm, RoPE, grouped-query causal attention, Qwen3's per-head q/k RMSNorm,
-SwiGLU feed-forward, output norm and head) closely enough that an F32 model's next-token
+SwiGLU feed-forward, output norm and head) and the mixture-of-experts `qwen3moe` (its router as
+llama-graph.cpp's build_moe_ffn computes it: softmax over the router logits, top-k, the k
+weights renormalized to sum 1, SwiGLU experts summed by weight) closely enough that an F32 model's next-token
 log-probabilities agree with llama.cpp's to ~1e-6 when llama.cpp also stays in float32 (an
 F32 KV cache, flash attention off; see llama_server.FLOAT32_ARGS). It is a reference, not an
 inference engine: one sequence, no KV cache, float32 numpy on the CPU.
@@ -10,7 +12,8 @@ inference engine: one sequence, no KV cache, float32 numpy on the CPU.
 Blocks can be run in any order (`layer_order`), so the effect of a recipe can be computed
 from the *original* file's weights and compared with what llama.cpp computes on the edited
 file. Memory stays bounded by one block: each block's tensors are dequantized when it runs
-and dropped after; the token embedding is read row by row and the output head in slices.
+and dropped after (an MoE block's experts one at a time, each once per block and only when
+some token is routed to it); the token embedding is read row by row and the output head in slices.
 """
 
 from __future__ import annotations
@@ -37,13 +40,19 @@ class ArchSpec:
     rope_neox: bool  # rotate (x[i], x[i + n_rot/2]) pairs; else adjacent (x[2i], x[2i+1]) pairs
     qk_norm: bool  # RMSNorm each q and k head (attn_q_norm / attn_k_norm) before RoPE
     honours_attention_scale: bool  # `<arch>.attention.scale` replaces 1/sqrt(head_dim)
+    moe_renorm: bool | None = (
+        None  # MoE blocks: renormalize the top-k weights (build_moe_ffn's norm_w); None: dense only
+    )
 
 
 # llama.cpp's llama_model_rope_type: LLAMA -> NORM (convert_hf_to_gguf permutes q/k for it), QWEN3 -> NEOX
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec(rope_neox=False, qk_norm=False, honours_attention_scale=True),
     "qwen3": ArchSpec(rope_neox=True, qk_norm=True, honours_attention_scale=False),
+    # src/models/qwen3moe.cpp: build_moe_ffn(..., LLM_FFN_SILU, norm_w = true, expert_weights_scale (unread: 0), SOFTMAX)
+    "qwen3moe": ArchSpec(rope_neox=True, qk_norm=True, honours_attention_scale=False, moe_renorm=True),
 }
+SOFTMAX_WEIGHT_FLOOR = 6.103515625e-5  # build_moe_ffn clamps the top-k weight sum to the smallest normal F16
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,37 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class MoeWeights:
+    """One mixture-of-experts block's router (dequantized) and experts (read one expert at a time)."""
+
+    router: np.ndarray  # (n_expert, n_embd) float32: ffn_gate_inp
+    gate: TensorInfo  # ffn_gate_exps, ne {n_embd, n_ff_exp, n_expert}
+    up: TensorInfo  # ffn_up_exps, ne {n_embd, n_ff_exp, n_expert}
+    down: TensorInfo  # ffn_down_exps, ne {n_ff_exp, n_embd, n_expert}
+    n_used: int  # experts routed per token (expert_used_count)
+    renorm: bool  # the k weights are divided by their sum
+
+    @property
+    def n_expert(self) -> int:
+        return self.router.shape[0]
+
+
+@dataclass
+class ExpertStats:
+    """Per-expert sums over the routed tokens of one block (REAP's ingredients), accumulated by
+    `run_block` when given one; divide by `tokens` for means."""
+
+    tokens: np.ndarray  # (n_expert,) tokens routed to each expert
+    weight: np.ndarray  # (n_expert,) sum of the gate weights it got (after top-k renormalization)
+    norm: np.ndarray  # (n_expert,) sum of ||expert output||
+    saliency: np.ndarray  # (n_expert,) sum of gate weight * ||expert output||  (REAP)
+
+    @staticmethod
+    def zeros(n_expert: int) -> ExpertStats:
+        return ExpertStats(*(np.zeros(n_expert, np.float64) for _ in range(4)))
+
+
+@dataclass(frozen=True)
 class BlockWeights:
     """One block's tensors dequantized to float32 numpy matrices (rows = output features)."""
 
@@ -179,12 +219,13 @@ class BlockWeights:
     q_norm: np.ndarray | None  # (head_dim,), qwen3
     k_norm: np.ndarray | None
     ffn_norm: np.ndarray
-    gate: np.ndarray  # (n_ff, n_embd)
-    up: np.ndarray  # (n_ff, n_embd)
-    down: np.ndarray  # (n_embd, n_ff)
+    gate: np.ndarray | None  # (n_ff, n_embd); None in an MoE block
+    up: np.ndarray | None  # (n_ff, n_embd)
+    down: np.ndarray | None  # (n_embd, n_ff)
     biases: dict[str, np.ndarray]  # optional biases by tensor stem ("attn_q", "ffn_down", ...)
     head_dim: int
     n_rot: int  # leading values of each head that RoPE rotates
+    moe: MoeWeights | None = None  # the experts of an MoE block (then gate/up/down are None)
 
     @property
     def n_head(self) -> int:
@@ -279,10 +320,9 @@ class ReferenceModel:
                 f"{self.model.path}: block {index} out of range (the model has blocks 0..{self.block_count - 1})"
             )
         p = f"blk.{index}."
+        moe = None
         if self.tensor(p + "ffn_gate_inp.weight", required=False) is not None:
-            raise ForwardError(
-                f"{self.model.path}: block {index} is mixture-of-experts; the reference forward pass is dense only"
-            )
+            moe = self.load_experts(index)
         if self.tensor(p + "attn_qkv.weight", required=False) is not None:
             raise ForwardError(
                 f"{self.model.path}: block {index} has a fused attn_qkv tensor, which the reference forward pass does not split"
@@ -303,13 +343,64 @@ class ReferenceModel:
             q_norm=self.vector(p + "attn_q_norm.weight") if self.spec.qk_norm else None,
             k_norm=self.vector(p + "attn_k_norm.weight") if self.spec.qk_norm else None,
             ffn_norm=self.vector(p + "ffn_norm.weight"),
-            gate=self._matrix(p + "ffn_gate.weight"),
-            up=self._matrix(p + "ffn_up.weight"),
-            down=self._matrix(p + "ffn_down.weight"),
+            gate=None if moe else self._matrix(p + "ffn_gate.weight"),
+            up=None if moe else self._matrix(p + "ffn_up.weight"),
+            down=None if moe else self._matrix(p + "ffn_down.weight"),
             biases=biases,
             head_dim=head_dim,
             n_rot=int(n_rot),
+            moe=moe,
         )
+
+    def load_experts(self, index: int) -> MoeWeights:
+        """Block `index`'s router and expert tensors; ForwardError where the routing is not implemented."""
+        p = f"blk.{index}."
+        if self.spec.moe_renorm is None:
+            raise ForwardError(
+                f"{self.model.path}: block {index} is mixture-of-experts; the reference runs the experts of "
+                f"{', '.join(a for a, s in ARCHS.items() if s.moe_renorm is not None)} only"
+            )
+        for extra in ("exp_probs_b.bias", "ffn_gate_inp.bias", "ffn_gate_up_exps.weight", "ffn_gate_inp_shexp.weight"):
+            if self.tensor(p + extra, required=False) is not None:
+                raise ForwardError(f"{self.model.path}: block {index} has {extra}, which the reference does not run")
+        used = _per_layer(self._require(Keys.LLM.EXPERT_USED_COUNT), index)
+        gate, up, down = (self.tensor(p + f"ffn_{s}_exps.weight") for s in ("gate", "up", "down"))
+        assert gate is not None and up is not None and down is not None
+        return MoeWeights(self._matrix(p + "ffn_gate_inp.weight"), gate, up, down, int(used), self.spec.moe_renorm)
+
+    def expert(self, moe: MoeWeights, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Expert e's (gate (n_ff, n_embd), up (n_ff, n_embd), down (n_embd, n_ff)) as float32."""
+        out = []
+        for t in (moe.gate, moe.up, moe.down):
+            rows = t.shape[1]  # rows per expert: the expert axis is the last, one contiguous range each
+            out.append(dequantize_rows(self.model, t, e * rows, (e + 1) * rows))
+        return out[0], out[1], out[2]
+
+    def moe_ffn(self, moe: MoeWeights, h: np.ndarray, stats: ExpertStats | None = None) -> np.ndarray:
+        """build_moe_ffn for softmax gating: probs = softmax(router logits), the n_used largest
+        selected, their probs renormalized (norm_w), sum over them of weight * down(silu(gate h) * up h).
+        Each expert some token is routed to is dequantized once."""
+        logits = h @ moe.router.T  # (n, n_expert)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        selected = np.argsort(-probs, axis=-1, kind="stable")[:, : moe.n_used]  # (n, k)
+        weights = np.take_along_axis(probs, selected, -1)
+        if moe.renorm:
+            weights = weights / np.maximum(weights.sum(-1, keepdims=True), np.float32(SOFTMAX_WEIGHT_FLOOR))
+        out = np.zeros_like(h)
+        for e in np.unique(selected):
+            rows, slot = np.nonzero(selected == e)
+            gate, up, down = self.expert(moe, int(e))
+            y = (silu(h[rows] @ gate.T) * (h[rows] @ up.T)) @ down.T  # (r, n_embd)
+            wt = weights[rows, slot].astype(np.float32)
+            out[rows] += wt[:, None] * y
+            if stats is not None:
+                norms = np.linalg.norm(y.astype(np.float64), axis=-1)
+                stats.tokens[e] += len(rows)
+                stats.weight[e] += float(wt.sum())
+                stats.norm[e] += float(norms.sum())
+                stats.saliency[e] += float((wt * norms).sum())
+        return out
 
     def rope_factors(self) -> np.ndarray | None:
         """llama 3's per-frequency RoPE divisors (one tensor shared by every block), if any."""
@@ -330,9 +421,15 @@ class ReferenceModel:
         return np.concatenate(rows).astype(np.float32, copy=True)
 
     def run_block(
-        self, w: BlockWeights, x: np.ndarray, positions: np.ndarray, rope_factors: np.ndarray | None = None
+        self,
+        w: BlockWeights,
+        x: np.ndarray,
+        positions: np.ndarray,
+        rope_factors: np.ndarray | None = None,
+        stats: ExpertStats | None = None,
     ) -> np.ndarray:
-        """One transformer block on the residual stream x (n_tokens, n_embd); returns the new stream."""
+        """One transformer block on the residual stream x (n_tokens, n_embd); returns the new stream.
+        `stats` (MoE blocks) accumulates what each expert did."""
         hp = self.hparams
         n = x.shape[0]
 
@@ -355,6 +452,9 @@ class ReferenceModel:
         x = x + linear("attn_output", w.wo, attn)
 
         h = rms_norm(x, w.ffn_norm, hp.rms_eps)
+        if w.moe is not None:
+            return (x + self.moe_ffn(w.moe, h, stats)).astype(np.float32, copy=False)
+        assert w.gate is not None and w.up is not None and w.down is not None
         ff = silu(linear("ffn_gate", w.gate, h)) * linear("ffn_up", w.up, h)
         return (x + linear("ffn_down", w.down, ff)).astype(np.float32, copy=False)
 
