@@ -19,6 +19,7 @@ from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit, plan_for
 from gguf_surgeon.experts import KEPT_KEY, SOURCE_COUNT_KEY, is_expert_tensor
 from gguf_surgeon.llama.imatrix import Imatrix, ImatrixEntry, remap_imatrix
+from gguf_surgeon.llama.quantize import quantize_ladder
 from gguf_surgeon.llama.server import FLOAT32_ARGS, LlamaServer
 from gguf_surgeon.reader import Model
 
@@ -216,6 +217,43 @@ def test_imatrix_remap_slices_per_expert_entries(moe_models):
         np.testing.assert_array_equal(
             out.entries[f"blk.{i}.attn_q.weight"].sums, im.entries[f"blk.{i + 1}.attn_q.weight"].sums
         )
+
+
+@pytest.mark.slow
+def test_k_quant_experts_are_sliced_byte_for_byte(tmp_path, llama_bin, gguf_loader):
+    """Q4_K (and the Q5_K/Q6_K llama-quantize mixes in) hold 256-value super-blocks along ne0:
+    a 256-wide fixture quantized by llama-quantize itself, sliced, read back by gguf."""
+    f32 = moe(tmp_path / "wide.gguf", n_embd=256, ff=256, ff_exp=256)
+    quant = quantize_ladder(f32, ["Q4_K_M"], tmp_path, llama_bin=llama_bin).results[0].path
+    types = {t.tensor_type for t in tensors(quant).values() if is_expert_tensor_name(t.name)}
+    assert gguf.GGMLQuantizationType.Q4_K in types, types
+    out = tmp_path / "pruned.gguf"
+    edit(quant, out, f"prune-experts 6 --keep {KEEP6}")
+    assert_slices(quant, out, KEEP6_LISTS)
+    gguf_loader.assert_loads(out)
+    assert decoded(llama_bin, out) == 6
+
+
+def is_expert_tensor_name(name: str) -> bool:
+    return any(name.endswith(s) for s in EXPERT_SUFFIXES)
+
+
+def test_counts_off_a_multiple_of_32_are_warned_where_the_count_allows(moe_models, tmp_path):
+    wide = moe(tmp_path / "64.gguf", n_expert=64, n_expert_used=4, n_blocks=2)
+
+    def warnings(path: Path, n: int) -> list[str]:
+        keep = "/".join([f"0-{n - 1}"] * 2)
+        result = run("plan", f"prune-experts {n} --keep {keep}", path, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["warnings"]
+
+    assert any("40 experts is not a multiple of 32" in w for w in warnings(wide, 40))
+    assert warnings(wide, 32) == []
+    # 8 experts cannot reach a multiple of 32: no warning
+    keep = "/".join(["0-5"] * 6)
+    assert (
+        json.loads(run("plan", f"prune-experts 6 --keep {keep}", moe_models["f32"], "--json").stdout)["warnings"] == []
+    )
 
 
 # --- refusals -------------------------------------------------------------------------
