@@ -419,3 +419,113 @@ def test_pruning_unrouted_experts_leaves_llama_cpp_logits_unchanged(moe_models, 
     changed = llama_short(llama_bin, out2)
     gaps = [abs(base[n][t] - changed[n].get(t, -100.0)) for n in SHORT_PREFIXES for t in base[n]]
     assert max(gaps) > DIFFERS
+
+
+# --- rank --experts and prune-experts N by saliency ---------------------------------------
+
+TOKENS = [9, 150, 23, 260, 77, 4, 199, 42, 88, 270, 31, 64]
+
+
+def test_expert_statistics_follow_their_definitions(moe_models):
+    """The router, top-k, renormalized weights and REAP saliency recomputed from gguf's own reading
+    of the tensors, on a random block input."""
+    path = moe_models["f32"]
+    t = tensors(path)
+    router = np.asarray(t["blk.2.ffn_gate_inp.weight"].data)  # (8, 64)
+    gate, up, down = (np.asarray(t[f"blk.2.ffn_{s}_exps.weight"].data) for s in ("gate", "up", "down"))
+    h = np.random.default_rng(5).standard_normal((20, 64)).astype(np.float32)
+    with Model(path) as model:
+        ref = ReferenceModel(model)
+        stats = ExpertStats.zeros(8)
+        out = ref.moe_ffn(ref.load_block(2).moe, h, stats)
+    logits = h.astype(np.float64) @ router.T
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.zeros((20, 64))
+    tokens, weight, norm, saliency = (np.zeros(8) for _ in range(4))
+    for i in range(20):
+        top = np.argsort(-probs[i])[:2]
+        w = probs[i, top] / probs[i, top].sum()
+        for e, we in zip(top, w):
+            a = gate[e] @ h[i]
+            y = down[e] @ (a / (1 + np.exp(-a)) * (up[e] @ h[i]))
+            want[i] += we * y
+            tokens[e] += 1
+            weight[e] += we
+            norm[e] += np.linalg.norm(y)
+            saliency[e] += we * np.linalg.norm(y)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(stats.tokens, tokens)
+    for got, exp in ((stats.weight, weight), (stats.norm, norm), (stats.saliency, saliency)):
+        np.testing.assert_allclose(got, exp, rtol=1e-4)
+    np.testing.assert_allclose(stats.prob, probs.sum(0), rtol=1e-4)
+
+
+def test_rank_experts_scores_and_order(moe_models):
+    from gguf_surgeon.analysis.expert_rank import rank_experts
+
+    r = rank_experts(moe_models["f32"], tokens=TOKENS)
+    assert r.blocks == tuple(range(6)) and r.n_expert == 8 and r.n_used == 2 and r.n_tokens == len(TOKENS)
+    counts = routed_tokens(moe_models["f32"], TOKENS)
+    for b in r.blocks:
+        scores = r.block_scores(b)
+        assert [s.tokens for s in scores] == counts[b].astype(int).tolist()
+        assert sum(s.frequency for s in scores) == pytest.approx(2.0)
+        for s in scores:
+            if s.tokens == 0:
+                assert s.saliency == s.mean_weight == s.mean_norm == 0.0
+            else:  # a mean of products lies within the bounds of its factors' product
+                assert 0 < s.saliency <= s.mean_norm + 1e-9 and 0 < s.mean_weight <= 1  # weights <= 1
+        order = r.order(b)
+        sal = [next(s.saliency for s in scores if s.expert == e) for e in order]
+        assert sal == sorted(sal, reverse=True) and sorted(order) == list(range(8))
+        assert r.top(b, 3) == tuple(sorted(order[:3]))
+    data = json.loads(json.dumps(r.to_dict()))
+    assert [blk["block"] for blk in data["blocks"]] == list(range(6))
+    assert set(data["blocks"][0]["experts"][0]) == {
+        "expert", "tokens", "frequency", "mean_weight", "mean_norm", "saliency", "mean_prob"
+    }  # fmt: skip
+
+
+def test_block_ranking_runs_moe_models(moe_models):
+    from gguf_surgeon.analysis.rank import rank_model
+
+    r = rank_model(moe_models["f32"], tokens=TOKENS)
+    assert len(r.blocks) == 6 and all(0 < b.block_influence < 2 for b in r.blocks)
+
+
+def test_rank_experts_cli(moe_models, tmp_path):
+    png = tmp_path / "experts.png"
+    result = run("rank", moe_models["six"], "--experts", "--tokens", 16, "--json", "--plot", png)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["n_expert"] == 6 and len(data["blocks"]) == 6 and data["n_tokens"] == 16
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = run("rank", moe_models["six"], "--experts", "--tokens", 16)
+    assert table.exit_code == 0 and "most salient" in table.stdout
+    assert "Error: --experts scores experts" in run("rank", moe_models["six"], "--experts", "--ablation").output
+
+
+def test_rank_experts_refuses_a_dense_model(tiny):
+    result = run("rank", tiny, "--experts")
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and "a dense model" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_prune_experts_n_keeps_the_most_salient(moe_models, tmp_path):
+    """Without lists, the command ranks the experts (same text, same tokenizer as rank --experts)
+    and keeps the top N of each block; composed steps rank each block as the step finds it."""
+    src = moe_models["f32"]
+    ranked = json.loads(run("rank", src, "--experts", "--json").stdout)
+    order = {blk["block"]: blk["order"] for blk in ranked["blocks"]}
+    out = tmp_path / "top6.gguf"
+    result = run("prune-experts", 6, src, out, "--json")
+    assert result.exit_code == 0, result.output
+    kept = [sorted(order[b][:6]) for b in range(6)]
+    assert field(out, KEPT_KEY) == [",".join(map(str, k)) for k in kept]
+    assert_slices(src, out, [tuple(k) for k in kept])
+    # delete 1, then 6 of 8, then 4 of those 6: the top 4 of the source ranking survive
+    out2 = tmp_path / "composed.gguf"
+    assert run("apply", "delete 1; prune-experts 6; prune-experts 4", src, out2).exit_code == 0
+    sources = [0, 2, 3, 4, 5]
+    assert field(out2, KEPT_KEY) == [",".join(map(str, sorted(order[b][:4]))) for b in sources]

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RankError
+from .expert_rank import ExpertRanking
 from .rank import Ranking
 
 
-def plot_ranking(ranking: Ranking, out: str | Path) -> Path:
-    """Write a PNG: Block Influence (and ablation KLD) per block, and the angular-distance map
-    of every window. Needs matplotlib (the `plot` extra); raises RankError without it."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -21,6 +20,50 @@ def plot_ranking(ranking: Ranking, out: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise RankError("--plot needs matplotlib: pip install 'gguf-surgeon[plot]'") from None
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise RankError(f"{out}: cannot write the plot: {e.strerror or e}") from None
+    except ValueError as e:  # matplotlib's answer to an unknown file suffix
+        raise RankError(f"{out}: cannot write the plot: {e}") from None
+    finally:
+        fig.clf()
+    return out
+
+
+def plot_experts(ranking: ExpertRanking, out: str | Path) -> Path:
+    """Write heat maps (MoE blocks x experts) of REAP saliency and routed-token frequency.
+    Needs matplotlib (the `plot` extra); raises RankError without it."""
+    plt = _pyplot()
+    out = Path(out)
+    n_blocks, n_expert = len(ranking.blocks), ranking.n_expert
+    fig, axes = plt.subplots(
+        2, 1, figsize=(max(8.0, n_expert * 0.12 + 2), max(2.5, n_blocks * 0.18 + 1.2) * 2), constrained_layout=True
+    )
+    for ax, field, title in (
+        (axes[0], "saliency", "REAP saliency (mean gate weight x ||expert output|| over routed tokens)"),
+        (axes[1], "frequency", "share of tokens routed to the expert"),
+    ):
+        im = ax.imshow(ranking.matrix(field), aspect="auto", cmap="magma", interpolation="nearest")
+        ax.set_title(f"{title} — {Path(ranking.model).name}, {ranking.n_tokens} tokens", fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("block")
+        ax.set_yticks(range(n_blocks), [str(b) for b in ranking.blocks], fontsize=6)
+        fig.colorbar(im, ax=ax)
+    try:
+        return _save(fig, out)
+    finally:
+        plt.close(fig)
+
+
+def plot_ranking(ranking: Ranking, out: str | Path) -> Path:
+    """Write a PNG: Block Influence (and ablation KLD) per block, and the angular-distance map
+    of every window. Needs matplotlib (the `plot` extra); raises RankError without it."""
+    plt = _pyplot()
     out = Path(out)
     n = ranking.block_count
     has_kld = any(b.ablation_kld is not None for b in ranking.blocks)
@@ -54,11 +97,6 @@ def plot_ranking(ranking: Ranking, out: str | Path) -> Path:
     ax.set_ylabel("window size n")
     fig.colorbar(im, ax=ax)
     try:
-        fig.savefig(out, dpi=100)
-    except OSError as e:
-        raise RankError(f"{out}: cannot write the plot: {e.strerror or e}") from None
-    except ValueError as e:  # matplotlib's answer to an unknown file suffix
-        raise RankError(f"{out}: cannot write the plot: {e}") from None
+        return _save(fig, out)
     finally:
         plt.close(fig)
-    return out

@@ -200,10 +200,12 @@ class ExpertStats:
     weight: np.ndarray  # (n_expert,) sum of the gate weights it got (after top-k renormalization)
     norm: np.ndarray  # (n_expert,) sum of ||expert output||
     saliency: np.ndarray  # (n_expert,) sum of gate weight * ||expert output||  (REAP)
+    prob: np.ndarray  # (n_expert,) sum over ALL tokens of the router's softmax probability
+    n_tokens: int = 0  # tokens seen
 
     @staticmethod
     def zeros(n_expert: int) -> ExpertStats:
-        return ExpertStats(*(np.zeros(n_expert, np.float64) for _ in range(4)))
+        return ExpertStats(*(np.zeros(n_expert, np.float64) for _ in range(5)))
 
 
 @dataclass(frozen=True)
@@ -387,6 +389,9 @@ class ReferenceModel:
         weights = np.take_along_axis(probs, selected, -1)
         if moe.renorm:
             weights = weights / np.maximum(weights.sum(-1, keepdims=True), np.float32(SOFTMAX_WEIGHT_FLOOR))
+        if stats is not None:
+            stats.prob += probs.sum(0, dtype=np.float64)
+            stats.n_tokens += h.shape[0]
         out = np.zeros_like(h)
         for e in np.unique(selected):
             rows, slot = np.nonzero(selected == e)

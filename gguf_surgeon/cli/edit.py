@@ -104,6 +104,7 @@ def run_edit(
 ) -> None:
     from ..edit import EditOptions, check_outputs, edit, prepare, report
 
+    recipe = choose_experts(source, recipe, llama_bin, quiet=as_json)
     options = EditOptions(name, force, parse_size(split_max_size), split_max_tensors, alignment)
     if quantize_types and (split_max_size or split_max_tensors):
         raise click.UsageError("--quantize needs a single-file output; drop --split-max-size/--split-max-tensors")
@@ -152,6 +153,25 @@ def run_edit(
     )
     if quantized is not None:
         render_quantize(quantized)
+
+
+def choose_experts(source: Path, recipe: str, llama_bin: Path | None, quiet: bool) -> str:
+    """The recipe with every `prune-experts N` that lists no experts given the top N of each
+    block by REAP saliency, measured by the numpy reference on the bundled calibration text
+    (the core never ranks: it gets explicit lists). Other recipes come back unchanged."""
+    from ..recipe import load_recipe
+
+    steps = load_recipe(recipe)
+    if not any(s.op == "prune-experts" and s.args.keep is None for s in steps):
+        return recipe
+    from ..analysis.expert_rank import rank_experts, resolve_prune_steps
+    from .common import step_progress
+
+    with step_progress(enabled=not quiet) as progress:
+        ranking = rank_experts(source, llama_bin=llama_bin, progress=progress)
+    with Model(source) as model:
+        block_count = len(model.blocks())
+    return "; ".join(s.text for s in resolve_prune_steps(steps, ranking, block_count))
 
 
 class byte_progress:

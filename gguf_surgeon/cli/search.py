@@ -86,6 +86,12 @@ def bar_scale(values: Sequence[float]) -> float:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Also write the JSON report to this file (search --rank reads it).",
 )
+@click.option(
+    "--experts",
+    is_flag=True,
+    help="Score the experts of every mixture-of-experts block instead: routed-token frequency, mean gate "
+    "weight, mean output norm and REAP saliency (what prune-experts N keeps the top N of).",
+)
 @llama_bin_option()
 @json_option()
 def rank_cmd(
@@ -96,17 +102,20 @@ def rank_cmd(
     max_window: int | None,
     plot: Path | None,
     save: Path | None,
+    experts: bool,
     llama_bin: Path | None,
     as_json: bool,
 ) -> None:
     """Score every block's importance with the numpy reference forward pass (no torch): Block
     Influence 1 - cos(block input, block output), the angular distance across every window
     of n blocks, and with --ablation the KL divergence when the block is deleted. Low scores
-    mark blocks a surgery can touch. Weights are dequantized one block at a time.
+    mark blocks a surgery can touch. Weights are dequantized one block at a time. With
+    --experts: every expert of every MoE block, a heat map with --plot.
 
     \b
     Example:
       gguf-surgeon rank model.gguf --ablation --plot ranks.png
+      gguf-surgeon rank moe.gguf --experts --plot experts.png
     """
     import json
 
@@ -115,12 +124,16 @@ def rank_cmd(
 
     if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise RankError(f"--plot {plot}: write a .png, .svg or .pdf file")  # before the forward pass, not after
+    if experts and (ablation or max_window is not None):
+        raise click.UsageError("--experts scores experts; --ablation and --windows score blocks")
     text = None
     if text_file is not None:
         try:
             text = text_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise RankError(f"--text {text_file}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    if experts:
+        return rank_experts_cmd(model, text, max_tokens, plot, save, llama_bin, as_json)
     with step_progress(enabled=not as_json) as progress:
         ranking = rank_model(
             model,
@@ -141,6 +154,64 @@ def rank_cmd(
     if as_json:
         return emit_json(data)
     render_ranking(ranking, plot)
+
+
+def rank_experts_cmd(
+    model: Path,
+    text: str | None,
+    max_tokens: int,
+    plot: Path | None,
+    save: Path | None,
+    llama_bin: Path | None,
+    as_json: bool,
+) -> None:
+    import json
+
+    from ..analysis.expert_rank import rank_experts
+    from ..analysis.plot import plot_experts
+
+    with step_progress(enabled=not as_json) as progress:
+        ranking = rank_experts(model, text, max_tokens=max_tokens, llama_bin=llama_bin, progress=progress)
+    data = ranking.to_dict()
+    if plot is not None:
+        data["plot"] = str(plot_experts(ranking, plot))
+    if save is not None:
+        from ..files import write_text_atomic
+
+        write_text_atomic(save, json.dumps(data, indent=2), force=True)
+    if as_json:
+        return emit_json(data)
+    out_console.print(
+        f"{Path(ranking.model).name}: {len(ranking.blocks)} MoE blocks of {ranking.n_expert} experts, "
+        f"{ranking.n_used} routed per token ({ranking.architecture}); {ranking.n_tokens} tokens, "
+        f"tokenizer: {ranking.tokenizer}"
+    )
+    shown = 4
+    table = Table(
+        "block", "unrouted", f"most salient ({shown})", f"least salient ({shown})", "saliency max / median", box=None
+    )
+
+    def cell(scores: dict, experts: Sequence[int]) -> str:
+        return ", ".join(f"{e} ({scores[e].saliency:.3g}, {scores[e].frequency:.0%})" for e in experts)
+
+    for b in ranking.blocks:
+        scores = {s.expert: s for s in ranking.block_scores(b)}
+        order = ranking.order(b)
+        values = sorted(s.saliency for s in scores.values())
+        table.add_row(
+            str(b),
+            str(sum(1 for s in scores.values() if s.tokens == 0)),
+            cell(scores, order[:shown]),
+            cell(scores, order[-shown:]),
+            f"{values[-1]:.3g} / {values[len(values) // 2]:.3g}",
+        )
+    out_console.print(table)
+    out_console.print(
+        "Cells: expert (REAP saliency, routed share of tokens). "
+        "--json has every expert's frequency, mean gate weight and mean output norm."
+    )
+    if plot is not None:
+        out_console.print(f"Wrote {plot}")
 
 
 def render_ranking(ranking: Any, plot: Path | None) -> None:

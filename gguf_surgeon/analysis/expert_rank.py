@@ -1,0 +1,225 @@
+"""Expert importance in mixture-of-experts blocks from the numpy reference forward pass, and the
+top-N lists `prune-experts N` keeps.
+
+One text runs through the model block by block (`reference.ReferenceModel`, routing exactly as
+llama.cpp's build_moe_ffn). For every MoE block and expert, over the tokens routed to it:
+
+- **frequency**: the share of the text's tokens routed to the expert;
+- **mean gate weight**: the weight the router gave it (after top-k renormalization: the weight
+  llama.cpp multiplies its output by);
+- **mean output norm**: ``||expert(x)||``;
+- **REAP saliency** (Lasby et al. 2025, arXiv 2510.13999): the mean over routed tokens of
+  gate weight x ``||expert(x)||``: what the expert adds to the block's output. An expert no
+  token reaches scores 0. Ties (unrouted experts, on a short text) are broken by the router's
+  mean softmax probability over all tokens, then by index.
+
+Memory: one block's attention weights, the router, and one expert at a time (each expert some
+token is routed to is dequantized once per block); the hidden state of the text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import Keys
+
+from ..errors import PlanError, RankError
+from ..experts import expert_shape
+from ..operations import build_plan, step_of
+from ..operations.prune_experts import PruneExperts
+from ..plan import Step
+from ..reader import Model
+from .rank import DEFAULT_TOKENS, RankProgress, default_text, tokenize
+from .reference import ExpertStats, ReferenceModel
+
+
+@dataclass(frozen=True)
+class ExpertScore:
+    """What one expert of one block did on the text."""
+
+    block: int  # source block index
+    expert: int
+    tokens: int  # tokens routed to it
+    frequency: float  # tokens / tokens of the text
+    mean_weight: float  # mean gate weight over its routed tokens (0 when none)
+    mean_norm: float  # mean ||expert output|| over its routed tokens
+    saliency: float  # REAP: mean gate weight x ||expert output|| over its routed tokens
+    mean_prob: float  # the router's mean softmax probability over all tokens (tie-breaker)
+
+
+@dataclass(frozen=True)
+class ExpertRanking:
+    """Every MoE block's experts scored on one text."""
+
+    model: str
+    architecture: str
+    n_tokens: int
+    tokenizer: str
+    n_expert: int
+    n_used: int  # expert_used_count (the largest, for a per-block array)
+    blocks: tuple[int, ...]  # the MoE blocks scored (leading dense blocks are not)
+    scores: tuple[ExpertScore, ...]  # by block, then expert
+    block_seconds: tuple[float, ...]  # time of each MoE block's pass (attention, router, experts)
+    seconds: float
+
+    def block_scores(self, block: int) -> tuple[ExpertScore, ...]:
+        return tuple(s for s in self.scores if s.block == block)
+
+    def matrix(self, field: str = "saliency") -> np.ndarray:
+        """(MoE blocks, experts) array of one score."""
+        out = np.zeros((len(self.blocks), self.n_expert))
+        row = {b: i for i, b in enumerate(self.blocks)}
+        for s in self.scores:
+            out[row[s.block], s.expert] = getattr(s, field)
+        return out
+
+    def order(self, block: int) -> tuple[int, ...]:
+        """Block's experts, most salient first (ties: higher mean router probability, lower index)."""
+        scores = self.block_scores(block)
+        return tuple(s.expert for s in sorted(scores, key=lambda s: (-s.saliency, -s.mean_prob, s.expert)))
+
+    def top(self, block: int, n: int) -> tuple[int, ...]:
+        """The n most salient experts of `block`, ascending."""
+        return tuple(sorted(self.order(block)[:n]))
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "architecture": self.architecture,
+            "n_tokens": self.n_tokens,
+            "tokenizer": self.tokenizer,
+            "n_expert": self.n_expert,
+            "n_used": self.n_used,
+            "seconds": round(self.seconds, 3),
+            "blocks": [
+                {
+                    "block": b,
+                    "seconds": round(sec, 4),
+                    "order": list(self.order(b)),
+                    "experts": [{k: v for k, v in asdict(s).items() if k != "block"} for s in self.block_scores(b)],
+                }
+                for b, sec in zip(self.blocks, self.block_seconds)
+            ],
+        }
+
+
+def rank_experts(
+    path: str | Path,
+    text: str | None = None,
+    *,
+    tokens: Sequence[int] | None = None,
+    max_tokens: int = DEFAULT_TOKENS,
+    llama_bin: str | Path | None = None,
+    progress: RankProgress | None = None,
+) -> ExpertRanking:
+    """Score every expert of every MoE block of the model at `path` on `text` (default: the
+    eval text's start; `tokens` skips tokenization). Raises RankError for a dense model or a
+    text under 2 tokens, ForwardError where the reference does not run the architecture."""
+    path = Path(path)
+    started = time.monotonic()
+    with Model(path) as model:
+        shape = expert_shape(model)
+        if shape.count <= 0:
+            key = model.arch_key(Keys.LLM.EXPERT_COUNT)
+            raise RankError(
+                f"{path}: a dense model ({key} is not set); ranking experts needs a mixture-of-experts model"
+            )
+    if tokens is None:
+        ids, tokenizer = tokenize(path, default_text() if text is None else text, llama_bin)
+    else:
+        ids, tokenizer = [int(t) for t in tokens], "given"
+    ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise RankError(f"{path}: the text gives {len(ids)} token(s); rank needs at least 2")
+    scores: list[ExpertScore] = []
+    blocks: list[int] = []
+    seconds: list[float] = []
+    with Model(path) as model:
+        ref = ReferenceModel(model)
+        positions = np.arange(len(ids))
+        factors = ref.rope_factors()
+        x = ref.embed(ids)
+        n = ref.block_count
+        for i in range(n):
+            t0 = time.monotonic()
+            w = ref.load_block(i)
+            stats = ExpertStats.zeros(w.moe.n_expert) if w.moe is not None else None
+            x = ref.run_block(w, x, positions, factors, stats)
+            del w
+            if stats is not None:
+                blocks.append(i)
+                seconds.append(time.monotonic() - t0)
+                scores += _scores(i, stats)
+            if progress:
+                progress("experts", i + 1, n)
+        arch = model.architecture
+    return ExpertRanking(
+        str(path),
+        arch,
+        len(ids),
+        tokenizer,
+        shape.count,
+        max(shape.used),
+        tuple(blocks),
+        tuple(scores),
+        tuple(seconds),
+        time.monotonic() - started,
+    )
+
+
+def _scores(block: int, stats: ExpertStats) -> list[ExpertScore]:
+    out = []
+    routed = np.maximum(stats.tokens, 1)  # an unrouted expert's sums are 0: its means are 0
+    for e in range(len(stats.tokens)):
+        out.append(
+            ExpertScore(
+                block,
+                e,
+                int(stats.tokens[e]),
+                float(stats.tokens[e] / stats.n_tokens),
+                float(stats.weight[e] / routed[e]),
+                float(stats.norm[e] / routed[e]),
+                float(stats.saliency[e] / routed[e]),
+                float(stats.prob[e] / stats.n_tokens),
+            )
+        )
+    return out
+
+
+def needs_ranking(steps: Sequence[Step]) -> bool:
+    """Whether some prune-experts step leaves its experts to be chosen by saliency."""
+    return any(s.op == "prune-experts" and s.args.keep is None for s in steps)
+
+
+def resolve_prune_steps(steps: Sequence[Step], ranking: ExpertRanking, block_count: int) -> tuple[Step, ...]:
+    """`steps` with every `prune-experts N` that lists no experts given the top N by saliency in
+    each MoE block as that step finds it (after the earlier steps' moves and prunings)."""
+    out: list[Step] = []
+    moe = set(ranking.blocks)
+    for step in steps:
+        if step.op != "prune-experts" or step.args.keep is not None:
+            out.append(step)
+            continue
+        n = step.args.count
+        layers = build_plan(tuple(out), block_count).layers if out else None
+        keep: list[tuple[int, ...] | None] = []
+        for i in range(block_count if layers is None else len(layers)):
+            layer = None if layers is None else layers[i]
+            src = i if layer is None else layer.parts[0][0]
+            if src not in moe or (layer is not None and not layer.is_copy):
+                keep.append(None)  # dense (or a blend, which prune-experts refuses by name)
+                continue
+            current = tuple(range(ranking.n_expert)) if layer is None or layer.experts is None else layer.experts
+            if n > len(current):
+                raise PlanError(f"{step.text}: block {i} has {len(current)} experts at this step, fewer than {n}")
+            rank = {e: r for r, e in enumerate(ranking.order(src))}
+            best = sorted(sorted(range(len(current)), key=lambda k: rank[current[k]])[:n])
+            keep.append(tuple(best))
+        while keep and keep[-1] is None:
+            keep.pop()
+        out.append(step_of("prune-experts", PruneExperts(n, tuple(keep))))
+    return tuple(out)
