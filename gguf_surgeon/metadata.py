@@ -5,6 +5,7 @@ Every key the plan does not change is copied byte for byte, in its original orde
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -89,7 +90,9 @@ def _count_type(vtype: GGUFValueType, value: int) -> GGUFValueType:
 
 def default_name(model: Model, plan: LayerPlan) -> str:
     base = model.value(Keys.General.NAME) or model.path.stem
-    return f"{base} (gguf-surgeon: {plan.recipe})"
+    # prune-experts' per-block lists (kilobytes on a 48-block model) stay in surgery.recipe only
+    recipe = re.sub(r" --keep \S+", "", plan.recipe)
+    return f"{base} (gguf-surgeon: {recipe})"
 
 
 def plan_metadata(

@@ -606,11 +606,11 @@ def test_plan_does_not_fit(tmp_path: Path, src: Path, out: Path, command: list, 
         ("delete 'unbalanced", 'recipe step 1 "delete \'unbalanced": No closing quotation'),
         (
             "frobnicate 3",
-            "recipe step 1 'frobnicate 3': unknown operation 'frobnicate' (known: delete, swap, duplicate, move, keep, interpolate, bridge)",
+            "recipe step 1 'frobnicate 3': unknown operation 'frobnicate' (known: delete, swap, duplicate, move, keep, interpolate, bridge, prune-experts)",
         ),
         (
             "delete 1; Swap 2 3",
-            "recipe step 2 'Swap 2 3': unknown operation 'Swap' (known: delete, swap, duplicate, move, keep, interpolate, bridge)",
+            "recipe step 2 'Swap 2 3': unknown operation 'Swap' (known: delete, swap, duplicate, move, keep, interpolate, bridge, prune-experts)",
         ),
         ("  ;  # nothing", "recipe '  ;  # nothing' has no steps"),
     ],
@@ -635,7 +635,7 @@ def test_bad_recipe_file(tmp_path: Path, src: Path, out: Path) -> None:
     assert_refused(
         tmp_path,
         ["apply", table, src, out],
-        f"{table}: recipe step 1 'explode 1': unknown operation 'explode' (known: delete, swap, duplicate, move, keep, interpolate, bridge)",
+        f"{table}: recipe step 1 'explode 1': unknown operation 'explode' (known: delete, swap, duplicate, move, keep, interpolate, bridge, prune-experts)",
     )
     neither = tmp_path / "neither.toml"
     neither.write_text("name = 3\n")

@@ -256,6 +256,29 @@ def test_counts_off_a_multiple_of_32_are_warned_where_the_count_allows(moe_model
     )
 
 
+@pytest.mark.slow
+def test_llama_quantize_takes_the_remapped_imatrix_of_a_pruned_model(moe_models, tmp_path, llama_bin):
+    """llama-imatrix's per-expert entries, remapped through the recipe, fit the pruned tensors
+    (llama-quantize refuses an imatrix whose size differs; the unsliced one is the control)."""
+    import subprocess
+
+    from gguf_surgeon.errors import ToolError
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(["the capital of France is Paris and hello world is the a of to in"] * 12))
+    im = tmp_path / "moe.imatrix.gguf"
+    cmd = [llama_bin / "llama-imatrix", "-m", moe_models["f32"], "-f", text, "-o", im, "-c", "64", "-t", "2"]
+    run_ = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert run_.returncode == 0, run_.stderr[-2000:]
+    recipe = "delete 1; prune-experts 6 --keep 0-5/0-5/2-7/0-5/0-5"
+    pruned = tmp_path / "pruned.gguf"
+    edit(moe_models["f32"], pruned, recipe)
+    done = quantize_ladder(pruned, ["Q4_0"], tmp_path, imatrix=im, recipe=recipe, llama_bin=llama_bin)
+    assert done.results[0].tensor_types["Q4_0"] > 0
+    with pytest.raises(ToolError, match="imatrix size 256 is different from tensor size 192"):
+        quantize_ladder(pruned, ["Q4_0"], tmp_path, imatrix=im, recipe="delete 1", llama_bin=llama_bin, force=True)
+
+
 # --- refusals -------------------------------------------------------------------------
 
 
@@ -529,3 +552,18 @@ def test_prune_experts_n_keeps_the_most_salient(moe_models, tmp_path):
     assert run("apply", "delete 1; prune-experts 6; prune-experts 4", src, out2).exit_code == 0
     sources = [0, 2, 3, 4, 5]
     assert field(out2, KEPT_KEY) == [",".join(map(str, sorted(order[b][:4]))) for b in sources]
+
+
+@pytest.mark.slow
+def test_saliency_benchmark_runs(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rows.json"
+    args = ["--shapes", "fixture", "--experts", "8", "--tokens", "16", "--repeat", "1", "--json", str(out)]
+    subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_expert_saliency.py"), *args], check=True, timeout=300
+    )
+    (row,) = json.loads(out.read_text())
+    assert row["experts"] == 8 and row["tokens"] == 16 and row["cpu_ms_per_block"] > 0 and row["peak_rss_mib"] > 0

@@ -28,7 +28,7 @@ def sha(p: Path) -> str:
 def test_fixtures_regenerate_byte_identical(tmp_path: Path):
     subprocess.run([sys.executable, str(FIXTURES / "make_fixtures.py"), str(tmp_path)], check=True, capture_output=True)
     names = sorted(p.name for p in tmp_path.glob("*.gguf"))
-    assert names == ["tiny-qwen3-28.gguf", "tiny-qwen3-q8_0.gguf", "tiny-qwen3.gguf"]
+    assert names == ["tiny-qwen3-28.gguf", "tiny-qwen3-q8_0.gguf", "tiny-qwen3.gguf", "tiny-qwen3moe-q8_0.gguf"]
     for name in names:
         assert sha(tmp_path / name) == sha(FIXTURES / name), (
             f"fixtures/{name} is stale: run python fixtures/make_fixtures.py"
