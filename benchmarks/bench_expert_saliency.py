@@ -5,7 +5,7 @@ Synthetic qwen3moe models (random weights, built with the test fixtures' GGUFWri
 through `analysis.expert_rank.rank_experts`; each row is the median over the model's blocks of
 one block's time (attention, router, and every routed expert dequantized once and applied),
 plus its CPU time per block (steadier than wall time on a shared machine) and the pass's peak
-RSS; each row keeps the least disturbed of --repeat runs. Two shapes:
+RSS, in a fresh process with one BLAS thread; each row keeps the least disturbed of --repeat runs. Two shapes:
   - "fixture": n_embd 64, n_ff_exp 32 (the test fixtures' width)
   - "wide": n_embd 512, n_ff_exp 256, F16 (a quarter of Qwen3-30B-A3B's n_embd 2048 x n_ff_exp 768)
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -67,8 +68,14 @@ def measure(path: Path, n_tokens: int) -> dict:
 
 
 def measured(path: Path, n_tokens: int) -> dict:
+    # one BLAS thread: on a shared machine, idle BLAS threads spin and bill CPU time for nothing
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     out = subprocess.run(
-        [sys.executable, __file__, "--measure", str(path), str(n_tokens)], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--measure", str(path), str(n_tokens)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     )
     return json.loads(out.stdout)
 

@@ -306,6 +306,15 @@ def test_bad_counts_get_one_error_line(moe_models, tmp_path, args, fragment):
     assert_refused(run("prune-experts", args[0], moe_models["f32"], out, *args[1:]), out, fragment)
 
 
+def test_the_core_needs_explicit_lists(moe_models, tmp_path):
+    """The library never ranks: without lists it says so (the CLI ranks, see below)."""
+    from gguf_surgeon.errors import PlanError
+
+    with pytest.raises(PlanError, match="which experts to keep is not given"):
+        edit(moe_models["f32"], tmp_path / "out.gguf", "prune-experts 6")
+    assert not (tmp_path / "out.gguf").exists()
+
+
 def test_dense_model_is_refused(tiny, tmp_path):
     out = tmp_path / "out.gguf"
     assert_refused(
@@ -527,6 +536,22 @@ def test_rank_experts_cli(moe_models, tmp_path):
     table = run("rank", moe_models["six"], "--experts", "--tokens", 16)
     assert table.exit_code == 0 and "most salient" in table.stdout
     assert "Error: --experts scores experts" in run("rank", moe_models["six"], "--experts", "--ablation").output
+
+
+def test_rank_writes_a_keep_file_that_prune_experts_reads(moe_models, tmp_path):
+    """rank --experts --text T --keep N --keep-file F, then prune-experts N --keep-file F: the
+    calibration text of one's choosing, the top N of that ranking."""
+    src = moe_models["f32"]
+    text = tmp_path / "calib.txt"
+    text.write_text("hello world, the capital of France is Paris. " * 8)
+    keep = tmp_path / "keep.json"
+    result = run("rank", src, "--experts", "--text", text, "--keep", 5, "--keep-file", keep, "--json")
+    assert result.exit_code == 0, result.output
+    order = {blk["block"]: blk["order"] for blk in json.loads(result.stdout)["blocks"]}
+    out = tmp_path / "out.gguf"
+    assert run("prune-experts", 5, src, out, "--keep-file", keep).exit_code == 0
+    assert_slices(src, out, [tuple(sorted(order[b][:5])) for b in range(6)])
+    assert "go together" in run("rank", src, "--experts", "--keep", 5).output
 
 
 def test_rank_experts_refuses_a_dense_model(tiny):

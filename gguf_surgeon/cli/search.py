@@ -92,6 +92,18 @@ def bar_scale(values: Sequence[float]) -> float:
     help="Score the experts of every mixture-of-experts block instead: routed-token frequency, mean gate "
     "weight, mean output norm and REAP saliency (what prune-experts N keeps the top N of).",
 )
+@click.option(
+    "--keep",
+    "keep_count",
+    type=click.IntRange(min=1),
+    help="With --experts and --keep-file: how many experts per block the keep file lists.",
+)
+@click.option(
+    "--keep-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With --experts: write the --keep most salient experts of each block to this JSON file "
+    "(for prune-experts N --keep-file FILE; blocks are the source's).",
+)
 @llama_bin_option()
 @json_option()
 def rank_cmd(
@@ -103,6 +115,8 @@ def rank_cmd(
     plot: Path | None,
     save: Path | None,
     experts: bool,
+    keep_count: int | None,
+    keep_file: Path | None,
     llama_bin: Path | None,
     as_json: bool,
 ) -> None:
@@ -126,6 +140,8 @@ def rank_cmd(
         raise RankError(f"--plot {plot}: write a .png, .svg or .pdf file")  # before the forward pass, not after
     if experts and (ablation or max_window is not None):
         raise click.UsageError("--experts scores experts; --ablation and --windows score blocks")
+    if (keep_count is None) != (keep_file is None) or (keep_file is not None and not experts):
+        raise click.UsageError("--keep N and --keep-file FILE go together, with --experts")
     text = None
     if text_file is not None:
         try:
@@ -133,7 +149,7 @@ def rank_cmd(
         except (OSError, UnicodeDecodeError) as e:
             raise RankError(f"--text {text_file}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     if experts:
-        return rank_experts_cmd(model, text, max_tokens, plot, save, llama_bin, as_json)
+        return rank_experts_cmd(model, text, max_tokens, plot, save, llama_bin, as_json, keep_count, keep_file)
     with step_progress(enabled=not as_json) as progress:
         ranking = rank_model(
             model,
@@ -164,6 +180,8 @@ def rank_experts_cmd(
     save: Path | None,
     llama_bin: Path | None,
     as_json: bool,
+    keep_count: int | None = None,
+    keep_file: Path | None = None,
 ) -> None:
     import json
 
@@ -173,6 +191,15 @@ def rank_experts_cmd(
     with step_progress(enabled=not as_json) as progress:
         ranking = rank_experts(model, text, max_tokens=max_tokens, llama_bin=llama_bin, progress=progress)
     data = ranking.to_dict()
+    if keep_file is not None and keep_count is not None:
+        from ..errors import RankError
+        from ..files import write_text_atomic
+
+        if keep_count > ranking.n_expert:
+            raise RankError(f"--keep {keep_count}: the model has {ranking.n_expert} experts per block")
+        lists = {str(b): list(ranking.top(b, keep_count)) for b in ranking.blocks}
+        write_text_atomic(keep_file, json.dumps({"experts": lists}, indent=1), force=True)
+        data["keep_file"] = str(keep_file)
     if plot is not None:
         data["plot"] = str(plot_experts(ranking, plot))
     if save is not None:
@@ -212,6 +239,8 @@ def rank_experts_cmd(
     )
     if plot is not None:
         out_console.print(f"Wrote {plot}")
+    if keep_file is not None:
+        out_console.print(f"Wrote {keep_file}: the {keep_count} most salient experts of each block")
 
 
 def render_ranking(ranking: Any, plot: Path | None) -> None:
