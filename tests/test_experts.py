@@ -451,6 +451,8 @@ def test_pruning_unrouted_experts_leaves_llama_cpp_logits_unchanged(moe_models, 
     changed = llama_short(llama_bin, out2)
     gaps = [abs(base[n][t] - changed[n].get(t, -100.0)) for n in SHORT_PREFIXES for t in base[n]]
     assert max(gaps) > DIFFERS
+    # ... and the reference, run on that pruned file, follows llama.cpp there too
+    assert_agrees(llama_top(llama_bin, out2), reference_logprobs(out2))
 
 
 # --- rank --experts and prune-experts N by saliency ---------------------------------------

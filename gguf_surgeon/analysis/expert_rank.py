@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,20 @@ from ..operations import build_plan, step_of
 from ..operations.prune_experts import PruneExperts
 from ..plan import Step
 from ..reader import Model
-from .rank import DEFAULT_TOKENS, RankProgress, default_text, tokenize
+from .rank import FALLBACK_TEXT, RankProgress, tokenize
 from .reference import ExpertStats, ReferenceModel
+
+DEFAULT_TOKENS = 256  # calibration tokens: 128 experts x 8 routed get ~16 tokens each
+CALIBRATION_TEXT = "calibration_text.txt"  # package data the eval suite never scores on (held out from eval's KLD)
+
+
+def calibration_text() -> str:
+    """The bundled calibration text (mixed prose, code, dialogue, numbers, three languages): not
+    the eval text, so a pruning ranked on it is judged by eval on other text."""
+    try:
+        return resources.files("gguf_surgeon").joinpath("data", CALIBRATION_TEXT).read_text(encoding="utf-8")
+    except (FileNotFoundError, OSError):
+        return FALLBACK_TEXT
 
 
 @dataclass(frozen=True)
@@ -117,7 +130,7 @@ def rank_experts(
     progress: RankProgress | None = None,
 ) -> ExpertRanking:
     """Score every expert of every MoE block of the model at `path` on `text` (default: the
-    eval text's start; `tokens` skips tokenization). Raises RankError for a dense model or a
+    bundled calibration text; `tokens` skips tokenization), cut to `max_tokens` tokens. Raises RankError for a dense model or a
     text under 2 tokens, ForwardError where the reference does not run the architecture."""
     path = Path(path)
     started = time.monotonic()
@@ -129,7 +142,7 @@ def rank_experts(
                 f"{path}: a dense model ({key} is not set); ranking experts needs a mixture-of-experts model"
             )
     if tokens is None:
-        ids, tokenizer = tokenize(path, default_text() if text is None else text, llama_bin)
+        ids, tokenizer = tokenize(path, calibration_text() if text is None else text, llama_bin)
     else:
         ids, tokenizer = [int(t) for t in tokens], "given"
     ids = ids[:max_tokens]

@@ -55,15 +55,14 @@ def bar_scale(values: Sequence[float]) -> float:
     "--text",
     "text_file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Text to score the blocks on (default: the start of the bundled evaluation text).",
+    help="Text to score the blocks on (default: the start of the bundled evaluation text; with --experts, "
+    "the bundled calibration text, which eval never scores on).",
 )
 @click.option(
     "--tokens",
     "max_tokens",
     type=click.IntRange(min=2),
-    default=128,
-    show_default=True,
-    help="Use at most this many tokens of the text.",
+    help="Use at most this many tokens of the text (default: 128 for blocks, 256 with --experts).",
 )
 @click.option(
     "--ablation",
@@ -109,7 +108,7 @@ def bar_scale(values: Sequence[float]) -> float:
 def rank_cmd(
     model: Path,
     text_file: Path | None,
-    max_tokens: int,
+    max_tokens: int | None,
     ablation: bool,
     max_window: int | None,
     plot: Path | None,
@@ -149,7 +148,13 @@ def rank_cmd(
         except (OSError, UnicodeDecodeError) as e:
             raise RankError(f"--text {text_file}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     if experts:
-        return rank_experts_cmd(model, text, max_tokens, plot, save, llama_bin, as_json, keep_count, keep_file)
+        from ..analysis.expert_rank import DEFAULT_TOKENS as EXPERT_TOKENS
+
+        n_tokens = max_tokens or EXPERT_TOKENS
+        return rank_experts_cmd(model, text, n_tokens, plot, save, llama_bin, as_json, keep_count, keep_file)
+    from ..analysis.rank import DEFAULT_TOKENS
+
+    max_tokens = max_tokens or DEFAULT_TOKENS
     with step_progress(enabled=not as_json) as progress:
         ranking = rank_model(
             model,
