@@ -23,8 +23,11 @@ from .vocab import GGUFValueType, Keys
 EXPERT_STEMS = frozenset(
     {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps", "ffn_gate_inp", "exp_probs_b"}
 )
-# expert-indexed tensors whose layout this module does not know: refused rather than written wrong
-UNSUPPORTED_STEMS = ("_chexps", "ffn_norm_exps", "exp_probs_b_vl", "ffn_latent")
+# expert-indexed tensors whose layout this module does not know, or that hold expert ids as
+# values (deepseek4's token -> expert table): refused rather than written wrong. Tensors of the
+# expert path that are not per expert (arctic's ffn_norm_exps {n_embd}, nemotron-h's
+# ffn_latent_*) are copied whole like any other.
+UNSUPPORTED_STEMS = ("_chexps", "exp_probs_b_vl", "ffn_gate_tid2eid")
 # architectures whose router does not renormalize the top-k weights: the survivors' weights grow
 NO_RENORM = {"olmoe": "olmoe does not renormalize its top-k router weights: surviving experts' weights grow"}
 KERNEL_MULTIPLE = 32  # expert counts off this multiple reach kernel edge cases on some GPU backends

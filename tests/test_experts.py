@@ -343,6 +343,23 @@ def test_groups_and_nextn_are_refused(tmp_path):
     assert_refused(run("prune-experts", 4, mtp, out2, "--keep", "/".join(["0-3"] * 6)), out2, "MTP/nextn")
 
 
+def test_tables_of_expert_ids_are_refused(tmp_path, monkeypatch):
+    """deepseek4's ffn_gate_tid2eid holds expert ids as values: slicing cannot renumber them."""
+    add_tensor = gguf.GGUFWriter.add_tensor
+
+    def with_table(self, name, tensor, *args, **kwargs):
+        add_tensor(self, name, tensor, *args, **kwargs)
+        if name.endswith("ffn_down_exps.weight"):
+            add_tensor(self, name.replace("ffn_down_exps", "ffn_gate_tid2eid"), np.zeros((16, 2), np.float32))
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", with_table)
+    src = moe(tmp_path / "tid2eid.gguf")
+    monkeypatch.undo()
+    out = tmp_path / "out.gguf"
+    keep = "/".join(["0-5"] * 6)
+    assert_refused(run("prune-experts", 6, src, out, "--keep", keep), out, "does not know how to slice")
+
+
 def test_blend_of_pruned_block_is_refused(moe_models, tmp_path):
     out = tmp_path / "out.gguf"
     assert_refused(
