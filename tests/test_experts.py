@@ -299,6 +299,8 @@ def assert_refused(result: Result, out: Path, fragment: str) -> None:
         (["4", "--keep", "0-3/0-4"], "block 1 keeps 5 experts, not 4"),
         (["4", "--keep", "0-3/0-3/0-3/0-3/0-3/0-3/0-3"], "the keep lists name block 6; the model has 6"),
         (["4", "--keep", "0-3/x"], "--keep block 1"),
+        (["4", "--by", "size"], "--by 'size': rank experts by one of saliency, frequency, contribution"),
+        (["4", "--by", "frequency", "--keep", "0-3"], "--by ranks the experts; --keep/--keep-file name them"),
     ],
 )
 def test_bad_counts_get_one_error_line(moe_models, tmp_path, args, fragment):
@@ -591,6 +593,17 @@ def test_prune_experts_n_keeps_the_most_salient(moe_models, tmp_path):
     kept = [sorted(order[b][:6]) for b in range(6)]
     assert field(out, KEPT_KEY) == [",".join(map(str, k)) for k in kept]
     assert_slices(src, out, [tuple(k) for k in kept])
+    # --by frequency and --by contribution rank by those instead
+    experts = {blk["block"]: blk["experts"] for blk in ranked["blocks"]}
+    for by, key in (
+        ("frequency", lambda e: e["frequency"]),
+        ("contribution", lambda e: e["frequency"] * e["saliency"]),
+    ):
+        out_by = tmp_path / f"{by}.gguf"
+        assert run("prune-experts", 6, src, out_by, "--by", by).exit_code == 0
+        for b, kept_s in enumerate(field(out_by, KEPT_KEY)):
+            best = sorted(experts[b], key=lambda e: (-key(e), -e["mean_prob"], e["expert"]))[:6]
+            assert kept_s == ",".join(map(str, sorted(e["expert"] for e in best))), (by, b)
     # delete 1, then 6 of 8, then 4 of those 6: the top 4 of the source ranking survive
     out2 = tmp_path / "composed.gguf"
     assert run("apply", "delete 1; prune-experts 6; prune-experts 4", src, out2).exit_code == 0

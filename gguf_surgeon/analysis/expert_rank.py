@@ -64,6 +64,14 @@ class ExpertScore:
     mean_prob: float  # the router's mean softmax probability over all tokens (tie-breaker)
 
 
+# what `prune-experts N --by X` keeps the top N of
+CRITERIA = {
+    "saliency": lambda s: s.saliency,  # REAP: mean over routed tokens of gate weight x ||output||
+    "frequency": lambda s: s.frequency,  # share of tokens routed to the expert
+    "contribution": lambda s: s.frequency * s.saliency,  # REAP's sum over ALL tokens, per token
+}
+
+
 @dataclass(frozen=True)
 class ExpertRanking:
     """Every MoE block's experts scored on one text."""
@@ -90,14 +98,16 @@ class ExpertRanking:
             out[row[s.block], s.expert] = getattr(s, field)
         return out
 
-    def order(self, block: int) -> tuple[int, ...]:
-        """Block's experts, most salient first (ties: higher mean router probability, lower index)."""
+    def order(self, block: int, by: str = "saliency") -> tuple[int, ...]:
+        """Block's experts, best first by `by` (see CRITERIA; ties: higher mean router
+        probability, then lower index)."""
+        key = CRITERIA[by]
         scores = self.block_scores(block)
-        return tuple(s.expert for s in sorted(scores, key=lambda s: (-s.saliency, -s.mean_prob, s.expert)))
+        return tuple(s.expert for s in sorted(scores, key=lambda s: (-key(s), -s.mean_prob, s.expert)))
 
-    def top(self, block: int, n: int) -> tuple[int, ...]:
-        """The n most salient experts of `block`, ascending."""
-        return tuple(sorted(self.order(block)[:n]))
+    def top(self, block: int, n: int, by: str = "saliency") -> tuple[int, ...]:
+        """The n best experts of `block` by `by`, ascending."""
+        return tuple(sorted(self.order(block, by)[:n]))
 
     def to_dict(self) -> dict:
         return {
@@ -209,8 +219,8 @@ def needs_ranking(steps: Sequence[Step]) -> bool:
 
 
 def resolve_prune_steps(steps: Sequence[Step], ranking: ExpertRanking, block_count: int) -> tuple[Step, ...]:
-    """`steps` with every `prune-experts N` that lists no experts given the top N by saliency in
-    each MoE block as that step finds it (after the earlier steps' moves and prunings)."""
+    """`steps` with every `prune-experts N` that lists no experts given the top N by its `--by`
+    criterion in each MoE block as that step finds it (after the earlier steps' moves and prunings)."""
     out: list[Step] = []
     moe = set(ranking.blocks)
     for step in steps:
@@ -229,7 +239,7 @@ def resolve_prune_steps(steps: Sequence[Step], ranking: ExpertRanking, block_cou
             current = tuple(range(ranking.n_expert)) if layer is None or layer.experts is None else layer.experts
             if n > len(current):
                 raise PlanError(f"{step.text}: block {i} has {len(current)} experts at this step, fewer than {n}")
-            rank = {e: r for r, e in enumerate(ranking.order(src))}
+            rank = {e: r for r, e in enumerate(ranking.order(src, step.args.by))}
             best = sorted(sorted(range(len(current)), key=lambda k: rank[current[k]])[:n])
             keep.append(tuple(best))
         while keep and keep[-1] is None:

@@ -1,11 +1,11 @@
-"""prune-experts N [--keep LISTS | --keep-file PATH]: keep N experts in every MoE block.
+"""prune-experts N [--keep LISTS | --keep-file PATH | --by CRITERION]: keep N experts in every MoE block.
 
 The experts to keep are explicit: `--keep` holds one comma list per block at this step, the
 blocks separated by '/' ("0-3,6/1,2,4,7"; '-' leaves a block as it is, e.g. a dense one), or
 `--keep-file` names a JSON or TOML file mapping block -> list. Indices count the block's
 experts as the previous steps left them. Without either, the command line ranks the experts
-by REAP saliency and fills the lists in (the core never ranks); the canonical text always
-holds the lists, so a recorded surgery.recipe replays exactly.
+(`--by`: REAP saliency by default) and fills the lists in (the core never ranks); the text
+recorded in surgery.recipe holds the lists, so it replays exactly.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ from ..errors import PlanError, RecipeError
 from ..files import read_text, read_toml
 from .base import Layers, Operation, Param, expect_count, format_layer_spec, parse_layer_spec, split_options
 
-USAGE = "prune-experts N [--keep E,E,../E,E,../.. | --keep-file PATH]"
+USAGE = "prune-experts N [--keep E,E,../E,E,../.. | --keep-file PATH | --by saliency|frequency|contribution]"
+CRITERIA = ("saliency", "frequency", "contribution")  # how the command line ranks experts when no lists are given
 
 KeepLists = tuple[tuple[int, ...] | None, ...]
 
 
 class PruneExperts(NamedTuple):
     count: int  # experts every MoE block keeps
-    keep: (
-        KeepLists | None
-    )  # per block at this step: experts kept (ascending; None: block untouched); None: not chosen yet
+    # per block at this step: experts kept (ascending; None: block untouched); None: not chosen yet
+    keep: KeepLists | None
+    by: str = "saliency"  # the ranking the command line keeps the top N of, when keep is None (one of CRITERIA)
 
 
 def _count(tok: str) -> int:
@@ -97,11 +98,16 @@ def read_keep_file(path: Path) -> KeepLists:
 
 
 def parse(tokens: list[str]) -> PruneExperts:
-    pos, opts = split_options(tokens, {"keep", "keep-file"})
+    pos, opts = split_options(tokens, {"keep", "keep-file", "by"})
     expect_count(pos, 1, USAGE)
     count = _count(pos[0])
     if "keep" in opts and "keep-file" in opts:
         raise RecipeError("--keep and --keep-file exclude each other")
+    by = opts.get("by", "saliency")
+    if by not in CRITERIA:
+        raise RecipeError(f"--by {by!r}: rank experts by one of {', '.join(CRITERIA)}")
+    if "by" in opts and ("keep" in opts or "keep-file" in opts):
+        raise RecipeError("--by ranks the experts; --keep/--keep-file name them: give one")
     keep = None
     if "keep" in opts:
         keep = parse_keep(opts["keep"])
@@ -113,7 +119,7 @@ def parse(tokens: list[str]) -> PruneExperts:
                 raise RecipeError(f"block {i} keeps {len(kept)} experts, not {count}")
         if all(k is None for k in keep):
             raise RecipeError("the keep lists name no block")
-    return PruneExperts(count, keep)
+    return PruneExperts(count, keep, by)
 
 
 def apply(args: PruneExperts, layers: Layers) -> Layers:
@@ -141,7 +147,7 @@ def apply(args: PruneExperts, layers: Layers) -> Layers:
 
 def canonical(args: PruneExperts) -> str:
     if args.keep is None:
-        return str(args.count)
+        return str(args.count) + ("" if args.by == "saliency" else f" --by {args.by}")
     lists = "/".join("-" if k is None else format_layer_spec(k) for k in args.keep)
     return f"{args.count} --keep {lists}"
 
@@ -158,6 +164,12 @@ OPERATION = Operation(
         Param("count"),
         Param("keep", "option", "Experts to keep: one list per block, blocks separated by '/' ('-': untouched)."),
         Param("keep-file", "option", "JSON or TOML file: block -> list of experts to keep."),
+        Param(
+            "by",
+            "option",
+            "Without lists, keep the top COUNT by: saliency (REAP: mean gate weight x output norm over "
+            "routed tokens; the default), frequency (routed tokens) or contribution (frequency x saliency).",
+        ),
     ),
     help="Keep COUNT experts in every mixture-of-experts block: the top COUNT by REAP saliency "
     "(router weight x expert output norm, measured with the numpy reference on a calibration text), "
