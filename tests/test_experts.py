@@ -446,6 +446,19 @@ def test_moe_reference_matches_llama_cpp(moe_models, llama_bin):
 
 
 @pytest.mark.slow
+def test_mixtral_style_llama_matches_llama_cpp_and_prunes(tmp_path, llama_bin, gguf_loader):
+    """llama with experts (Mixtral's layout: experts of width feed_forward_length): the same
+    softmax, top-k, renormalized routing; pruned, it still agrees with the reference."""
+    src = build_model(tmp_path / "mixtral.gguf", arch="llama", n_expert=8, n_expert_used=2, ff=48, seed=4)
+    assert tensors(src)["blk.0.ffn_up_exps.weight"].shape.tolist() == [64, 48, 8]
+    assert_agrees(llama_top(llama_bin, src), reference_logprobs(src))
+    out = tmp_path / "pruned.gguf"
+    edit(src, out, f"prune-experts 6 --keep {KEEP6}")
+    gguf_loader.assert_loads(out)
+    assert_agrees(llama_top(llama_bin, out), reference_logprobs(out))
+
+
+@pytest.mark.slow
 def test_pruning_unrouted_experts_leaves_llama_cpp_logits_unchanged(moe_models, tmp_path, llama_bin):
     src = moe_models["f32"]
     counts = routed_tokens(src, SHORT)

@@ -2,7 +2,8 @@
 
 It follows llama.cpp's graphs for the dense `llama` and `qwen3` architectures (token
 embedding, RMSNorm, RoPE, grouped-query causal attention, Qwen3's per-head q/k RMSNorm,
-SwiGLU feed-forward, output norm and head) and the mixture-of-experts `qwen3moe` (its router as
+SwiGLU feed-forward, output norm and head) and the mixture-of-experts `qwen3moe` and
+Mixtral-style `llama` blocks (the router as
 llama-graph.cpp's build_moe_ffn computes it: softmax over the router logits, top-k, the k
 weights renormalized to sum 1, SwiGLU experts summed by weight) closely enough that an F32 model's next-token
 log-probabilities agree with llama.cpp's to ~1e-6 when llama.cpp also stays in float32 (an
@@ -47,7 +48,8 @@ class ArchSpec:
 
 # llama.cpp's llama_model_rope_type: LLAMA -> NORM (convert_hf_to_gguf permutes q/k for it), QWEN3 -> NEOX
 ARCHS: dict[str, ArchSpec] = {
-    "llama": ArchSpec(rope_neox=False, qk_norm=False, honours_attention_scale=True),
+    # MoE blocks of llama (Mixtral): src/models/llama.cpp, build_moe_ffn(..., norm_w = true, SOFTMAX)
+    "llama": ArchSpec(rope_neox=False, qk_norm=False, honours_attention_scale=True, moe_renorm=True),
     "qwen3": ArchSpec(rope_neox=True, qk_norm=True, honours_attention_scale=False),
     # src/models/qwen3moe.cpp: build_moe_ffn(..., LLM_FFN_SILU, norm_w = true, expert_weights_scale (unread: 0), SOFTMAX)
     "qwen3moe": ArchSpec(rope_neox=True, qk_norm=True, honours_attention_scale=False, moe_renorm=True),
