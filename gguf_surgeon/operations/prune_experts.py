@@ -126,7 +126,7 @@ def apply(args: PruneExperts, layers: Layers) -> Layers:
     if args.keep is None:
         raise PlanError(
             f"prune-experts {args.count}: which experts to keep is not given (--keep or --keep-file); "
-            "the gguf-surgeon command ranks them by saliency"
+            "the writer commands (prune-experts, apply, plan) rank them themselves; elsewhere give the lists"
         )
     if len(args.keep) > len(layers):
         raise PlanError(f"the keep lists name block {len(args.keep) - 1}; the model has {len(layers)} at this step")
