@@ -33,6 +33,26 @@ class Difference(Record):
     detectable: float  # smallest difference this item count detects (80% power, 5% two-sided)
     margin: float  # the equivalence margin, in the measure's units
 
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Difference:
+        """The inverse of to_dict() (where a non-finite number was stored as None)."""
+
+        def num(x: float | None) -> float:
+            return float("nan") if x is None else float(x)
+
+        e = d["delta"]
+        return Difference(
+            d["metric"],
+            bool(d["higher_is_better"]),
+            Estimate(num(e["value"]), num(e["low"]), num(e["high"])),
+            d["verdict"],
+            int(d["items"]),
+            None if d.get("discordant") is None else (int(d["discordant"][0]), int(d["discordant"][1])),
+            num(d["p_value"]),
+            num(d["detectable"]),
+            num(d["margin"]),
+        )
+
 
 @dataclass(frozen=True)
 class ModelInfo(Record):

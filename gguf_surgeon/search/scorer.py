@@ -58,6 +58,7 @@ class CandidateScorer:
         short_chars: int = SHORT_CHARS,
         threads: int | None = None,
         full_questions: int | None = None,
+        yardstick: bool = False,
         keep: bool = False,
         cache_dir: Path | None = None,
     ):
@@ -69,6 +70,7 @@ class CandidateScorer:
         self.short_chars = short_chars
         self.threads = threads
         self.full_questions = full_questions
+        self.yardstick = yardstick
         self.keep = keep
         self.cache_dir = cache_dir
 
@@ -83,6 +85,12 @@ class CandidateScorer:
         else:
             kw["questions"] = self.full_questions
         return EvalOptions(**kw)
+
+    def short_yardstick(self) -> Any:
+        """The base's quantization ladder with each rung's KLD on the short text (cached per base)."""
+        from ..evaluation.yardstick import yardstick
+
+        return yardstick(self.base, self._options(self.text_file()))
 
     def text_file(self) -> Path:
         """The short text, written once into the work folder (same bytes: same cache keys)."""
@@ -140,6 +148,11 @@ class CandidateScorer:
         vs = report.versus_base
         assert vs is not None
         overall = vs.differences[0].delta
+        ladder = None
+        if self.yardstick:  # the ladder measured on the full eval's text, as this KLD is
+            from ..evaluation.yardstick import yardstick
+
+            ladder = yardstick(self.base, self._options(None)).place(vs.kld.mean.value)
         return {
             "score": _est(report.score),
             "base_score": _est(vs.base.score),
@@ -150,6 +163,8 @@ class CandidateScorer:
             "perplexity": _est(report.perplexity.ppl),
             "base_perplexity": _est(vs.base.perplexity.ppl),
             "kld": _est(vs.kld.mean),
+            "differences": [d.to_dict() for d in vs.differences],  # overall first, then each measure
+            "ladder": ladder,  # the KLD's place on the base's quantization ladder (with yardstick)
         }
 
 

@@ -351,6 +351,7 @@ def make_scorer(ctx: StudyContext) -> CandidateScorer:
         short_chars=o.short_chars,
         threads=threads,
         full_questions=o.full_questions,
+        yardstick=o.yardstick,
         keep=o.keep,
         cache_dir=o.cache_dir,
     )
