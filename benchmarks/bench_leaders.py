@@ -5,6 +5,7 @@ candidates (score with interval) to see where the full eval's best lies in the K
 
     python benchmarks/bench_leaders.py --llama-bin ~/.cache/gguf-surgeon/llama.cpp-0.3.36-avx2/build/bin
     python benchmarks/bench_leaders.py --full 8 --questions 100   # also the full eval of the 8 lowest KLDs
+    python benchmarks/bench_leaders.py --yardstick                # the base's ladder, short and eval text
 
 Measured on a shared 2-core machine (other jobs running): timings are indicative only.
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_eval import smollm2  # noqa: E402
 
+from gguf_surgeon.evaluation.yardstick import yardstick  # noqa: E402
 from gguf_surgeon.search.scorer import CandidateScorer  # noqa: E402
 from gguf_surgeon.search.space import load_space  # noqa: E402
 from gguf_surgeon.search.storage import SearchOptions  # noqa: E402
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, help="search folder (default: a fresh temp folder)")
     ap.add_argument("--full", type=int, default=0, help="full eval of the N lowest-KLD candidates")
     ap.add_argument("--questions", type=int, help="full eval: first N factual questions")
+    ap.add_argument("--yardstick", action="store_true", help="the base's quantization ladder on both texts")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.model is None or not args.model.exists():
@@ -101,8 +104,24 @@ def main() -> None:
         rho = spearman([kld[n] for n in names], [-full[n][0] for n in names])
         best = max(names, key=lambda n: full[n][0])
         print(f"full-eval best: {best} (KLD rank {[e.recipe for e in entries].index(best) + 1}); Spearman {rho:.2f}")
+    sticks = {}
+    if args.yardstick:
+        scorer = CandidateScorer(
+            args.model, work, llama_bin=args.llama_bin, threads=args.threads, cache_dir=work / "cache"
+        )
+        t = time.monotonic()
+        sticks["short text"] = scorer.short_yardstick()
+        sticks["eval text"] = yardstick(args.model, scorer._options(None))
+        print(
+            f"yardsticks in {time.monotonic() - t:.0f} s (base {sticks['eval text'].base_bits_per_weight:.2f} bits/weight)"
+        )
+        for name, stick in sticks.items():
+            print(f"{name}: " + ", ".join(f"{r.type} {r.kld:.4f} ({r.bits_per_weight:.2f} bpw)" for r in stick.rungs))
+        for e in entries[:6]:
+            print(f"  {e.recipe:<12} short KLD {e.kld:.4f}: {sticks['short text'].place(e.kld)}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "stage1_s": stage1}, indent=2))
+        data = {"rows": rows, "stage1_s": stage1, "yardsticks": {k: v.to_dict() for k, v in sticks.items()}}
+        args.json.write_text(json.dumps(data, indent=2))
 
 
 if __name__ == "__main__":

@@ -73,17 +73,16 @@ def default_release_name(base: Path) -> str:
     return f"{stem}-edited"
 
 
-def benchmark_markdown(
-    base: Path, edited: Path, llama_bin: Path | None = None, questions: int | None = None, yardstick: bool = False
-) -> str:
-    """The base-vs-edited table of the eval suite (evaluation.runner.compare) as Markdown, then
-    the verdict: each measure's difference with its interval, test, smallest detectable
-    difference and verdict; with `yardstick`, the KLD's place on the base's quantization ladder."""
+def benchmark_markdown(base: Path, edited: Path, options: Any = None, yardstick: bool = False) -> str:
+    """The base-vs-edited table of the eval suite (evaluation.runner.compare with `options`, an
+    EvalOptions; default: the suite's) as Markdown, then the verdict: each measure's difference
+    with its interval, test, smallest detectable difference and verdict; with `yardstick`, the
+    KLD's place on the base's quantization ladder (measured on the same text)."""
     from ..evaluation.report import comparison_table, markdown_table, measure_lines, verdict_lines
     from ..evaluation.runner import compare
-    from ..evaluation.suite import EvalOptions
+    from ..evaluation.suite import DEFAULT_OPTIONS
 
-    options = EvalOptions(llama_bin=llama_bin, questions=questions)
+    options = options or DEFAULT_OPTIONS
     reports = compare([base, edited], options)
     versus = reports[1].versus_base
     assert versus is not None
@@ -100,7 +99,7 @@ def benchmark_markdown(
     lines += [f"- {_md(line)}" for line in measure_lines(versus.differences)]
     if place is not None:
         k = versus.kld.mean
-        lines.append(f"- KL divergence {k.value:.4f} [{k.low:.4f}, {k.high:.4f}] nats/token costs {place}")
+        lines.append(f"- {_md(f'KL divergence {k.value:.4f} [{k.low:.4f}, {k.high:.4f}] nats/token costs {place}')}")
     lines += [f"- {_md(line)}" for line in rest if line.startswith("This suite")]
     return "\n".join(lines)
 
@@ -154,7 +153,10 @@ def release(
     benchmarks = options.benchmarks
     if options.evaluate and benchmarks is None:
         step("evaluating")
-        benchmarks = benchmark_markdown(base, edited, options.llama_bin, options.eval_questions, options.yardstick)
+        from ..evaluation.suite import EvalOptions
+
+        eval_options = EvalOptions(llama_bin=options.llama_bin, questions=options.eval_questions)
+        benchmarks = benchmark_markdown(base, edited, eval_options, options.yardstick)
     step("writing Modelfile and README.md")
     files = tuple(QuantFile.of(r) for r in quants.results) if quants else ()
     main_file = files[0].file if files else edited.name
