@@ -83,11 +83,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-_PERCENT_METRICS = {"factual accuracy", "thinking checks"}  # proportions shown in points
-
-
 def _amount(d: Difference, value: float) -> str:
-    return f"{value * 100:.1f} points" if d.metric in _PERCENT_METRICS else f"{value:.3g}"
+    """Items scored 0/1 (factual, thinking, benchmarks) differ in points of accuracy."""
+    return f"{value * 100:.1f} points" if d.discordant is not None else f"{value:.3g}"
 
 
 def verdict_lines(versus: BaseComparison) -> list[str]:
