@@ -107,8 +107,8 @@ class BenchData:
             for k, slot in enumerate(order):
                 slots[slot] = self.tasks[ids[k]]
             return b"".join(slots), 4
-        if self.kind == WINOGRANDE:
-            return b"".join(self.tasks[i] for i in ids), 4
+        if self.kind == WINOGRANDE:  # one more newline: the last row must not end the file
+            return b"".join(self.tasks[i] for i in ids) + b"\n", 4
         chosen = [self.tasks[i] for i in ids]
         return mc_file_bytes(chosen), max(4, max(_mc_answer_count(t) for t in chosen))
 
@@ -158,8 +158,11 @@ def _winogrande_valid(line: bytes) -> bool:
 
 def read_winogrande(path: Path, data: bytes) -> tuple[bytes, ...]:
     """Rows of a WinoGrande CSV (index,sentence with _,choice 1,choice 2,answer 1|2) that
-    llama.cpp keeps; it reads only newline-terminated lines and skips the others (a header)."""
-    rows = data.split(b"\n")[:-1]  # std::getline at end of file sets eof: that line is dropped
+    llama.cpp keeps: it skips a row it cannot split (a header, a comma in an unquoted
+    sentence) and the last row of the file."""
+    # llama.cpp's -f reader strips one final newline, and the CSV reader drops the row that
+    # ends the file (std::getline sets eof there): the file's last row is never scored
+    rows = (data[:-1] if data.endswith(b"\n") else data).split(b"\n")[:-1]
     tasks = tuple(r + b"\n" for r in rows if _winogrande_valid(r))
     if not tasks:
         raise EvalError(f"{path}: no WinoGrande rows in llama.cpp's CSV format (index,sentence,choice1,choice2,answer)")

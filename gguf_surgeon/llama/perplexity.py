@@ -38,6 +38,7 @@ ChunkProgress = Callable[[int, "int | None"], None]
 OUTPUT_ATTEMPTS = 6
 KLD_STATS_MIN_TOKENS = 100  # llama-perplexity prints no token-level KLD statistics below this
 _CHUNKS_LINE = re.compile(r"over (\d+) chunks")
+_TASKS_READ = re.compile(r"loaded (\d+) tasks from prompt|there are (\d+) tasks in prompt")
 _LOADED_LINE = re.compile(r"calculating perplexity over|computing over \d+ chunks")
 
 # "       0  15.3000  2.727853  0.223038": --ppl-output-type 1, one line per chunk, cumulative
@@ -204,10 +205,14 @@ class PerplexityTool:
                 time.sleep(0.1 * attempt)
             done, total = 0, expected
 
+            read: int | None = None  # tasks llama-perplexity says it read (benchmark modes)
+
             def on_line(line: str) -> None:
-                nonlocal done, total
+                nonlocal done, total, read
                 if total is None and (m := _CHUNKS_LINE.search(line)):
                     total = int(m.group(1))
+                if expected is not None and read is None and (m := _TASKS_READ.search(line)):
+                    read = int(m.group(1) or m.group(2))
                 if count_lines.match(line):
                     done += 1
                 progress(done, total)
@@ -218,6 +223,8 @@ class PerplexityTool:
             )
             if (rc != 0 and (errors or attempt == OUTPUT_ATTEMPTS)) or (done == 0 and errors):
                 raise _tool_failure(self.binary, model, rc, errors, lines)
+            if expected is not None and read is not None and read != expected:
+                raise ToolError(f"{self.binary.name} read {read} of the {expected} tasks written for {model.name}")
             if expected is not None and errors and done < expected:
                 raise _tool_failure(self.binary, model, rc, errors, lines)  # e.g. a task too long
             if rc != 0:
