@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import socket
 import threading
 from pathlib import Path
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 from gguf_surgeon.cli import main
 from gguf_surgeon.errors import EvalError
 from gguf_surgeon.evaluation import datasets
-from gguf_surgeon.evaluation.benchmarks import DATASETS, parse_bench
+from gguf_surgeon.evaluation.benchmarks import DATASETS, mc_file_bytes, mc_task_bytes, parse_bench
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HELLASWAG = SHARED / "hellaswag_val_full.txt"
@@ -152,3 +153,25 @@ def test_bench_without_data_names_the_fetch_command(tmp_path):
         f"Error: --bench hellaswag:20: hellaswag_val_full.txt is not in {tmp_path}; fetch it with "
         "`gguf-surgeon data fetch hellaswag` (or point GGUF_SURGEON_DATA at a folder holding it)"
     ]
+
+
+def test_unpinned_file_is_parsed_recorded_and_watched(tmp_path):
+    """llama.cpp pins no checksum for the multiple-choice sets: a fetched one is read task by
+    task, its SHA-256 recorded, and `data list` shows a later change; one that does not parse
+    is refused and nothing is kept."""
+    good = mc_file_bytes([mc_task_bytes("Two plus two is", ["four.", "five."], 0)] * 3)
+    with _Server(good) as srv:
+        got = datasets.fetch("arc-easy", tmp_path, srv.url)
+    assert got.tasks == 3 and "no pinned SHA-256" in got.check
+    assert json.loads((tmp_path / "sha256.json").read_text()) == {
+        "arc-easy-validation.bin": hashlib.sha256(good).hexdigest()
+    }
+    listed = {f.name: f for f in datasets.listing(tmp_path)}
+    assert listed["arc-easy"].check == "recorded SHA-256 matches" and not listed["mmlu"].present
+    (tmp_path / "arc-easy-validation.bin").write_bytes(good + b"x")
+    assert datasets.listing(tmp_path)[2].check.startswith("changed since fetched")
+
+    with _Server(b"<html>not found</html>") as srv:
+        res = CliRunner().invoke(main, ["data", "fetch", "mmlu", "--data-dir", str(tmp_path), "--url", srv.url])
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and "nothing kept" in res.output
+    assert not (tmp_path / "mmlu-validation.bin").exists() and not (tmp_path / "mmlu-validation.bin.part").exists()
