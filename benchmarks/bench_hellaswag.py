@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=smollm2())
     ap.add_argument("--data", type=Path, default=DATA, help="hellaswag_val_full.txt")
     ap.add_argument("--tasks", type=int, default=400)
-    ap.add_argument("--recipes", nargs="+", default=["delete 16", "delete 12-16"])
+    ap.add_argument("--recipes", nargs="*", default=["delete 16", "delete 12-16"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-bin", type=Path)
     ap.add_argument("--cache-dir", type=Path, help="per-task cache (default: a fresh temp folder)")
