@@ -400,6 +400,7 @@ def dataset_path(name: str, directory: Path | None = None) -> Path:
 
 BENCH_VERSION = 1  # part of the cache key: bump when a change alters any task's result
 BENCH_CTX = 512  # llama-perplexity -c for the benchmark modes (x -np = its context); see docs
+BENCH_CHUNK = 1000  # tasks per llama-perplexity run: a long benchmark is cached as it goes
 
 
 def bench_key(data: BenchData, tool: PerplexityTool) -> str:
@@ -419,17 +420,25 @@ def score_tasks(
     """Right or wrong for each task `spec` selects, in llama.cpp's order. Tasks already in the
     cache (same model bytes, data file bytes and settings) are not run again; the others are
     written to a temporary file arranged so that llama-perplexity's output order is the order
-    wanted, scored in one run, and cached."""
+    wanted, scored (BENCH_CHUNK tasks per llama-perplexity run) and cached."""
     wanted = data.selected(spec.tasks)
     key = bench_key(data, tool)
     known: dict[str, bool] = cache.load(model_sha256, "bench", key) or {}
     todo = [t for t in wanted if str(t) not in known]
-    if todo:
-        content, parallel = data.task_file(todo)
+    for start in range(0, len(todo), BENCH_CHUNK):
+        part = todo[start : start + BENCH_CHUNK]
+        content, parallel = data.task_file(part)
         with tempfile.TemporaryDirectory(prefix="gguf-surgeon-bench-") as tmp:
             task_file = Path(tmp) / f"tasks{data.path.suffix}"
             task_file.write_bytes(content)
-            right = tool.task_results(model, data.kind, task_file, len(todo), parallel, progress)
-        known.update({str(t): bool(r) for t, r in zip(todo, right)})
-        cache.save(model_sha256, "bench", key, known)
+            right = tool.task_results(
+                model,
+                data.kind,
+                task_file,
+                len(part),
+                parallel,
+                lambda done, total, at=start: progress(at + done, len(todo)),
+            )
+        known.update({str(t): bool(r) for t, r in zip(part, right)})
+        cache.save(model_sha256, "bench", key, known)  # an interrupted long run keeps what it scored
     return tuple(bool(known[str(t)]) for t in wanted)
