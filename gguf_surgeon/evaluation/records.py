@@ -149,6 +149,22 @@ class KldResult(Record):
 
 
 @dataclass(frozen=True)
+class BenchResult(Record):
+    """One benchmark scored by llama-perplexity: each task right or wrong."""
+
+    name: str  # the metric's name
+    label: str  # e.g. HellaSwag
+    kind: str  # hellaswag | winogrande | mc
+    file: Path
+    file_sha256: str
+    tasks: int
+    correct: int
+    accuracy: Estimate  # fraction right, interval over tasks
+    task_ids: tuple[int, ...]  # 0-based task numbers of the file, in llama.cpp's order
+    right: tuple[bool, ...]  # per task, in the same order
+
+
+@dataclass(frozen=True)
 class Timings(Record):
     """Wall time of this call, split by what it waited on."""
 
@@ -194,3 +210,4 @@ class EvalReport(Record):
     versus_base: BaseComparison | None
     timings: Timings
     cached: bool  # nothing had to run: every raw result came from the cache
+    benchmarks: tuple[BenchResult, ...] = ()  # --bench: llama-perplexity's benchmark modes
