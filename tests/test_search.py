@@ -403,3 +403,59 @@ def test_search_yardstick_places_each_kld_on_the_ladder_of_the_short_text(make_m
     r = CliRunner().invoke(main, args, env=env)  # the text: a ladder column, from the cache
     assert r.exit_code == 0, r.output
     assert "on the base's ladder" in r.output and data["leaderboard"][0]["ladder"] in r.output
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HELLASWAG = SHARED / "hellaswag_val_full.txt"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HELLASWAG.is_file(), reason=f"{HELLASWAG} is absent (the shared test data)")
+def test_leader_bench_adds_a_benchmark_to_the_leaders_full_eval(tiny: Path, tmp_path: Path, llama_bin: Path):
+    """search --leader-bench hellaswag:FILE:N: the leaders' full eval scores N HellaSwag tasks
+    (the accuracy llama-perplexity's own final line gives for the champion's file) paired with the
+    base's, and the champion's lines show it with interval, test, power and verdict; a rerun with
+    the benchmark gives a leader stored without it the full eval again."""
+    space = tmp_path / "two.toml"
+    space.write_text('name = "two"\n[[family]]\nop = "delete"\nblocks = "2-3"\n')
+    env = {"GGUF_SURGEON_CACHE": str(tmp_path / "c"), "COLUMNS": "400"}
+    args = ["search", str(tiny), "--space", str(space), "--work-dir", str(tmp_path / "w"), "--ctx", str(TINY_CTX)]
+    args += ["--short-chars", str(TINY_CHARS), "--threads", "1", "--questions", "1", "--leaders", "1"]
+    args += ["--llama-bin", str(llama_bin)]
+    r = CliRunner().invoke(main, [*args, "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["champion"]["full"]["benchmarks"] == []
+    r = CliRunner().invoke(main, [*args, "--leader-bench", f"hellaswag:{HELLASWAG}:4"], env=env)
+    assert r.exit_code == 0, r.output
+    line = next(l.strip() for l in r.output.splitlines() if l.startswith("  HellaSwag accuracy: Δ "))
+    assert re.search(
+        r"\] (better|worse|equivalent|inconclusive) \(p [\d.e-]+; \d+ gained, \d+ lost of 4; detects ±", line
+    )
+    data = json.loads(
+        CliRunner().invoke(main, [*args, "--leader-bench", f"hellaswag:{HELLASWAG}:4", "--json"], env=env).output
+    )
+    full = data["champion"]["full"]
+    (bench,) = full["benchmarks"]
+    assert full["benches"] == [f"hellaswag:{HELLASWAG}:4"] and (bench["label"], bench["tasks"]) == ("HellaSwag", 4)
+
+    model = tmp_path / "champion.gguf"
+    edit(tiny, model, data["champion"]["recipe"])
+    # llama.cpp's own running accuracy after task 4 (its logger may drop the last lines at exit:
+    # run again until the line is there, as gguf_surgeon.llama.perplexity does)
+    for _ in range(6):
+        own = subprocess.run(
+            [str(llama_bin / "llama-perplexity"), "-m", str(model), "-c", "512", "-b", "512", "-t", "1", "--seed", "42"]
+            + ["--hellaswag", "--hellaswag-tasks", "4", "-f", str(HELLASWAG)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if m := re.search(r"^4\t(\d+\.\d+)%", own.stdout + own.stderr, re.MULTILINE):
+            break
+    final = float(m.group(1))
+    assert 100 * bench["correct"] / 4 == pytest.approx(final, abs=1e-3)
+
+    r = CliRunner().invoke(main, ["search", str(tiny), "--leader-bench", "mc"], env=env)
+    assert (
+        r.exit_code == 1 and r.output.startswith("Error: --leader-bench mc: mc needs a file") and r.output[-1] == "\n"
+    )

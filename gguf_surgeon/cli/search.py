@@ -331,6 +331,19 @@ class SearchCommand(click.Command):
 )
 @click.option("--questions", type=click.IntRange(min=1), help="Full eval: ask only the first N factual questions.")
 @click.option(
+    "--leader-bench",
+    "leader_benches",
+    multiple=True,
+    metavar="SPEC",
+    help="Add a benchmark to the leaders' full eval (repeatable), as eval --bench takes it: hellaswag[:N], "
+    "winogrande[:N], arc-easy, ..., or hellaswag|winogrande|mc:FILE[:N].",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder of fetched benchmark data for --leader-bench (default: $GGUF_SURGEON_DATA or the cache).",
+)
+@click.option(
     "--ctx",
     type=click.IntRange(min=16),
     default=128,
@@ -379,6 +392,8 @@ def search_cmd(
     keep: bool,
     leaders: int | None,
     questions: int | None,
+    leader_benches: tuple[str, ...],
+    data_dir: Path | None,
     ctx: int,
     short_chars: int,
     rank_file: Path | None,
@@ -398,7 +413,7 @@ def search_cmd(
 
     \b
     Example:
-      gguf-surgeon search base.gguf --space phase1 --budget 80 --jobs 2 --export release/
+      gguf-surgeon search base.gguf --space phase1 --budget 80 --jobs 2 --leader-bench hellaswag:400 --export release/
     """
     from ..search.space import load_space
     from ..search.storage import SearchOptions, default_study_name, redact_url, set_notice, storage_url
@@ -408,6 +423,15 @@ def search_cmd(
     set_notice(lambda line: err_console.get().print(line, markup=False, highlight=False))
 
     space = load_space(space_spec)
+    benches = ()
+    if leader_benches:
+        from ..errors import EvalError
+        from ..evaluation.benchmarks import parse_bench
+
+        try:  # refused before any work
+            benches = tuple(parse_bench(b, data_dir) for b in leader_benches)
+        except EvalError as e:
+            raise EvalError(str(e).replace("--bench ", "--leader-bench ", 1)) from None
     options = SearchOptions(
         budget=budget,
         jobs=jobs,
@@ -424,6 +448,7 @@ def search_cmd(
         use_rank=not no_rank,
         threads=threads,
         yardstick=yardstick,
+        leader_benches=benches,
     )
     url = storage_url(options)
     name = study_name or default_study_name(base, space)
@@ -453,6 +478,7 @@ def search_cmd(
                     llama_bin=llama_bin,
                     force=force,
                     eval_questions=questions,
+                    eval_benches=benches,
                     yardstick=yardstick,
                 ),
                 quant_progress=lambda t, d, n: qprogress(f"quantizing {t}", d, n),

@@ -127,14 +127,15 @@ def verdict_lines(versus: BaseComparison) -> list[str]:
     return lines
 
 
-def _shown_as(metric: str) -> tuple[int, bool]:
-    """(digits, x100) a measure's difference is shown with: its comparison-table row's."""
-    if metric == OVERALL:
+def _shown_as(d: Difference) -> tuple[int, bool]:
+    """(digits, x100) a measure's difference is shown with: its comparison-table row's (a
+    measure not registered in this process: points for right/wrong items)."""
+    if d.metric == OVERALL:
         return 1, False
     for m in METRICS.values():
-        if m.label == metric:
+        if m.label == d.metric:
             return next(((r.digits, r.pct) for r in m.rows if r.delta), (2, False))
-    return 2, False
+    return (1, True) if d.discordant is not None else (2, False)
 
 
 def measure_lines(differences: Sequence[Difference]) -> list[str]:
@@ -142,4 +143,4 @@ def measure_lines(differences: Sequence[Difference]) -> list[str]:
     test's p-value, the discordant pairs, the smallest detectable difference and the margin,
     e.g. 'factual accuracy: Δ -12 [-25, +6] inconclusive (p 0.21; 5 gained, 11 lost of 50;
     detects ±22; equivalent within ±5)'."""
-    return [f"{d.metric}: {_fmt_delta(d, *_shown_as(d.metric))}" for d in differences]
+    return [f"{d.metric}: {_fmt_delta(d, *_shown_as(d))}" for d in differences]

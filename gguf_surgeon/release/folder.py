@@ -36,6 +36,7 @@ class ReleaseOptions:
     evaluate: bool = False  # run the eval suite (base vs edited) for the benchmark table
     eval_questions: int | None = None  # with evaluate: ask only the first N questions
     yardstick: bool = False  # with evaluate: place the edit's KLD on the base's quantization ladder
+    eval_benches: tuple = ()  # with evaluate: evaluation.benchmarks.BenchSpec each, added to the eval
     parameters: Mapping[str, str] = field(default_factory=dict)  # Modelfile PARAMETER overrides
     system: str | None = None  # Modelfile SYSTEM
     methodology: str | None = None
@@ -155,7 +156,9 @@ def release(
         step("evaluating")
         from ..evaluation.suite import EvalOptions
 
-        eval_options = EvalOptions(llama_bin=options.llama_bin, questions=options.eval_questions)
+        eval_options = EvalOptions(
+            llama_bin=options.llama_bin, questions=options.eval_questions, benches=tuple(options.eval_benches)
+        )
         benchmarks = benchmark_markdown(base, edited, eval_options, options.yardstick)
     step("writing Modelfile and README.md")
     files = tuple(QuantFile.of(r) for r in quants.results) if quants else ()

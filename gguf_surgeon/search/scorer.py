@@ -59,6 +59,7 @@ class CandidateScorer:
         threads: int | None = None,
         full_questions: int | None = None,
         yardstick: bool = False,
+        benches: tuple = (),
         keep: bool = False,
         cache_dir: Path | None = None,
     ):
@@ -71,6 +72,7 @@ class CandidateScorer:
         self.threads = threads
         self.full_questions = full_questions
         self.yardstick = yardstick
+        self.benches = tuple(benches)  # BenchSpec each: benchmarks added to the full eval
         self.keep = keep
         self.cache_dir = cache_dir
 
@@ -83,7 +85,7 @@ class CandidateScorer:
         if text is not None:
             kw.update(text=text, ctx=self.ctx)
         else:
-            kw["questions"] = self.full_questions
+            kw.update(questions=self.full_questions, benches=self.benches)
         return EvalOptions(**kw)
 
     def short_yardstick(self) -> Any:
@@ -165,6 +167,11 @@ class CandidateScorer:
             "kld": _est(vs.kld.mean),
             "differences": [d.to_dict() for d in vs.differences],  # overall first, then each measure
             "ladder": ladder,  # the KLD's place on the base's quantization ladder (with yardstick)
+            "benches": [str(b) for b in self.benches],  # the specs the full eval ran
+            "benchmarks": [
+                {"label": b.label, "correct": b.correct, "tasks": b.tasks, "accuracy": _est(b.accuracy)}
+                for b in report.benchmarks
+            ],
         }
 
 

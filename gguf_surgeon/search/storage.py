@@ -70,6 +70,7 @@ class SearchOptions:
     leaders: int | None = None  # the most leaders that get the full eval (default: the space's)
     full_questions: int | None = None  # full eval: ask only the first N questions
     yardstick: bool = False  # place KLDs on the base's own quantization ladder (made once per base, cached)
+    leader_benches: tuple = ()  # evaluation.benchmarks.BenchSpec each: added to the leaders' full eval
     rank_file: Path | None = None  # a `rank --save` JSON for the guidance (default: computed, BI only)
     use_rank: bool = True  # False: natural order, no pruning
     seed: int = 0

@@ -249,9 +249,10 @@ def run_leaders(ctx: StudyContext, scorer: CandidateScorer, study: Any, progress
     entries = leaderboard(study)
     leaders = choose_leaders(entries, leader_cap(ctx))
     chosen = set(leaders.chosen)
+    wanted = {str(b) for b in ctx.options.leader_benches}
     for e in entries:
-        if e.recipe not in chosen or e.full:
-            continue
+        if e.recipe not in chosen or (e.full and wanted <= set(e.full.get("benches", ()))):
+            continue  # a full eval already stored, with every benchmark asked for
         if progress:
             progress(SearchEvent("full", e.phase, e.recipe, count_evaluated(study), ctx.options.budget))
         summary = scorer.full(e.recipe, f"full-{e.number}-{hashlib.sha256(e.key.encode()).hexdigest()[:12]}")

@@ -352,6 +352,7 @@ def make_scorer(ctx: StudyContext) -> CandidateScorer:
         threads=threads,
         full_questions=o.full_questions,
         yardstick=o.yardstick,
+        benches=o.leader_benches,
         keep=o.keep,
         cache_dir=o.cache_dir,
     )
