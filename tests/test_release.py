@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 from make_fixtures import build_model  # fixtures/ is on sys.path via conftest
 
+import gguf_surgeon.cli.eval  # noqa: F401  (registers eval and compare)
 import gguf_surgeon.cli.search  # noqa: F401  (registers rank, search, release, card, modelfile)
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
@@ -468,7 +469,7 @@ def test_eval_card_states_every_measure_with_interval_power_verdict_and_ladder(
     edit(base, edited, "delete 1")
     text = tmp_path / "short.txt"
     text.write_text(EVAL_TEXT_FILE.read_text(encoding="utf-8")[:1600], encoding="utf-8")
-    options = EvalOptions(llama_bin=llama_bin, text=text, questions=1, threads=1, cache_dir=tmp_path / "c")
+    options = EvalOptions(llama_bin=llama_bin, text=text, questions=1, threads=1, cache_dir=tmp_path / "c" / "eval")
     card = model_card(edited, CardOptions(benchmarks=benchmark_markdown(base, edited, options, yardstick=True)))
     bench = card.split("## Benchmark Results\n", 1)[1].split("\n## ", 1)[0]
 
@@ -494,6 +495,14 @@ def test_eval_card_states_every_measure_with_interval_power_verdict_and_ladder(
     assert stick.rungs[0].type == "Q8_0"
     fresh = replace(options, cache_dir=tmp_path / "fresh")
     assert kl_divergence(q8, base, fresh).mean.value == pytest.approx(stick.rungs[0].kld, rel=1e-6, abs=1e-9)
+
+    # eval --yardstick in the default cache folder ($GGUF_SURGEON_CACHE/eval, the one filled above)
+    args = ["eval", str(edited), "--base", str(base), "--text", str(text), "--questions", "1", "--threads", "1"]
+    r = CliRunner().invoke(
+        main, [*args, "--yardstick", "--llama-bin", str(llama_bin)], env={"GGUF_SURGEON_CACHE": str(tmp_path / "c")}
+    )
+    assert r.exit_code == 0, r.output
+    assert f"KL divergence {k.value:.4f} costs {place}" in r.output
 
 
 def test_release_yardstick_needs_eval(tiny: Path, tmp_path: Path):
