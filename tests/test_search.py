@@ -360,6 +360,15 @@ def test_adaptive_leaders_get_the_full_eval_and_show_their_verdicts(tiny: Path, 
             m = g + lost
             p = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(min(g, lost) + 1)) / 2**m)
             assert f"{g} gained, {lost} lost of {x['items']}" in line and x["p_value"] == pytest.approx(p)
+    # the exported card: the champion's eval again (the same settings: from the cache), every
+    # measure's line as the search printed it
+    rel = tmp_path / "rel"
+    r = CliRunner().invoke(main, [*args, "--leaders", "2", "--export", str(rel), "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    card = (rel / "README.md").read_text(encoding="utf-8")
+    for line in json.loads(r.output)["measures"]:
+        assert "- " + line.replace("[", "\\[").replace("]", "\\]") + "\n" in card, line
+    assert f"Champion `{champ['recipe']}`" in card and f"the {len(expected)} whose KL-divergence interval" in card
     # each leader's row: score and difference with their intervals, and the verdict
     for e in data["leaderboard"]:
         if e["full"]:

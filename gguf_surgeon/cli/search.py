@@ -465,13 +465,14 @@ def search_cmd(
     data = result.to_dict()
     if export_dir is not None and result.champion is not None:
         from ..release.folder import ReleaseOptions, export_champion
+        from ..search.worker import worker_threads
 
         with step_progress(enabled=not as_json) as qprogress:
             report = export_champion(
                 base,
                 result,
                 space.name,
-                len(result.leaders.chosen) if result.leaders else 0,
+                sum(1 for e in result.leaderboard if e.full),  # the candidates with a full eval
                 export_dir,
                 ReleaseOptions(
                     allow_requantize=allow_requantize,
@@ -479,6 +480,7 @@ def search_cmd(
                     force=force,
                     eval_questions=questions,
                     eval_benches=benches,
+                    eval_threads=worker_threads(options),  # the leaders' settings: their eval comes from the cache
                     yardstick=yardstick,
                 ),
                 quant_progress=lambda t, d, n: qprogress(f"quantizing {t}", d, n),

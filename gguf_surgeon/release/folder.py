@@ -37,6 +37,7 @@ class ReleaseOptions:
     eval_questions: int | None = None  # with evaluate: ask only the first N questions
     yardstick: bool = False  # with evaluate: place the edit's KLD on the base's quantization ladder
     eval_benches: tuple = ()  # with evaluate: evaluation.benchmarks.BenchSpec each, added to the eval
+    eval_threads: int | None = None  # with evaluate: llama.cpp threads (default: the suite's; part of cache keys)
     parameters: Mapping[str, str] = field(default_factory=dict)  # Modelfile PARAMETER overrides
     system: str | None = None  # Modelfile SYSTEM
     methodology: str | None = None
@@ -159,6 +160,8 @@ def release(
         eval_options = EvalOptions(
             llama_bin=options.llama_bin, questions=options.eval_questions, benches=tuple(options.eval_benches)
         )
+        if options.eval_threads:
+            eval_options = replace(eval_options, threads=options.eval_threads)
         benchmarks = benchmark_markdown(base, edited, eval_options, options.yardstick)
     step("writing Modelfile and README.md")
     files = tuple(QuantFile.of(r) for r in quants.results) if quants else ()
