@@ -111,7 +111,7 @@ def main() -> None:
         )
         t = time.monotonic()
         sticks["short text"] = scorer.short_yardstick()
-        sticks["eval text"] = yardstick(args.model, scorer._options(None))
+        sticks["eval text"] = yardstick(args.model, scorer.full_options())
         print(
             f"yardsticks in {time.monotonic() - t:.0f} s (base {sticks['eval text'].base_bits_per_weight:.2f} bits/weight)"
         )

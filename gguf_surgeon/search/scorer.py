@@ -88,6 +88,10 @@ class CandidateScorer:
             kw.update(questions=self.full_questions, benches=self.benches)
         return EvalOptions(**kw)
 
+    def full_options(self) -> Any:
+        """The EvalOptions of stage 2 (the suite's text, the questions and benchmarks asked for)."""
+        return self._options(None)
+
     def short_yardstick(self) -> Any:
         """The base's quantization ladder with each rung's KLD on the short text (cached per base)."""
         from ..evaluation.yardstick import yardstick
@@ -143,7 +147,7 @@ class CandidateScorer:
 
         path = self.build(recipe, tag)
         try:
-            report = evaluate(path, self.base, self._options(None))
+            report = evaluate(path, self.base, self.full_options())
         finally:
             if not self.keep:
                 path.unlink(missing_ok=True)
@@ -154,7 +158,7 @@ class CandidateScorer:
         if self.yardstick:  # the ladder measured on the full eval's text, as this KLD is
             from ..evaluation.yardstick import yardstick
 
-            ladder = yardstick(self.base, self._options(None)).place(vs.kld.mean.value)
+            ladder = yardstick(self.base, self.full_options()).place(vs.kld.mean.value)
         return {
             "score": _est(report.score),
             "base_score": _est(vs.base.score),
