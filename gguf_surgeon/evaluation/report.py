@@ -128,13 +128,16 @@ def verdict_lines(versus: BaseComparison) -> list[str]:
 
 
 def _shown_as(d: Difference) -> tuple[int, bool]:
-    """(digits, x100) a measure's difference is shown with: its comparison-table row's (a
-    measure not registered in this process: points for right/wrong items)."""
+    """(digits, x100) a measure's difference is shown with: its comparison-table row's, with at
+    least one decimal for points; right/wrong items without such a row (or not registered in
+    this process) in points."""
     if d.metric == OVERALL:
         return 1, False
     for m in METRICS.values():
         if m.label == d.metric:
-            return next(((r.digits, r.pct) for r in m.rows if r.delta), (2, False))
+            row = next((r for r in m.rows if r.delta), None)
+            if row is not None:
+                return (max(row.digits, 1), True) if row.pct else (row.digits, False)
     return (1, True) if d.discordant is not None else (2, False)
 
 
