@@ -30,7 +30,7 @@ from gguf_surgeon.search.moves import Move, compose
 from gguf_surgeon.search.order import ordered_moves
 from gguf_surgeon.search.scorer import CandidateScorer
 from gguf_surgeon.search.space import PRESETS, load_space
-from gguf_surgeon.search.storage import SearchOptions
+from gguf_surgeon.search.storage import SearchOptions, create_or_load
 from gguf_surgeon.search.study import Entry, choose_leaders, run_search, search_status
 
 TINY_CTX, TINY_CHARS = 32, 700  # the tiny vocabulary spells ~1 token per 2 characters: 5+ chunks
@@ -470,3 +470,16 @@ def test_leader_bench_adds_a_benchmark_to_the_leaders_full_eval(tiny: Path, tmp_
     assert (
         r.exit_code == 1 and r.output.startswith("Error: --leader-bench mc: mc needs a file") and r.output[-1] == "\n"
     )
+
+
+def test_a_study_continues_under_another_leader_cap(tiny: Path, tmp_path: Path):
+    """The leader cap decides only who gets the full eval, so a space that differs in nothing
+    else (or a preset whose default cap changed) continues the same study; another family does not."""
+    options = tiny_options(tmp_path, use_rank=False)
+    space = tmp_path / "s.toml"
+    for leaders in (0, 5):
+        space.write_text(f'name = "s"\nleaders = {leaders}\n[[family]]\nop = "delete"\n')
+        assert create_or_load(tiny, load_space(str(space)), options).study_name == "tiny:s"
+    space.write_text('name = "s"\n[[family]]\nop = "swap"\n')
+    with pytest.raises(SearchError, match="made for another base or space .differs in: space"):
+        create_or_load(tiny, load_space(str(space)), options)
