@@ -87,6 +87,12 @@ def main() -> None:
         right = score_tasks(tool, cache, path, sha, spec, data)
         return right, time.perf_counter() - t0
 
+    # the edits first, the base last: another run growing the same cache may be scoring the base
+    edited = {}
+    for recipe in args.recipes:
+        target = work / f"{recipe.replace(' ', '_')}.gguf"
+        edit(args.model, target, recipe)
+        edited[recipe] = scored(target)
     base, base_s = scored(args.model)
     acc = 100 * sum(base) / len(base)
     match = (
@@ -98,10 +104,7 @@ def main() -> None:
         f"{'recipe':<14} {'right':>9} {'Δ points [95% interval]':<28} {'gained/lost':>11} {'p':>8} {'detects':>8}  verdict  time"
     )
     rows = []
-    for recipe in args.recipes:
-        target = work / f"{recipe.replace(' ', '_')}.gguf"
-        edit(args.model, target, recipe)
-        right, seconds = scored(target)
+    for recipe, (right, seconds) in edited.items():
         d = paired_binary_difference("HellaSwag accuracy", True, _arr(right), _arr(base), BENCH_MARGIN)
         print(
             f"{recipe:<14} {sum(right):>4}/{len(right):<4} {100 * d.delta.value:+6.2f} [{100 * d.delta.low:+.2f}, "
