@@ -33,6 +33,11 @@ def render() -> str:
         cmd = main.get_command(ctx, name)
         sub = click.Context(cmd, info_name=name, parent=ctx, **settings)
         parts += [f"## {name}", "", "```", cmd.get_help(sub), "```", ""]
+        if isinstance(cmd, click.Group):  # a group's commands, e.g. data fetch
+            for sub_name in sorted(cmd.list_commands(sub)):
+                sub_cmd = cmd.get_command(sub, sub_name)
+                sub_ctx = click.Context(sub_cmd, info_name=sub_name, parent=sub, **settings)
+                parts += [f"## {name} {sub_name}", "", "```", sub_cmd.get_help(sub_ctx), "```", ""]
     return "\n".join(parts)
 
 

@@ -11,10 +11,12 @@ with llama.cpp's own rendering of the GGUF's Jinja template for the same convers
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -22,13 +24,18 @@ import pytest
 from click.testing import CliRunner
 from make_fixtures import build_model  # fixtures/ is on sys.path via conftest
 
+import gguf_surgeon.cli.eval  # noqa: F401  (registers eval and compare)
 import gguf_surgeon.cli.search  # noqa: F401  (registers rank, search, release, card, modelfile)
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
 from gguf_surgeon.errors import ReleaseError
+from gguf_surgeon.evaluation.runner import evaluate, kl_divergence
+from gguf_surgeon.evaluation.suite import EVAL_TEXT_FILE, EvalOptions
+from gguf_surgeon.evaluation.yardstick import yardstick
 from gguf_surgeon.llama.server import LlamaServer, apply_chat_template
 from gguf_surgeon.reader import Model
 from gguf_surgeon.release.card import CardOptions, QuantFile, model_card
+from gguf_surgeon.release.folder import benchmark_markdown
 from gguf_surgeon.release.ollama import (
     CHATML_GO_TEMPLATE,
     DEFAULT_PARAMETERS,
@@ -439,3 +446,71 @@ def test_release_files_load_in_llama_cpp(smollm2: Path, tmp_path: Path, llama_bi
     for name in names[:3]:
         with LlamaServer(llama_bin, out / name, ctx_size=256, threads=1) as server:  # 1: no spinning threads
             assert int(server.completion(prompt, n_predict=4)["tokens_predicted"]) >= 1, name
+
+
+VERDICT_HEADS = {
+    "better": "Verdict: better than the base",
+    "worse": "Verdict: worse than the base",
+    "equivalent": "Verdict: equivalent to the base on every primary measure",
+    "inconclusive": "Verdict: inconclusive",
+}
+
+
+@pytest.mark.slow
+def test_eval_card_states_every_measure_with_interval_power_verdict_and_ladder(
+    make_model, tmp_path: Path, llama_bin: Path
+):
+    """The card of `release --eval --yardstick`: its benchmark section gives the verdict, every
+    measure's difference with its interval, verdict and smallest detectable difference (the same
+    eval run again from its cache), and the KLD's place on the base's own quantization ladder,
+    whose Q8_0 rung is llama-quantize's Q8_0 of the base measured afresh by llama-perplexity."""
+    base = make_model("base.gguf", n_embd=256, n_head=4, n_head_kv=2, ff=512, n_blocks=3)
+    edited = tmp_path / "edited.gguf"
+    edit(base, edited, "delete 1")
+    text = tmp_path / "short.txt"
+    text.write_text(EVAL_TEXT_FILE.read_text(encoding="utf-8")[:1600], encoding="utf-8")
+    options = EvalOptions(llama_bin=llama_bin, text=text, questions=1, threads=1, cache_dir=tmp_path / "c" / "eval")
+    card = model_card(edited, CardOptions(benchmarks=benchmark_markdown(base, edited, options, yardstick=True)))
+    bench = card.split("## Benchmark Results\n", 1)[1].split("\n## ", 1)[0]
+
+    v = evaluate(edited, base, options).versus_base
+    assert f"**{VERDICT_HEADS[v.verdict]}" in bench
+    bullets = {l[2:].split(":")[0]: l for l in bench.splitlines() if l.startswith("- ") and ": Δ " in l}
+    assert set(bullets) == {d.metric for d in v.differences}  # every measure, the overall score first
+    for d in v.differences:
+        line = bullets[d.metric]
+        assert f" {d.verdict} (p " in line and "\\[" in line, line  # an interval, never a bare point
+        if math.isfinite(d.detectable):
+            assert "detects ±" in line, line
+        if d.discordant is not None:
+            assert f"{d.discordant[0]} gained, {d.discordant[1]} lost of {d.items}" in line
+
+    stick = yardstick(base, options)
+    place = stick.place(v.kld.mean.value)
+    assert f"| KLD on the base's ladder | — | {place} |" in bench
+    k = v.kld.mean
+    assert f"KL divergence {k.value:.4f} \\[{k.low:.4f}, {k.high:.4f}\\] nats/token costs {place}" in bench
+    q8 = tmp_path / "q8.gguf"
+    subprocess.run([str(llama_bin / "llama-quantize"), str(base), str(q8), "Q8_0"], check=True, capture_output=True)
+    assert stick.rungs[0].type == "Q8_0"
+    fresh = replace(options, cache_dir=tmp_path / "fresh")
+    assert kl_divergence(q8, base, fresh).mean.value == pytest.approx(stick.rungs[0].kld, rel=1e-6, abs=1e-9)
+
+    # eval --yardstick in the default cache folder ($GGUF_SURGEON_CACHE/eval, the one filled above)
+    args = ["eval", str(edited), "--base", str(base), "--text", str(text), "--questions", "1", "--threads", "1"]
+    r = CliRunner().invoke(
+        main, [*args, "--yardstick", "--llama-bin", str(llama_bin)], env={"GGUF_SURGEON_CACHE": str(tmp_path / "c")}
+    )
+    assert r.exit_code == 0, r.output
+    assert f"KL divergence {k.value:.4f} costs {place}" in r.output
+
+
+def test_release_yardstick_needs_eval(tiny: Path, tmp_path: Path):
+    r = CliRunner().invoke(
+        main, ["release", str(tiny), "--recipe", "delete 1", "--out", str(tmp_path / "o")] + ["--yardstick"]
+    )
+    assert (
+        r.exit_code == 1
+        and r.output == "Error: --yardstick: needs --eval (it places the eval's KL divergence on the base's ladder)\n"
+    )
+    assert not (tmp_path / "o").exists()

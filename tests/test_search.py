@@ -7,7 +7,10 @@ eval cache in tmp_path so nothing is reused from other runs. Budgets and texts a
 from __future__ import annotations
 
 import json
+import math
+import re
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +22,16 @@ from gguf_surgeon.analysis.rank import rank_model
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
 from gguf_surgeon.errors import SearchError
+from gguf_surgeon.evaluation.metrics import METRICS
+from gguf_surgeon.evaluation.runner import kl_divergence
+from gguf_surgeon.evaluation.suite import EvalOptions
+from gguf_surgeon.evaluation.yardstick import Yardstick
 from gguf_surgeon.search.moves import Move, compose
 from gguf_surgeon.search.order import ordered_moves
 from gguf_surgeon.search.scorer import CandidateScorer
 from gguf_surgeon.search.space import PRESETS, load_space
-from gguf_surgeon.search.storage import SearchOptions
-from gguf_surgeon.search.study import run_search, search_status
+from gguf_surgeon.search.storage import SearchOptions, create_or_load
+from gguf_surgeon.search.study import Entry, choose_leaders, run_search, search_status
 
 TINY_CTX, TINY_CHARS = 32, 700  # the tiny vocabulary spells ~1 token per 2 characters: 5+ chunks
 # one llama.cpp thread: ggml's worker threads spin while waiting, and on a busy 2-core machine two
@@ -262,3 +269,217 @@ def test_search_cli_json_and_a_study_of_another_base(tiny: Path, make_model, tmp
     assert (
         r.output.startswith("Error: study 'tiny:swaps' in sqlite:///") and "made for another base or space" in r.output
     )
+
+
+# stage 2: the adaptive leaders ----------------------------------------------------------------
+
+
+def _entry(recipe: str, kld: float, low: float, high: float) -> Entry:
+    return Entry(0, recipe, recipe, "singles", 5, kld, low, high, 90.0, "w", None)
+
+
+def test_leaders_are_the_candidates_whose_interval_overlaps_the_best():
+    nan = float("nan")
+    entries = [
+        _entry("a", 0.10, 0.08, 0.12),
+        _entry("b", 0.11, 0.09, 0.14),
+        _entry("c", 0.13, 0.121, 0.15),  # starts just above the best's upper bound
+        _entry("d", 0.14, 0.12, 0.20),  # touches it
+        _entry("e", 0.20, nan, nan),  # an unknown interval cannot be told apart
+    ]
+    lead = choose_leaders(entries, 10)
+    assert lead.overlapping == lead.chosen == ("a", "b", "d", "e") and lead.left_out == 0
+    capped = choose_leaders(entries, 2)
+    assert capped.chosen == ("a", "b") and capped.left_out == 2
+    assert choose_leaders(entries, 0).chosen == () and choose_leaders([], 3).overlapping == ()
+
+
+def _study_rows(db: Path) -> dict[str, tuple[int, float, float, float]]:
+    """recipe -> (trial number, KLD, low, high) of every scored trial, read from the SQLite file
+    with sqlite3 (Optuna's schema), not through Optuna or the search code."""
+    con = sqlite3.connect(db)
+    rows: dict[int, dict] = {}
+    for tid, key, value in con.execute("select trial_id, key, value_json from trial_user_attributes"):
+        rows.setdefault(tid, {})[key] = json.loads(value)
+    out = {}
+    for tid, number, state in con.execute("select trial_id, number, state from trials"):
+        a = rows.get(tid, {})
+        if state == "COMPLETE" and a.get("evaluated"):
+            (value,) = con.execute("select value from trial_values where trial_id = ?", (tid,)).fetchone()
+            out[a["recipe"]] = (number, value, a["kld_low"], a["kld_high"])
+    return out
+
+
+@pytest.mark.slow
+def test_adaptive_leaders_get_the_full_eval_and_show_their_verdicts(tiny: Path, tmp_path: Path, llama_bin: Path):
+    """Stage 2 gives the full eval to exactly the candidates whose short-KLD interval overlaps
+    the best one's, as read from the study's database; the leaderboard shows their score and
+    difference with intervals, the champion each measure with interval, test, power and verdict."""
+    work = tmp_path / "work"
+    env = {"GGUF_SURGEON_CACHE": str(tmp_path / "c"), "COLUMNS": "400"}
+    args = ["search", str(tiny), "--space", "deletions", "--work-dir", str(work), "--ctx", str(TINY_CTX)]
+    args += ["--short-chars", str(TINY_CHARS), "--threads", "1", "--questions", "1", "--llama-bin", str(llama_bin)]
+    r = CliRunner().invoke(main, [*args, "--leaders", "6", "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+
+    stored = _study_rows(work / "search.db")
+    assert len(stored) == 6
+    best = min(stored, key=lambda k: (stored[k][1], stored[k][0]))
+    _, _, low, high = stored[best]
+    expected = {k for k, (_, _, lo, hi) in stored.items() if lo <= high and hi >= low}
+    assert 1 < len(expected) < 6, stored  # the fixture's intervals leave some out: the rule is not trivial
+    assert set(data["leaders"]["chosen"]) == set(data["leaders"]["overlapping"]) == expected
+    assert {e["recipe"] for e in data["leaderboard"] if e["full"]} == expected
+    assert data["champion"]["recipe"] in expected
+
+    # a cap below the overlapping count: nothing runs again, the text says what the cap left out
+    r = CliRunner().invoke(main, [*args, "--leaders", "1"], env=env)
+    assert r.exit_code == 0, r.output
+    out = r.output
+    assert (
+        f"Full eval: 1 leader(s), every candidate whose KLD interval overlaps the best one's; "
+        f"the cap --leaders 1 left out {len(expected) - 1} more that overlap" in out
+    )
+    champ = data["champion"]
+    full = champ["full"]
+    s, d = full["score"], full["delta"]
+    assert f"Champion: {champ['recipe']} — " in out
+    assert f"overall score {s[0]:.1f} [{s[1]:.1f}, {s[2]:.1f}] vs {full['base_score'][0]:.1f}" in out
+    assert f"(Δ {d[0]:+.1f}, 95% interval [{d[1]:+.1f}, {d[2]:+.1f}])" in out
+    # every measure of the champion: its difference with the interval, its verdict and power
+    lines = {l.strip().split(":")[0]: l.strip() for l in out.splitlines() if l.startswith("  ") and ": Δ " in l}
+    assert set(lines) == {x["metric"] for x in full["differences"]}
+    for x in full["differences"]:
+        line = lines[x["metric"]]
+        assert re.search(r": Δ [+-]?[\d.]+ \[[+-][\d.]+, [+-][\d.]+\] " + x["verdict"] + r" \(p ", line), line
+        if x["detectable"] is not None:
+            assert "detects ±" in line, line
+        if x["discordant"] is not None:  # the exact McNemar p-value, from the counts
+            g, lost = x["discordant"]
+            m = g + lost
+            p = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(min(g, lost) + 1)) / 2**m)
+            assert f"{g} gained, {lost} lost of {x['items']}" in line and x["p_value"] == pytest.approx(p)
+    # the exported card: the champion's eval again (the same settings: from the cache), every
+    # measure's line as the search printed it
+    rel = tmp_path / "rel"
+    r = CliRunner().invoke(main, [*args, "--leaders", "2", "--export", str(rel), "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    card = (rel / "README.md").read_text(encoding="utf-8")
+    for line in json.loads(r.output)["measures"]:
+        assert "- " + line.replace("[", "\\[").replace("]", "\\]") + "\n" in card, line
+    assert f"Champion `{champ['recipe']}`" in card and f"the {len(expected)} whose KL-divergence interval" in card
+    # each leader's row: score and difference with their intervals, and the verdict
+    for e in data["leaderboard"]:
+        if e["full"]:
+            f = e["full"]
+            assert (
+                f"{f['score'][0]:.1f} [{f['score'][1]:.1f}, {f['score'][2]:.1f}] vs {f['base_score'][0]:.1f}: "
+                f"Δ {f['delta'][0]:+.1f} [{f['delta'][1]:+.1f}, {f['delta'][2]:+.1f}]"
+            ) in out
+
+
+@pytest.mark.slow
+def test_search_yardstick_places_each_kld_on_the_ladder_of_the_short_text(make_model, tmp_path: Path, llama_bin: Path):
+    """search --yardstick: each candidate's short KLD is placed on the base's quantization ladder
+    measured on the same short text (a rung's KLD equals a fresh llama-perplexity run of
+    llama-quantize's own file of the base on that text, not the full eval text's)."""
+    base = make_model("base.gguf", n_embd=256, n_head=4, n_head_kv=2, ff=512, n_blocks=3)
+    work = tmp_path / "work"
+    env = {"GGUF_SURGEON_CACHE": str(tmp_path / "c"), "COLUMNS": "400"}
+    args = ["search", str(base), "--space", "deletions", "--work-dir", str(work), "--ctx", str(TINY_CTX)]
+    args += ["--short-chars", str(TINY_CHARS), "--threads", "1", "--leaders", "0", "--llama-bin", str(llama_bin)]
+    r = CliRunner().invoke(main, [*args, "--yardstick", "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    con = sqlite3.connect(work / "search.db")
+    (raw,) = con.execute("select value_json from study_user_attributes where key = 'yardstick'").fetchone()
+    stick = Yardstick.from_dict(json.loads(raw))
+    assert [g.type for g in stick.rungs] == ["Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K"]
+    assert stick.rungs[0].kld < stick.rungs[-1].kld
+    assert [e["ladder"] for e in data["leaderboard"]] == [stick.place(e["kld"]) for e in data["leaderboard"]]
+
+    q8 = tmp_path / "q8.gguf"
+    subprocess.run([str(llama_bin / "llama-quantize"), str(base), str(q8), "Q8_0"], check=True, capture_output=True)
+    short = EvalOptions(
+        llama_bin=llama_bin,
+        text=work / f"short-text-{TINY_CHARS}.txt",
+        ctx=TINY_CTX,
+        threads=1,
+        cache_dir=tmp_path / "fresh",
+    )
+    assert kl_divergence(q8, base, short).mean.value == pytest.approx(stick.rungs[0].kld, rel=1e-6, abs=1e-9)
+
+    r = CliRunner().invoke(main, args, env=env)  # the text: a ladder column, from the cache
+    assert r.exit_code == 0, r.output
+    assert "on the base's ladder" in r.output and data["leaderboard"][0]["ladder"] in r.output
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HELLASWAG = SHARED / "hellaswag_val_full.txt"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HELLASWAG.is_file(), reason=f"{HELLASWAG} is absent (the shared test data)")
+def test_leader_bench_adds_a_benchmark_to_the_leaders_full_eval(tiny: Path, tmp_path: Path, llama_bin: Path):
+    """search --leader-bench hellaswag:FILE:N: the leaders' full eval scores N HellaSwag tasks
+    (the accuracy llama-perplexity's own final line gives for the champion's file) paired with the
+    base's, and the champion's lines show it with interval, test, power and verdict; a rerun with
+    the benchmark gives a leader stored without it the full eval again."""
+    space = tmp_path / "two.toml"
+    space.write_text('name = "two"\n[[family]]\nop = "delete"\nblocks = "2-3"\n')
+    env = {"GGUF_SURGEON_CACHE": str(tmp_path / "c"), "COLUMNS": "400"}
+    args = ["search", str(tiny), "--space", str(space), "--work-dir", str(tmp_path / "w"), "--ctx", str(TINY_CTX)]
+    args += ["--short-chars", str(TINY_CHARS), "--threads", "1", "--questions", "1", "--leaders", "1"]
+    args += ["--llama-bin", str(llama_bin)]
+    r = CliRunner().invoke(main, [*args, "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["champion"]["full"]["benchmarks"] == []
+    r = CliRunner().invoke(main, [*args, "--leader-bench", f"hellaswag:{HELLASWAG}:4"], env=env)
+    assert r.exit_code == 0, r.output
+    line = next(l.strip() for l in r.output.splitlines() if l.startswith("  HellaSwag accuracy: Δ "))
+    assert re.search(
+        r"\] (better|worse|equivalent|inconclusive) \(p [\d.e-]+; \d+ gained, \d+ lost of 4; detects ±", line
+    )
+    data = json.loads(
+        CliRunner().invoke(main, [*args, "--leader-bench", f"hellaswag:{HELLASWAG}:4", "--json"], env=env).output
+    )
+    full = data["champion"]["full"]
+    (bench,) = full["benchmarks"]
+    assert full["benches"] == [f"hellaswag:{HELLASWAG}:4"] and (bench["label"], bench["tasks"]) == ("HellaSwag", 4)
+
+    model = tmp_path / "champion.gguf"
+    edit(tiny, model, data["champion"]["recipe"])
+    # llama.cpp's own running accuracy after task 4 (its logger may drop the last lines at exit:
+    # run again until the line is there, as gguf_surgeon.llama.perplexity does)
+    for _ in range(6):
+        own = subprocess.run(
+            [str(llama_bin / "llama-perplexity"), "-m", str(model), "-c", "512", "-b", "512", "-t", "1", "--seed", "42"]
+            + ["--hellaswag", "--hellaswag-tasks", "4", "-f", str(HELLASWAG)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if m := re.search(r"^4\t(\d+\.\d+)%", own.stdout + own.stderr, re.MULTILINE):
+            break
+    final = float(m.group(1))
+    assert 100 * bench["correct"] / 4 == pytest.approx(final, abs=1e-3)
+
+    METRICS.pop("hellaswag", None)  # registered by the eval above: other tests' tables list every metric
+    r = CliRunner().invoke(main, ["search", str(tiny), "--leader-bench", "mc"], env=env)
+    assert (
+        r.exit_code == 1 and r.output.startswith("Error: --leader-bench mc: mc needs a file") and r.output[-1] == "\n"
+    )
+
+
+def test_a_study_continues_under_another_leader_cap(tiny: Path, tmp_path: Path):
+    """The leader cap decides only who gets the full eval, so a space that differs in nothing
+    else (or a preset whose default cap changed) continues the same study; another family does not."""
+    options = tiny_options(tmp_path, use_rank=False)
+    space = tmp_path / "s.toml"
+    for leaders in (0, 5):
+        space.write_text(f'name = "s"\nleaders = {leaders}\n[[family]]\nop = "delete"\n')
+        assert create_or_load(tiny, load_space(str(space)), options).study_name == "tiny:s"
+    space.write_text('name = "s"\n[[family]]\nop = "swap"\n')
+    with pytest.raises(SearchError, match="made for another base or space .differs in: space"):
+        create_or_load(tiny, load_space(str(space)), options)

@@ -33,6 +33,7 @@ LAZY_COMMANDS = {
     "verify": "inspect",
     "eval": "eval",
     "compare": "eval",
+    "data": "data",
     "doctor": "llama",
     "quantize": "llama",
     "imatrix-remap": "llama",

@@ -37,6 +37,21 @@ def eval_options(f: Callable) -> Callable:
                 type=click.IntRange(min=1),
                 help="llama.cpp threads (default: min(4, CPUs)); results are cached per thread count.",
             ),
+            click.option(
+                "--bench",
+                "benches",
+                multiple=True,
+                metavar="SPEC",
+                help="Add a benchmark scored by llama-perplexity (repeatable): hellaswag[:N] (the N tasks "
+                "llama-perplexity --hellaswag-tasks N picks), winogrande[:N], arc-easy, arc-challenge, mmlu, "
+                "truthfulqa[:N] (fetched by `gguf-surgeon data fetch`), or hellaswag|winogrande|mc:FILE[:N] "
+                "(mc: a multiple-choice .bin). Each task right or wrong, paired with the base per task.",
+            ),
+            click.option(
+                "--data-dir",
+                type=click.Path(path_type=Path, file_okay=False),
+                help="Folder of fetched benchmark data (default: $GGUF_SURGEON_DATA or the cache).",
+            ),
             click.option("--no-cache", is_flag=True, help="Recompute everything and keep nothing."),
             click.option(
                 "--yardstick",
@@ -52,8 +67,15 @@ def eval_options(f: Callable) -> Callable:
 
 
 def make_options(
-    text: Path | None, questions: int | None, threads: int | None, no_cache: bool, llama_bin: Path | None
+    text: Path | None,
+    questions: int | None,
+    threads: int | None,
+    no_cache: bool,
+    llama_bin: Path | None,
+    benches: Sequence[str] = (),
+    data_dir: Path | None = None,
 ) -> EvalOptions:
+    from ..evaluation.benchmarks import parse_bench
     from ..evaluation.suite import EvalOptions, default_threads
 
     return EvalOptions(
@@ -62,6 +84,7 @@ def make_options(
         questions=questions,
         threads=threads or default_threads(),
         use_cache=not no_cache,
+        benches=tuple(parse_bench(b, data_dir) for b in benches),
     )
 
 
@@ -99,9 +122,10 @@ def render_table(header: list[str], rows: list[list[str]]) -> None:
 def footer(reports: Sequence[EvalReport]) -> None:
     r = reports[-1]
     s = r.settings
+    benches = "".join(f", {b.tasks} {b.label} tasks" for b in r.benchmarks)
     out_console.print(
         f"{s['questions']} questions, {r.perplexity.chunks} chunks of {s['ctx']} tokens of {s['text']}, "
-        f"{len(r.generation.continuations)} open prompts; {s['threads']} threads, seed {s['seed']}; "
+        f"{len(r.generation.continuations)} open prompts{benches}; {s['threads']} threads, seed {s['seed']}; "
         f"intervals: {s['confidence']:.0%} bootstrap ({s['bootstrap_samples']} draws)"
     )
     t = r.timings
@@ -131,6 +155,8 @@ def eval_cmd(
     text: Path | None,
     questions: int | None,
     threads: int | None,
+    benches: tuple[str, ...],
+    data_dir: Path | None,
     no_cache: bool,
     yardstick: bool,
     llama_bin: Path | None,
@@ -144,14 +170,17 @@ def eval_cmd(
     Runs llama-perplexity and llama-server (temperature 0, fixed seed and threads). Results
     are cached by file hash in ~/.cache/gguf-surgeon/eval, so a rerun is instant.
 
+    --bench adds standard benchmarks through llama-perplexity (HellaSwag, WinoGrande, ARC,
+    MMLU, TruthfulQA), cached per task.
+
     \b
     Example:
-      gguf-surgeon eval edited.gguf --base original.gguf
+      gguf-surgeon eval edited.gguf --base original.gguf --bench hellaswag:400
     """
     from ..evaluation.report import comparison_table, verdict_lines
     from ..evaluation.runner import evaluate
 
-    options = make_options(text, questions, threads, no_cache, llama_bin)
+    options = make_options(text, questions, threads, no_cache, llama_bin, benches, data_dir)
     with step_progress(enabled=not as_json) as progress:
         report = evaluate(model, base, options, progress)
         stick = place_on_yardstick(base, [report], options, progress) if yardstick and base else None
@@ -187,6 +216,8 @@ def compare_cmd(
     text: Path | None,
     questions: int | None,
     threads: int | None,
+    benches: tuple[str, ...],
+    data_dir: Path | None,
     no_cache: bool,
     yardstick: bool,
     llama_bin: Path | None,
@@ -205,7 +236,7 @@ def compare_cmd(
     from ..evaluation.report import comparison_table, markdown_table
     from ..evaluation.runner import compare
 
-    options = make_options(text, questions, threads, no_cache, llama_bin)
+    options = make_options(text, questions, threads, no_cache, llama_bin, benches, data_dir)
     with step_progress(enabled=not (as_json or markdown)) as progress:
         reports = compare(models, options, progress)
         stick = place_on_yardstick(models[0], reports, options, progress) if yardstick else None

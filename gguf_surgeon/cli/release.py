@@ -69,6 +69,11 @@ def _read_markdown(path: Path | None) -> str | None:
     "--eval", "run_eval", is_flag=True, help="Run the eval suite on BASE and the edit for the benchmark table."
 )
 @click.option("--questions", type=click.IntRange(min=1), help="With --eval: ask only the first N factual questions.")
+@click.option(
+    "--yardstick",
+    is_flag=True,
+    help="With --eval: place the edit's KLD on BASE's own quantization ladder (made and measured once per base).",
+)
 @click.option("--base-model", help="Hugging Face id of the base for the card (default: from metadata).")
 @click.option("--author", help="quantized_by and credits in the card.")
 @PARAM_OPTION
@@ -87,6 +92,7 @@ def release_cmd(
     benchmarks: Path | None,
     run_eval: bool,
     questions: int | None,
+    yardstick: bool,
     base_model: str | None,
     author: str | None,
     params: tuple[str, ...],
@@ -108,6 +114,11 @@ def release_cmd(
     from ..release.ollama import parse_parameters
     from .llama import split_types
 
+    if yardstick and not run_eval:
+        from ..errors import ReleaseError
+
+        raise ReleaseError("--yardstick: needs --eval (it places the eval's KL divergence on the base's ladder)")
+
     options = ReleaseOptions(
         name=name,
         types=() if no_quantize else (split_types(types) or DEFAULT_LADDER),
@@ -119,6 +130,7 @@ def release_cmd(
         benchmarks=_read_markdown(benchmarks),
         evaluate=run_eval,
         eval_questions=questions,
+        yardstick=yardstick,
         parameters=parse_parameters(params),
         system=system,
     )

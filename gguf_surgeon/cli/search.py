@@ -295,18 +295,28 @@ VERDICT_MARK = {
 }
 
 
+def full_cell(f: dict) -> str:
+    """A leader's full eval in the leaderboard: its score and the difference to the base, each
+    with its 95% interval, and the verdict (never a bare point score)."""
+    s, b = f["score"], f["base_score"]
+    d = f["delta"]
+    return (
+        f"{s[0]:.1f} [{s[1]:.1f}, {s[2]:.1f}] vs {b[0]:.1f}: Δ {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}] "
+        + VERDICT_MARK.get(f["verdict"], f["verdict"])
+    )
+
+
 def leaderboard_table(entries: Sequence[Any], top: int = 10) -> Table:
     """Best candidates first: KL divergence to the base with its 95% interval, the share of
-    tokens whose top prediction is the base's, and the full eval's score for leaders."""
+    tokens whose top prediction is the base's, the KLD's place on the base's quantization
+    ladder (with a yardstick), and the full eval's score against the base for leaders."""
     has_full = any(e.full for e in entries[:top])
-    columns = ["#", "recipe", "blocks", "KLD", "95% interval", "top %"] + (["score (base)"] if has_full else [])
+    has_ladder = any(e.ladder for e in entries[:top])
+    columns = ["#", "recipe", "blocks", "KLD", "95% interval", "top %"]
+    columns += (["on the base's ladder"] if has_ladder else []) + (["full eval vs base"] if has_full else [])
     table = Table(*columns, box=None, pad_edge=False)
     for i, e in enumerate(entries[:top], 1):
         interval = f"{e.kld_low:.3f}–{e.kld_high:.3f}" if math.isfinite(e.kld_low) and math.isfinite(e.kld_high) else ""
-        full = ""
-        if e.full:
-            f = e.full
-            full = f"{f['score'][0]:.1f} ({f['base_score'][0]:.1f}) {VERDICT_MARK.get(f['verdict'], f['verdict'])}"
         table.add_row(
             str(i),
             e.recipe,
@@ -314,7 +324,8 @@ def leaderboard_table(entries: Sequence[Any], top: int = 10) -> Table:
             f"{e.kld:.4f}",
             interval,
             f"{e.same_top:.1f}" if math.isfinite(e.same_top) else "",
-            *([full] if has_full else []),
+            *([e.ladder or ""] if has_ladder else []),
+            *([full_cell(e.full) if e.full else ""] if has_full else []),
         )
     return table
 
@@ -418,9 +429,25 @@ class SearchCommand(click.Command):
 )
 @click.option("--keep", is_flag=True, help="Keep every candidate file after scoring (default: deleted at once).")
 @click.option(
-    "--leaders", type=click.IntRange(min=0), help="Candidates that get the full eval suite (default: the space's, 3)."
+    "--leaders",
+    type=click.IntRange(min=0),
+    help="At most this many candidates get the full eval suite: every one whose short-KLD interval "
+    "overlaps the best one's, best first (default: the space's, 6; 0: none).",
 )
 @click.option("--questions", type=click.IntRange(min=1), help="Full eval: ask only the first N factual questions.")
+@click.option(
+    "--leader-bench",
+    "leader_benches",
+    multiple=True,
+    metavar="SPEC",
+    help="Add a benchmark to the leaders' full eval (repeatable), as eval --bench takes it: hellaswag[:N], "
+    "winogrande[:N], arc-easy, ..., or hellaswag|winogrande|mc:FILE[:N].",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder of fetched benchmark data for --leader-bench (default: $GGUF_SURGEON_DATA or the cache).",
+)
 @click.option(
     "--ctx",
     type=click.IntRange(min=16),
@@ -444,6 +471,12 @@ class SearchCommand(click.Command):
 @click.option("--no-rank", is_flag=True, help="No guidance: natural order, no pruning.")
 @click.option("--threads", type=click.IntRange(min=1), help="llama.cpp threads per worker (default: cores / jobs).")
 @click.option(
+    "--yardstick",
+    is_flag=True,
+    help="Place every KLD on the base's own quantization ladder (Q8_0 ... Q2_K, made and measured once per "
+    "base, then cached); with --export also on the card.",
+)
+@click.option(
     "--export",
     "export_dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -464,11 +497,14 @@ def search_cmd(
     keep: bool,
     leaders: int | None,
     questions: int | None,
+    leader_benches: tuple[str, ...],
+    data_dir: Path | None,
     ctx: int,
     short_chars: int,
     rank_file: Path | None,
     no_rank: bool,
     threads: int | None,
+    yardstick: bool,
     export_dir: Path | None,
     allow_requantize: bool,
     force: bool,
@@ -482,7 +518,7 @@ def search_cmd(
 
     \b
     Example:
-      gguf-surgeon search base.gguf --space phase1 --budget 80 --jobs 2 --export release/
+      gguf-surgeon search base.gguf --space phase1 --budget 80 --jobs 2 --leader-bench hellaswag:400 --export release/
     """
     from ..search.space import load_space
     from ..search.storage import SearchOptions, default_study_name, redact_url, set_notice, storage_url
@@ -492,6 +528,15 @@ def search_cmd(
     set_notice(lambda line: err_console.get().print(line, markup=False, highlight=False))
 
     space = load_space(space_spec)
+    benches = ()
+    if leader_benches:
+        from ..errors import EvalError
+        from ..evaluation.benchmarks import parse_bench
+
+        try:  # refused before any work
+            benches = tuple(parse_bench(b, data_dir) for b in leader_benches)
+        except EvalError as e:
+            raise EvalError(str(e).replace("--bench ", "--leader-bench ", 1)) from None
     options = SearchOptions(
         budget=budget,
         jobs=jobs,
@@ -507,6 +552,8 @@ def search_cmd(
         rank_file=rank_file,
         use_rank=not no_rank,
         threads=threads,
+        yardstick=yardstick,
+        leader_benches=benches,
     )
     url = storage_url(options)
     name = study_name or default_study_name(base, space)
@@ -523,16 +570,23 @@ def search_cmd(
     data = result.to_dict()
     if export_dir is not None and result.champion is not None:
         from ..release.folder import ReleaseOptions, export_champion
+        from ..search.worker import worker_threads
 
         with step_progress(enabled=not as_json) as qprogress:
             report = export_champion(
                 base,
                 result,
                 space.name,
-                leaders if leaders is not None else space.leaders,
+                sum(1 for e in result.leaderboard if e.full),  # the candidates with a full eval
                 export_dir,
                 ReleaseOptions(
-                    allow_requantize=allow_requantize, llama_bin=llama_bin, force=force, eval_questions=questions
+                    allow_requantize=allow_requantize,
+                    llama_bin=llama_bin,
+                    force=force,
+                    eval_questions=questions,
+                    eval_benches=benches,
+                    eval_threads=worker_threads(options),  # the leaders' settings: their eval comes from the cache
+                    yardstick=yardstick,
                 ),
                 quant_progress=lambda t, d, n: qprogress(f"quantizing {t}", d, n),
             )
@@ -551,8 +605,16 @@ def render_search(result: Any, data: dict) -> None:
         + f", {result.seconds:.1f} s"
     )
     out_console.print(leaderboard_table(result.leaderboard))
+    lead = result.leaders
+    if lead is not None and lead.cap:
+        out_console.print(
+            f"Full eval: {len(lead.chosen)} leader(s), every candidate whose KLD interval overlaps the best one's"
+            + (f"; the cap --leaders {lead.cap} left out {lead.left_out} more that overlap" if lead.left_out else "")
+        )
     if result.champion is not None:
-        out_console.print(f"Champion: [bold]{result.champion.recipe}[/] — {result.verdict}")
+        out_console.print(f"Champion: [bold]{result.champion.recipe}[/] — {result.verdict}", highlight=False)
+        for line in data.get("measures", []):
+            out_console.print(f"  {line}", highlight=False, markup=False)
     if "export" in data:
         out_console.print(f"Released into {data['export']['out_dir']}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ class Raw:
     continuation_nll: tuple[float | None, ...]  # of each continuation under the base (with a base)
     self_nll: tuple[float | None, ...]  # of each continuation under the model itself
     thinking: tuple[ThinkingSample, ...]
+    benches: dict[str, tuple[bool, ...]] = field(default_factory=dict)  # metric name -> per task
 
 
 Pairing = Callable[[Raw, Raw, _Draws], tuple[Estimated | None, Estimated | None]]
@@ -258,6 +259,46 @@ CONTINUATION = Metric(
 
 for _metric in (FACTUAL, PERPLEXITY, COHERENCE, REPETITION, THINKING, CONTINUATION):
     register(_metric)
+
+BENCH_MARGIN = 0.03  # points of accuracy (3 of 100) within which a benchmark counts as equivalent
+
+
+def _bench_row(name: str, label: str) -> Row:
+    def result(r: EvalReport) -> Any:
+        return next((b for b in r.benchmarks if b.name == name), None)
+
+    return Row(
+        f"{label} accuracy",
+        lambda r: b.accuracy if (b := result(r)) else None,
+        digits=1,
+        pct=True,
+        delta=True,
+        text=lambda r, shown: f"{b.correct}/{b.tasks} ({shown}%)" if (b := result(r)) else shown,
+    )
+
+
+def benchmark_metric(name: str, label: str) -> Metric:
+    """The metric of a benchmark (--bench), registered on first use: tasks right or wrong,
+    paired per task with the base (exact McNemar), equivalent within ±BENCH_MARGIN; reported
+    and primary (a significant loss makes the verdict worse) but outside the weighted score,
+    so that overall scores stay comparable with and without benchmarks."""
+    if name in METRICS:
+        return METRICS[name]
+    return register(
+        Metric(
+            name,
+            f"{label} accuracy",
+            0.0,
+            True,
+            f"bench:{name}",
+            items=lambda raw: raw.benches.get(name, ()),
+            binary=True,
+            optional=True,
+            margin=lambda base: BENCH_MARGIN,
+            primary=True,
+            rows=(_bench_row(name, label),),
+        )
+    )
 
 
 # --- scoring and pairing ------------------------------------------------------------------

@@ -33,6 +33,26 @@ class Difference(Record):
     detectable: float  # smallest difference this item count detects (80% power, 5% two-sided)
     margin: float  # the equivalence margin, in the measure's units
 
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Difference:
+        """The inverse of to_dict() (where a non-finite number was stored as None)."""
+
+        def num(x: float | None) -> float:
+            return float("nan") if x is None else float(x)
+
+        e = d["delta"]
+        return Difference(
+            d["metric"],
+            bool(d["higher_is_better"]),
+            Estimate(num(e["value"]), num(e["low"]), num(e["high"])),
+            d["verdict"],
+            int(d["items"]),
+            None if d.get("discordant") is None else (int(d["discordant"][0]), int(d["discordant"][1])),
+            num(d["p_value"]),
+            num(d["detectable"]),
+            num(d["margin"]),
+        )
+
 
 @dataclass(frozen=True)
 class ModelInfo(Record):
@@ -129,6 +149,22 @@ class KldResult(Record):
 
 
 @dataclass(frozen=True)
+class BenchResult(Record):
+    """One benchmark scored by llama-perplexity: each task right or wrong."""
+
+    name: str  # the metric's name
+    label: str  # e.g. HellaSwag
+    kind: str  # hellaswag | winogrande | mc
+    file: Path
+    file_sha256: str
+    tasks: int
+    correct: int
+    accuracy: Estimate  # fraction right, interval over tasks
+    task_ids: tuple[int, ...]  # 0-based task numbers of the file, in llama.cpp's order
+    right: tuple[bool, ...]  # per task, in the same order
+
+
+@dataclass(frozen=True)
 class Timings(Record):
     """Wall time of this call, split by what it waited on."""
 
@@ -174,3 +210,4 @@ class EvalReport(Record):
     versus_base: BaseComparison | None
     timings: Timings
     cached: bool  # nothing had to run: every raw result came from the cache
+    benchmarks: tuple[BenchResult, ...] = ()  # --bench: llama-perplexity's benchmark modes

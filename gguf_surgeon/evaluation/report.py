@@ -58,6 +58,10 @@ def _cell(row: Row, label: str, r: EvalReport) -> str:
     return _with_delta(shown, _differences(r).get(label), row.digits, row.pct) if row.delta else shown
 
 
+def _has_benchmark(r: EvalReport, name: str) -> bool:
+    return any(b.name == name for b in r.benchmarks)
+
+
 def comparison_table(reports: Sequence[EvalReport]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the model-card table: one column per report; reports after the first
     are expected to carry versus_base (compare()) and show their deltas to the first."""
@@ -66,6 +70,8 @@ def comparison_table(reports: Sequence[EvalReport]) -> tuple[list[str], list[lis
         ["Overall score / 100"] + [_with_delta(_fmt_ci(r.score, 1), _differences(r).get(OVERALL), 1) for r in reports]
     ]
     for metric in METRICS.values():
+        if metric.kind.startswith("bench:") and not any(_has_benchmark(r, metric.name) for r in reports):
+            continue  # a benchmark none of these reports ran (registered by another evaluation)
         rows += [[row.label] + [_cell(row, metric.label, r) for r in reports] for row in metric.rows]
     rows.append(["Verdict vs first"] + ["—" if not r.versus_base else r.versus_base.verdict for r in reports])
     return header, rows
@@ -83,11 +89,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-_PERCENT_METRICS = {"factual accuracy", "thinking checks"}  # proportions shown in points
-
-
 def _amount(d: Difference, value: float) -> str:
-    return f"{value * 100:.1f} points" if d.metric in _PERCENT_METRICS else f"{value:.3g}"
+    """Items scored 0/1 (factual, thinking, benchmarks) differ in points of accuracy."""
+    return f"{value * 100:.1f} points" if d.discordant is not None else f"{value:.3g}"
 
 
 def verdict_lines(versus: BaseComparison) -> list[str]:
@@ -121,3 +125,25 @@ def verdict_lines(versus: BaseComparison) -> list[str]:
             + " (80% power, 5% two-sided)"
         )
     return lines
+
+
+def _shown_as(d: Difference) -> tuple[int, bool]:
+    """(digits, x100) a measure's difference is shown with: its comparison-table row's, with at
+    least one decimal for points; right/wrong items without such a row (or not registered in
+    this process) in points."""
+    if d.metric == OVERALL:
+        return 1, False
+    for m in METRICS.values():
+        if m.label == d.metric:
+            row = next((r for r in m.rows if r.delta), None)
+            if row is not None:
+                return (max(row.digits, 1), True) if row.pct else (row.digits, False)
+    return (1, True) if d.discordant is not None else (2, False)
+
+
+def measure_lines(differences: Sequence[Difference]) -> list[str]:
+    """One line per measure: its difference to the base with the interval, the verdict, the
+    test's p-value, the discordant pairs, the smallest detectable difference and the margin,
+    e.g. 'factual accuracy: Δ -12 [-25, +6] inconclusive (p 0.21; 5 gained, 11 lost of 50;
+    detects ±22; equivalent within ±5)'."""
+    return [f"{d.metric}: {_fmt_delta(d, *_shown_as(d))}" for d in differences]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,23 @@ from ..llama.server import LlamaServer, apply_chat_template, complete, gbnf_lite
 from ..llama.tools import find_tool
 from ..reader import Model
 from .answers import coherence_of, is_correct, repetition_of, thinking_check, words
+from .benchmarks import BENCH_CTX, BenchData, BenchSpec, read_bench_data, score_tasks
 from .cache import EvalCache, cache_key
-from .metrics import CONTINUATION, Raw, Scored, differences, overall_verdict, paired, score, weights
+from .metrics import (
+    CONTINUATION,
+    Raw,
+    Scored,
+    benchmark_metric,
+    differences,
+    overall_verdict,
+    paired,
+    score,
+    weights,
+)
 from .records import (
     Answer,
     BaseComparison,
+    BenchResult,
     Continuation,
     EvalReport,
     FactualResult,
@@ -134,6 +146,20 @@ class _Evaluator:
             timeout=o.timeout,
             on_time=self.clock.perplexity_run,
         )
+        # the benchmark modes at their own context (BENCH_CTX x -np: room for one task's answers)
+        self.bench_tool = PerplexityTool(
+            self.tool.binary,
+            ctx=BENCH_CTX,
+            batch=o.batch,
+            threads=o.threads,
+            seed=o.seed,
+            timeout=o.timeout,
+            on_time=self.clock.perplexity_run,
+        )
+        self.bench_data: dict[str, BenchData] = {}
+        for spec in o.benches:
+            benchmark_metric(spec.name, spec.label)
+            self.bench_data[spec.name] = read_bench_data(spec.kind, spec.file)
         self.llama_bin = o.llama_bin
         self.text_key = cache_key(SUITE_VERSION, suite.text_sha256, o.ctx, o.batch, o.threads)
         self.gen_key = cache_key(
@@ -146,6 +172,9 @@ class _Evaluator:
             THINKING_N_PREDICT,
             NON_THINKING_N_PREDICT,
         )
+
+    def bench_specs(self) -> list[tuple[BenchSpec, BenchData]]:
+        return [(spec, self.bench_data[spec.name]) for spec in self.options.benches]
 
     def draws(self) -> _Draws:
         return _Draws(self.options.seed, self.options.bootstrap_samples)
@@ -179,6 +208,22 @@ class _Evaluator:
         self.cache.save(target.info.sha256, "kld", key, out)
         if self.cache.load(target.info.sha256, "ppl", self.text_key) is None:
             self.cache.save(target.info.sha256, "ppl", self.text_key, {"chunk_nll": out["chunk_nll"]})
+        return out
+
+    # benchmarks
+    def benches(self, target: _Target) -> dict[str, tuple[bool, ...]]:
+        """Each --bench benchmark's per-task results (cached per task)."""
+        out = {}
+        for spec in self.options.benches:
+            out[spec.name] = score_tasks(
+                self.bench_tool,
+                self.cache,
+                target.info.path,
+                target.info.sha256,
+                spec,
+                self.bench_data[spec.name],
+                self._chunk_progress(f"{target.label}: {spec.label} tasks"),
+            )
         return out
 
     # generation
@@ -329,6 +374,7 @@ def _raw(
     chunk_nll: Sequence[float],
     replies: dict[str, Any],
     base_scores: dict[str, Any] | None,
+    benches: dict[str, tuple[bool, ...]],
 ) -> Raw:
     suite = ev.suite
     by_step: dict[str, list[dict[str, Any]]] = {}
@@ -366,6 +412,7 @@ def _raw(
         tuple(base_nll),
         tuple(self_nll),
         tuple(thinking),
+        benches,
     )
 
 
@@ -377,9 +424,26 @@ def _report(
     timings: Timings,
     cached: bool,
     versus: BaseComparison | None = None,
+    bench_specs: Sequence[tuple[BenchSpec, BenchData]] = (),
 ) -> EvalReport:
     m = scored.metrics
     answers = raw.answers
+    benchmarks = tuple(
+        BenchResult(
+            spec.name,
+            spec.label,
+            spec.kind,
+            spec.file,
+            data.sha256,
+            len(raw.benches[spec.name]),
+            sum(raw.benches[spec.name]),
+            _interval(*m[spec.name]),
+            tuple(data.selected(spec.tasks)),
+            raw.benches[spec.name],
+        )
+        for spec, data in bench_specs
+        if spec.name in raw.benches
+    )
     thinking_samples = raw.thinking
     per_mode = len(suite.thinking_prompts) if raw.info.thinking_switch else 0
     return EvalReport(
@@ -396,6 +460,8 @@ def _report(
             "text": suite.text_name,
             "text_sha256": suite.text_sha256,
             "weights": weights(),
+            "benches": [str(spec) for spec in options.benches],
+            "bench_ctx": BENCH_CTX,
         },
         score=_interval(*scored.overall),
         parts=scored.report_parts,
@@ -419,6 +485,7 @@ def _report(
         versus_base=versus,
         timings=timings,
         cached=cached,
+        benchmarks=benchmarks,
     )
 
 
@@ -480,13 +547,22 @@ def _targets(
     return target, base_target
 
 
+def _check_benches(benches: Sequence[BenchSpec]) -> None:
+    names = [b.name for b in benches]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise EvalError(f"--bench: {dup[0]} is given more than once (one task count per benchmark)")
+
+
 def _evaluate_alone(ev: _Evaluator, target: _Target, t_start: float) -> EvalReport:
     """Measure the model on the suite and score it."""
     nll = ev.perplexity(target)
     replies, _ = ev.generations(target)
-    raw = _raw(ev, target, nll, replies, None)
+    raw = _raw(ev, target, nll, replies, None, ev.benches(target))
     scored = score(raw, ev.draws())
-    return _report(raw, scored, ev.options, ev.suite, _timings(ev.clock, t_start), not ev.clock.ran)
+    return _report(
+        raw, scored, ev.options, ev.suite, _timings(ev.clock, t_start), not ev.clock.ran, None, ev.bench_specs()
+    )
 
 
 def _measure_pair(ev: _Evaluator, target: _Target, base: _Target) -> tuple[Raw, Raw, dict[str, Any]]:
@@ -498,9 +574,10 @@ def _measure_pair(ev: _Evaluator, target: _Target, base: _Target) -> tuple[Raw, 
     model_nll = ev.perplexity(target)  # cached by the KLD run
     replies, _ = ev.generations(target)
     base_replies, base_scores = ev.generations(base, forced=ev.continuations(target, replies))
+    base_benches, benches = ev.benches(base), ev.benches(target)
     return (
-        _raw(ev, target, model_nll, replies, base_scores),
-        _raw(ev, base, base_nll, base_replies, base_scores),
+        _raw(ev, target, model_nll, replies, base_scores, benches),
+        _raw(ev, base, base_nll, base_replies, base_scores, base_benches),
         kld,
     )
 
@@ -518,14 +595,14 @@ def _evaluate_against(ev: _Evaluator, target: _Target, base: _Target, t_start: f
     timings = _timings(ev.clock, t_start)
     cached = not ev.clock.ran
     versus = BaseComparison(
-        _report(base_raw, base_scored, ev.options, ev.suite, timings, cached),
+        _report(base_raw, base_scored, ev.options, ev.suite, timings, cached, None, ev.bench_specs()),
         kld_result,
         _interval(*cont) if cont else None,
         _interval(*base_cont) if base_cont else None,
         tuple(diffs),
         overall_verdict(diffs),
     )
-    return _report(raw, scored, ev.options, ev.suite, timings, cached, versus)
+    return _report(raw, scored, ev.options, ev.suite, timings, cached, versus, ev.bench_specs())
 
 
 def evaluate(
@@ -533,15 +610,21 @@ def evaluate(
     base: str | Path | None = None,
     options: EvalOptions = DEFAULT_OPTIONS,
     progress: Progress | None = None,
+    benches: Sequence[BenchSpec] | None = None,
 ) -> EvalReport:
     """Score `model` (and, with `base`, compare it to `base`) on the suite.
 
+    `benches` (else options.benches) adds benchmarks scored by llama-perplexity, each task
+    right or wrong and paired with the base per task: BenchSpec from parse_bench("hellaswag:400").
     Deterministic for fixed options and files; raw results come from the cache when present.
     Raises EvalError for an unusable text or mismatched vocabularies, ToolError when a
     llama.cpp tool is missing, cannot load a model (its reason quoted) or fails, and the
     reader's FormatError for a file that is not a GGUF.
     """
     t_start = time.perf_counter()
+    if benches is not None:
+        options = replace(options, benches=tuple(benches))
+    _check_benches(options.benches)
     suite = load_suite(options)
     cache = EvalCache(options.cache_dir, options.use_cache)
     try:
@@ -582,9 +665,14 @@ def kl_divergence(
 
 
 def compare(
-    models: Sequence[str | Path], options: EvalOptions = DEFAULT_OPTIONS, progress: Progress | None = None
+    models: Sequence[str | Path],
+    options: EvalOptions = DEFAULT_OPTIONS,
+    progress: Progress | None = None,
+    benches: Sequence[BenchSpec] | None = None,
 ) -> tuple[EvalReport, ...]:
     """The first model scored alone, then each other model scored against it."""
+    if benches is not None:
+        options = replace(options, benches=tuple(benches))
     if len(models) < 2:
         raise EvalError("compare needs at least two models")
     first = evaluate(models[0], None, options, progress)

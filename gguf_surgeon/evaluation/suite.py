@@ -78,6 +78,7 @@ class EvalOptions:
     use_cache: bool = True  # False: compute everything, keep nothing
     timeout: float = 3600.0  # seconds for one llama-perplexity run
     request_timeout: float = 600.0  # seconds for one llama-server request
+    benches: tuple = ()  # benchmarks.BenchSpec each (--bench): llama-perplexity's benchmark modes
 
 
 DEFAULT_OPTIONS = EvalOptions()  # the reference settings (threads fixed when this module loads)

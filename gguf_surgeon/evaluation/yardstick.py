@@ -17,9 +17,9 @@ from pathlib import Path
 from ..llama.quantize import QuantResult, measure, quantize_ladder, quantized_tensor
 from ..reader import Model
 from ..records import Record
-from .cache import EvalCache
+from .cache import EvalCache, cache_key
 from .runner import identify, kl_divergence
-from .suite import DEFAULT_OPTIONS, EvalOptions
+from .suite import DEFAULT_OPTIONS, SUITE_VERSION, EvalOptions, default_cache_dir, load_suite
 
 LADDER = ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K")
 NEAR = 1.5  # within this factor of a rung's KLD: "about as much as" that rung
@@ -38,6 +38,11 @@ class Yardstick(Record):
     base_sha256: str
     base_bits_per_weight: float
     rungs: tuple[Rung, ...]  # in LADDER order (KLD growing)
+
+    @staticmethod
+    def from_dict(data: dict) -> Yardstick:
+        """The inverse of to_dict()."""
+        return Yardstick(data["base_sha256"], data["base_bits_per_weight"], tuple(Rung(**r) for r in data["rungs"]))
 
     def place(self, kld: float) -> str:
         """Where a KLD lies on the ladder, in words."""
@@ -69,10 +74,11 @@ def yardstick(
         sha = identify(base, cache).sha256
     finally:
         cache.close()
-    key = Path(options.cache_dir) / "yardstick" / f"{sha}-{'-'.join(types)}.json"
+    # the KLDs are of the options' text and settings: a ladder measured on another text is another one
+    text = cache_key(SUITE_VERSION, load_suite(options).text_sha256, options.ctx, options.batch, options.threads)
+    key = Path(options.cache_dir or default_cache_dir()) / "yardstick" / f"{sha}-{'-'.join(types)}-{text}.json"
     if options.use_cache and key.is_file():
-        data = json.loads(key.read_text(encoding="utf-8"))
-        return Yardstick(data["base_sha256"], data["base_bits_per_weight"], tuple(Rung(**r) for r in data["rungs"]))
+        return Yardstick.from_dict(json.loads(key.read_text(encoding="utf-8")))
     base_bpw = measure(base, "base", 0.0).bits_per_weight
     with Model(base) as m:
         quantized = quantized_tensor(m) is not None

@@ -1,9 +1,11 @@
 """Run llama.cpp's `llama-perplexity`: the per-chunk perplexity of a text, the base logits for
-KL divergence (--kl-divergence-base) and a model's KL divergence to them (--kl-divergence).
+KL divergence (--kl-divergence-base), a model's KL divergence to them (--kl-divergence), and
+benchmark tasks (--hellaswag, --winogrande, --multiple-choice), right or wrong per task.
 
     tool = PerplexityTool(find_tool("llama-perplexity"), ctx=256, batch=512, threads=4, seed=42)
     base_nll = tool.chunk_nll(base, text, logits=Path("base.bin"))  # mean NLL per chunk, nats
     kld = tool.kld(edited, Path("base.bin"))  # per-chunk NLL, KLD, same-top rate; token statistics
+    right = tool.task_results(model, "hellaswag", Path("tasks.txt"), 40)  # [True, False, ...]
 
 Results depend on every setting (the batch split too), so all are fixed per tool. Each run is
 killed on timeout or Ctrl-C (run_tool); `on_time(load, compute)` gets the seconds until the
@@ -36,6 +38,7 @@ ChunkProgress = Callable[[int, "int | None"], None]
 OUTPUT_ATTEMPTS = 6
 KLD_STATS_MIN_TOKENS = 100  # llama-perplexity prints no token-level KLD statistics below this
 _CHUNKS_LINE = re.compile(r"over (\d+) chunks")
+_TASKS_READ = re.compile(r"loaded (\d+) tasks from prompt|there are (\d+) tasks in prompt")
 _LOADED_LINE = re.compile(r"calculating perplexity over|computing over \d+ chunks")
 
 # "       0  15.3000  2.727853  0.223038": --ppl-output-type 1, one line per chunk, cumulative
@@ -190,20 +193,26 @@ class PerplexityTool:
         count_lines: re.Pattern,
         progress: ChunkProgress,
         needs_stats: bool = False,
+        expected: int | None = None,
     ) -> list[str]:
         """Run llama-perplexity on `model` until its output is complete: llama.cpp's logger may
         drop the last lines at exit (its queue is not flushed), so a run whose chunk lines (or,
-        with `needs_stats`, KLD statistics) fall short of what it announced is repeated.
-        Returns the output lines; ToolError (EvalError for a too short text) when it fails."""
+        with `needs_stats`, KLD statistics) fall short of what it announced (or of `expected`
+        lines) is repeated. Returns the output lines; ToolError (EvalError for a too short
+        text) when it fails."""
         for attempt in range(1, OUTPUT_ATTEMPTS + 1):
             if attempt > 1:
                 time.sleep(0.1 * attempt)
-            done, total = 0, None
+            done, total = 0, expected
+
+            read: int | None = None  # tasks llama-perplexity says it read (benchmark modes)
 
             def on_line(line: str) -> None:
-                nonlocal done, total
+                nonlocal done, total, read
                 if total is None and (m := _CHUNKS_LINE.search(line)):
                     total = int(m.group(1))
+                if expected is not None and read is None and (m := _TASKS_READ.search(line)):
+                    read = int(m.group(1) or m.group(2))
                 if count_lines.match(line):
                     done += 1
                 progress(done, total)
@@ -214,10 +223,14 @@ class PerplexityTool:
             )
             if (rc != 0 and (errors or attempt == OUTPUT_ATTEMPTS)) or (done == 0 and errors):
                 raise _tool_failure(self.binary, model, rc, errors, lines)
+            if expected is not None and read is not None and read != expected:
+                raise ToolError(f"{self.binary.name} read {read} of the {expected} tasks written for {model.name}")
+            if expected is not None and errors and done < expected:
+                raise _tool_failure(self.binary, model, rc, errors, lines)  # e.g. a task too long
             if rc != 0:
                 continue  # failed, and the reason was among the lost lines: run again to get it
             if total is not None and done == total:
-                scored = total * scored_tokens_per_chunk(self.ctx)
+                scored = total * scored_tokens_per_chunk(self.ctx) if expected is None else 0
                 if (
                     not needs_stats
                     or scored < KLD_STATS_MIN_TOKENS
@@ -260,3 +273,59 @@ class PerplexityTool:
         _finite(out["chunk_nll"], "perplexity", model)
         _finite(out["chunk_kld"], "KL divergence", model)
         return out
+
+    def task_results(
+        self,
+        model: Path,
+        mode: str,
+        data_file: Path,
+        count: int,
+        parallel: int = 4,
+        progress: ChunkProgress = lambda done, total: None,
+    ) -> list[bool]:
+        """Right or wrong for every task of `data_file` (`count` of them), in the order
+        llama-perplexity scores them: HellaSwag in its seeded shuffle (--hellaswag-tasks count),
+        WinoGrande and multiple choice in file order (task count 0: all). `parallel` is -np: the
+        answers of one task must fit (llama.cpp's minimum, 4, holds one HellaSwag task)."""
+        flag, file_flag = _TASK_MODES[mode]
+        extra = ["--hellaswag-tasks", str(count)] if mode == "hellaswag" else []
+        args = self.args(flag, *extra, "-np", str(parallel), file_flag, str(data_file))
+        lines = self.run(model, args, _TASK_LINES[mode], progress, expected=count)
+        return parse_task_output(mode, lines, count)
+
+
+# per-task lines of the benchmark modes (perplexity.cpp's LOG calls):
+# hellaswag "12\t41.66666667%\t[18.9, 67.4]" and mc "12\t41.66666667": task number, running
+# accuracy in percent; winogrande "12\t41.6667\t-1.2  -1.4  1  2": number, running accuracy,
+# both choices' scores, the choice made and the right one
+_TASK_LINES = {
+    "hellaswag": re.compile(r"^(\d+)\t(\d+\.\d+)%\t\["),
+    "winogrande": re.compile(r"^(\d+)\t(\d+\.\d+)\t\s*\S+\s+\S+\s+([12])\s+([12])\s*$"),
+    "mc": re.compile(r"^(\d+)\t(\d+\.\d+)\s*$"),
+}
+_TASK_MODES = {
+    "hellaswag": ("--hellaswag", "-f"),
+    "winogrande": ("--winogrande", "-f"),
+    "mc": ("--multiple-choice", "-bf"),
+}
+
+
+def parse_task_output(mode: str, lines: Iterable[str], count: int) -> list[bool]:
+    """Right or wrong for each of `count` tasks, in the order llama-perplexity scored them:
+    winogrande prints its choice and the right one; the others a running accuracy (percent,
+    8 decimals), whose count of right answers after task k is round(k x accuracy / 100)."""
+    rx = _TASK_LINES[mode]
+    seen: dict[int, re.Match] = {}
+    for line in lines:
+        if m := rx.match(line):
+            seen[int(m.group(1))] = m
+    if sorted(seen) != list(range(1, count + 1)):
+        raise ToolError(f"llama-perplexity printed results for {len(seen)} of {count} tasks")
+    if mode == "winogrande":
+        return [seen[k].group(3) == seen[k].group(4) for k in range(1, count + 1)]
+    totals = [0] + [round(k * float(seen[k].group(2)) / 100) for k in range(1, count + 1)]
+    steps = [b - a for a, b in zip(totals, totals[1:])]
+    if any(s not in (0, 1) for s in steps):
+        k = next(i for i, s in enumerate(steps, start=1) if s not in (0, 1))
+        raise ToolError(f"llama-perplexity's running accuracy jumps at task {k}: {seen[k].group(0).strip()}")
+    return [s == 1 for s in steps]

@@ -400,8 +400,11 @@ def _benchmarks(f: _Facts) -> list[str]:
         "## Benchmark Results",
         f.options.benchmarks.strip(),
         "",
-        "Intervals are 95% bootstrap intervals; a verdict says whether the difference to the base "
-        "excludes zero. Measured with `gguf-surgeon compare` through llama.cpp, greedy, fixed seed.",
+        "Intervals are 95%: exact (McNemar, on the questions only one model answered right) for "
+        "right/wrong items, paired bootstrap otherwise. *detects ±X* is the smallest difference the "
+        "items could detect (80% power); a verdict is *better* or *worse* when the difference is "
+        "significant, *equivalent* when its interval lies within the margin, else *inconclusive*. "
+        "Measured with `gguf-surgeon compare` through llama.cpp, greedy, fixed seed.",
         "",
     ]
 

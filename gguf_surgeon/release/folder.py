@@ -35,6 +35,9 @@ class ReleaseOptions:
     benchmarks: str | None = None  # Markdown table for the card
     evaluate: bool = False  # run the eval suite (base vs edited) for the benchmark table
     eval_questions: int | None = None  # with evaluate: ask only the first N questions
+    yardstick: bool = False  # with evaluate: place the edit's KLD on the base's quantization ladder
+    eval_benches: tuple = ()  # with evaluate: evaluation.benchmarks.BenchSpec each, added to the eval
+    eval_threads: int | None = None  # with evaluate: llama.cpp threads (default: the suite's; part of cache keys)
     parameters: Mapping[str, str] = field(default_factory=dict)  # Modelfile PARAMETER overrides
     system: str | None = None  # Modelfile SYSTEM
     methodology: str | None = None
@@ -72,16 +75,35 @@ def default_release_name(base: Path) -> str:
     return f"{stem}-edited"
 
 
-def benchmark_markdown(base: Path, edited: Path, llama_bin: Path | None = None, questions: int | None = None) -> str:
-    """The base-vs-edited table of the eval suite (evaluation.runner.compare), as Markdown."""
-    from ..evaluation.report import comparison_table, markdown_table
+def benchmark_markdown(base: Path, edited: Path, options: Any = None, yardstick: bool = False) -> str:
+    """The base-vs-edited table of the eval suite (evaluation.runner.compare with `options`, an
+    EvalOptions; default: the suite's) as Markdown, then the verdict: each measure's difference
+    with its interval, test, smallest detectable difference and verdict; with `yardstick`, the
+    KLD's place on the base's quantization ladder (measured on the same text)."""
+    from ..evaluation.report import comparison_table, markdown_table, measure_lines, verdict_lines
     from ..evaluation.runner import compare
-    from ..evaluation.suite import EvalOptions
+    from ..evaluation.suite import DEFAULT_OPTIONS
 
-    reports = compare([base, edited], EvalOptions(llama_bin=llama_bin, questions=questions))
+    options = options or DEFAULT_OPTIONS
+    reports = compare([base, edited], options)
+    versus = reports[1].versus_base
+    assert versus is not None
     header, rows = comparison_table(reports)
+    place = None
+    if yardstick:
+        from ..evaluation.yardstick import yardstick as base_ladder
+
+        place = base_ladder(base, options).place(versus.kld.mean.value)
+        rows.append(["KLD on the base's ladder", "—", place])
     header = [header[0]] + [f"{_md(h)} (base)" if i == 0 else f"**{_md(h)}**" for i, h in enumerate(header[1:])]
-    return markdown_table(header, rows)
+    head, *rest = verdict_lines(versus)
+    lines = [markdown_table(header, rows), "", f"**{head}**", ""]
+    lines += [f"- {_md(line)}" for line in measure_lines(versus.differences)]
+    if place is not None:
+        k = versus.kld.mean
+        lines.append(f"- {_md(f'KL divergence {k.value:.4f} [{k.low:.4f}, {k.high:.4f}] nats/token costs {place}')}")
+    lines += [f"- {_md(line)}" for line in rest if line.startswith("This suite")]
+    return "\n".join(lines)
 
 
 def release(
@@ -133,7 +155,14 @@ def release(
     benchmarks = options.benchmarks
     if options.evaluate and benchmarks is None:
         step("evaluating")
-        benchmarks = benchmark_markdown(base, edited, options.llama_bin, options.eval_questions)
+        from ..evaluation.suite import EvalOptions
+
+        eval_options = EvalOptions(
+            llama_bin=options.llama_bin, questions=options.eval_questions, benches=tuple(options.eval_benches)
+        )
+        if options.eval_threads:
+            eval_options = replace(eval_options, threads=options.eval_threads)
+        benchmarks = benchmark_markdown(base, edited, eval_options, options.yardstick)
     step("writing Modelfile and README.md")
     files = tuple(QuantFile.of(r) for r in quants.results) if quants else ()
     main_file = files[0].file if files else edited.name
@@ -168,8 +197,13 @@ def release(
 
 
 def champion_methodology(space_name: str, evaluated: int, leaders: int, recipe: str, verdict: str) -> str:
-    """The card's Methodology paragraph for a recipe found by `search` over `space_name`."""
-    full = f", the best {leaders} also by the full eval suite" if leaders else ""
+    """The card's Methodology paragraph for a recipe found by `search` over `space_name`
+    (`leaders`: how many candidates had the full eval)."""
+    full = (
+        f", the {leaders} whose KL-divergence interval overlapped the best one's also by the full eval suite"
+        if leaders
+        else ""
+    )
     return (
         f"Found by `gguf-surgeon search` over the `{space_name}` space: {evaluated} candidates "
         f"scored by KL divergence to the base on a short text{full}. "

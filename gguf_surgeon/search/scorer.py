@@ -58,6 +58,8 @@ class CandidateScorer:
         short_chars: int = SHORT_CHARS,
         threads: int | None = None,
         full_questions: int | None = None,
+        yardstick: bool = False,
+        benches: tuple = (),
         keep: bool = False,
         cache_dir: Path | None = None,
     ):
@@ -69,6 +71,8 @@ class CandidateScorer:
         self.short_chars = short_chars
         self.threads = threads
         self.full_questions = full_questions
+        self.yardstick = yardstick
+        self.benches = tuple(benches)  # BenchSpec each: benchmarks added to the full eval
         self.keep = keep
         self.cache_dir = cache_dir
 
@@ -81,8 +85,18 @@ class CandidateScorer:
         if text is not None:
             kw.update(text=text, ctx=self.ctx)
         else:
-            kw["questions"] = self.full_questions
+            kw.update(questions=self.full_questions, benches=self.benches)
         return EvalOptions(**kw)
+
+    def full_options(self) -> Any:
+        """The EvalOptions of stage 2 (the suite's text, the questions and benchmarks asked for)."""
+        return self._options(None)
+
+    def short_yardstick(self) -> Any:
+        """The base's quantization ladder with each rung's KLD on the short text (cached per base)."""
+        from ..evaluation.yardstick import yardstick
+
+        return yardstick(self.base, self._options(self.text_file()))
 
     def text_file(self) -> Path:
         """The short text, written once into the work folder (same bytes: same cache keys)."""
@@ -133,13 +147,18 @@ class CandidateScorer:
 
         path = self.build(recipe, tag)
         try:
-            report = evaluate(path, self.base, self._options(None))
+            report = evaluate(path, self.base, self.full_options())
         finally:
             if not self.keep:
                 path.unlink(missing_ok=True)
         vs = report.versus_base
         assert vs is not None
         overall = vs.differences[0].delta
+        ladder = None
+        if self.yardstick:  # the ladder measured on the full eval's text, as this KLD is
+            from ..evaluation.yardstick import yardstick
+
+            ladder = yardstick(self.base, self.full_options()).place(vs.kld.mean.value)
         return {
             "score": _est(report.score),
             "base_score": _est(vs.base.score),
@@ -150,6 +169,13 @@ class CandidateScorer:
             "perplexity": _est(report.perplexity.ppl),
             "base_perplexity": _est(vs.base.perplexity.ppl),
             "kld": _est(vs.kld.mean),
+            "differences": [d.to_dict() for d in vs.differences],  # overall first, then each measure
+            "ladder": ladder,  # the KLD's place on the base's quantization ladder (with yardstick)
+            "benches": [str(b) for b in self.benches],  # the specs the full eval ran
+            "benchmarks": [
+                {"label": b.label, "correct": b.correct, "tasks": b.tasks, "accuracy": _est(b.accuracy)}
+                for b in report.benchmarks
+            ],
         }
 
 

@@ -67,8 +67,10 @@ class SearchOptions:
     llama_bin: Path | None = None
     ctx: int = SHORT_CTX
     short_chars: int = SHORT_CHARS
-    leaders: int | None = None  # override the space's leaders
+    leaders: int | None = None  # the most leaders that get the full eval (default: the space's)
     full_questions: int | None = None  # full eval: ask only the first N questions
+    yardstick: bool = False  # place KLDs on the base's own quantization ladder (made once per base, cached)
+    leader_benches: tuple = ()  # evaluation.benchmarks.BenchSpec each: added to the leaders' full eval
     rank_file: Path | None = None  # a `rank --save` JSON for the guidance (default: computed, BI only)
     use_rank: bool = True  # False: natural order, no pruning
     seed: int = 0
@@ -698,8 +700,8 @@ def create_or_load(base: Path, space: SearchSpace, options: SearchOptions, ranki
             study.set_user_attr("ranked_by", None if ranking is None else ranking.tokenizer)
             study.set_user_attr("created_by", worker_id())
             study.set_user_attr("identity", identity)  # last: a study with an identity is complete
-        elif existing != identity:
-            diff = [k for k in identity if existing.get(k) != identity[k]]
+        elif _scored_part(existing) != _scored_part(identity):
+            diff = [k for k in identity if _scored_part(existing).get(k) != _scored_part(identity)[k]]
             raise SearchError(
                 f"study {name!r} in {redact_url(url)} was made for another base or space (differs in: "
                 f"{', '.join(diff)}); pass another --study-name or --storage"
@@ -708,6 +710,12 @@ def create_or_load(base: Path, space: SearchSpace, options: SearchOptions, ranki
             study.set_user_attr("budget", options.budget)  # for `search status`: the latest run's
     moves = [Move.from_label(l) for l in study.user_attrs["moves"]]
     return StudyContext(base, space, options, url, name, block_count, moves)
+
+
+def _scored_part(identity: dict) -> dict:
+    """A study's identity without the leader cap: a rerun may give the full eval to more or
+    fewer leaders, the candidates and their scores stay the same."""
+    return {**identity, "space": {k: v for k, v in identity.get("space", {}).items() if k != "leaders"}}
 
 
 def _ranking(base: Path, options: SearchOptions) -> Any | None:

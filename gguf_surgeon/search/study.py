@@ -75,6 +75,7 @@ class Entry:
     same_top: float
     worker: str
     full: dict | None  # stage-2 summary (score, delta, verdict, factual, ...) for leaders
+    ladder: str | None = None  # the KLD placed on the base's quantization ladder (search --yardstick)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +96,7 @@ class SearchResult:
     verdict: str  # the champion against the base, in words
     seconds: float
     interrupted: bool = False
+    leaders: Leaders | None = None  # who got the full eval (None: the run stopped before stage 2)
 
     def to_dict(self) -> dict:
         return {
@@ -110,6 +112,8 @@ class SearchResult:
             "interrupted": self.interrupted,
             "champion": self.champion.to_dict() if self.champion else None,
             "verdict": self.verdict,
+            "measures": champion_measures(self.champion),
+            "leaders": self.leaders.to_dict() if self.leaders else None,
             "leaderboard": [e.to_dict() for e in self.leaderboard],
         }
 
@@ -119,10 +123,17 @@ def full_attr(key: str) -> str:
     return "full:" + hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
+YARDSTICK_ATTR = "yardstick"  # study attribute: the base's ladder on the short text (search --yardstick)
+
+
 def leaderboard(study: Any) -> list[Entry]:
-    """Every scored candidate, best (lowest KLD) first."""
+    """Every scored candidate, best (lowest KLD) first, with its place on the base's
+    quantization ladder when the study has one."""
+    from ..evaluation.yardstick import Yardstick
+
     out = []
     fulls = study.user_attrs
+    stick = Yardstick.from_dict(fulls[YARDSTICK_ATTR]) if YARDSTICK_ATTR in fulls else None
     for t in scored_trials(study):
         a = t.user_attrs
         out.append(
@@ -138,6 +149,7 @@ def leaderboard(study: Any) -> list[Entry]:
                 a.get("same_top", math.nan),
                 a.get("worker", "?"),
                 fulls.get(full_attr(a["key"])),
+                stick.place(float(t.value)) if stick else None,
             )
         )
     return out
@@ -152,7 +164,16 @@ def pick_champion(entries: Sequence[Entry]) -> Entry | None:
     return entries[0] if entries else None
 
 
+VERDICT_WORDS = {
+    "better": "better than the base",
+    "worse": "worse than the base",
+    "equivalent": "equivalent to the base within the margins",
+    "inconclusive": "inconclusive against the base",
+}
+
+
 def verdict_text(champion: Entry | None) -> str:
+    """The champion's verdict against the base in one line, with the overall score's interval."""
     if champion is None:
         return "no candidate scored yet"
     if not champion.full:
@@ -161,31 +182,82 @@ def verdict_text(champion: Entry | None) -> str:
             "no full eval yet (leaders = 0 or budget spent): no verdict"
         )
     f = champion.full
-    d = f["delta"]
+    s, b, d = f["score"], f["base_score"], f["delta"]
     return (
-        {
-            "better": "better than the base",
-            "worse": "worse than the base",
-            "equivalent": "equivalent to the base within the margins",
-        }.get(f["verdict"], "inconclusive against the base")
-    ) + (
-        f": overall score {f['score'][0]:.1f} vs {f['base_score'][0]:.1f} (Δ {d[0]:+.1f}, 95% interval "
-        f"[{d[1]:+.1f}, {d[2]:+.1f}]), factual {f['factual'][0]}/{f['factual'][1]} vs "
-        f"{f['base_factual'][0]}/{f['base_factual'][1]}"
+        f"{VERDICT_WORDS.get(f['verdict'], f['verdict'])}: overall score {s[0]:.1f} [{s[1]:.1f}, {s[2]:.1f}] "
+        f"vs {b[0]:.1f} [{b[1]:.1f}, {b[2]:.1f}] (Δ {d[0]:+.1f}, 95% interval [{d[1]:+.1f}, {d[2]:+.1f}])"
     )
 
 
-def run_leaders(ctx: StudyContext, scorer: CandidateScorer, study: Any, progress: SearchProgress | None) -> None:
-    """Stage 2: the full eval suite for the best `leaders` candidates that lack it (stored on
-    their trials, so a rerun does not repeat it)."""
-    n = ctx.options.leaders if ctx.options.leaders is not None else ctx.space.leaders
-    for e in leaderboard(study)[:n]:
-        if e.full:
-            continue
+def champion_measures(champion: Entry | None) -> list[str]:
+    """Each measure of the champion's full eval against the base: its difference with the
+    interval, the test, the smallest detectable difference and the verdict (none without a
+    full eval)."""
+    from ..evaluation.records import Difference
+    from ..evaluation.report import measure_lines
+
+    if champion is None or not champion.full or "differences" not in champion.full:
+        return []
+    f = champion.full
+    lines = measure_lines([Difference.from_dict(d) for d in f["differences"]])
+    if f.get("ladder"):
+        k = f["kld"]
+        lines.append(f"KL divergence {k[0]:.4f} [{k[1]:.4f}, {k[2]:.4f}] nats/token costs {f['ladder']}")
+    return lines
+
+
+def overlaps(a: Entry, b: Entry) -> bool:
+    """Whether the short-KLD 95% intervals of two candidates overlap (an unknown bound cannot
+    set them apart)."""
+    return not (a.kld_high < b.kld_low or b.kld_high < a.kld_low)
+
+
+@dataclass(frozen=True)
+class Leaders:
+    """Who gets the full eval: every candidate whose short-KLD interval overlaps the best
+    one's (the short stage cannot tell them apart), best first, at most `cap`."""
+
+    cap: int
+    overlapping: tuple[str, ...]  # recipes whose interval overlaps the best one's, best first
+    chosen: tuple[str, ...]  # the first `cap` of them
+
+    @property
+    def left_out(self) -> int:
+        """Overlapping candidates the cap kept from the full eval."""
+        return len(self.overlapping) - len(self.chosen)
+
+    def to_dict(self) -> dict:
+        return {"cap": self.cap, "overlapping": list(self.overlapping), "chosen": list(self.chosen)}
+
+
+def choose_leaders(entries: Sequence[Entry], cap: int) -> Leaders:
+    """The leaders of a leaderboard (best first): the candidates whose interval overlaps the
+    best one's, at most `cap` of them; none with a cap of 0."""
+    if not entries:
+        return Leaders(cap, (), ())
+    overlapping = tuple(e.recipe for e in entries if overlaps(e, entries[0]))
+    return Leaders(cap, overlapping, overlapping[:cap])
+
+
+def leader_cap(ctx: StudyContext) -> int:
+    return ctx.options.leaders if ctx.options.leaders is not None else ctx.space.leaders
+
+
+def run_leaders(ctx: StudyContext, scorer: CandidateScorer, study: Any, progress: SearchProgress | None) -> Leaders:
+    """Stage 2: the full eval suite for the leaders that lack it (stored in the study, so a
+    rerun does not repeat it)."""
+    entries = leaderboard(study)
+    leaders = choose_leaders(entries, leader_cap(ctx))
+    chosen = set(leaders.chosen)
+    wanted = {str(b) for b in ctx.options.leader_benches}
+    for e in entries:
+        if e.recipe not in chosen or (e.full and wanted <= set(e.full.get("benches", ()))):
+            continue  # a full eval already stored, with every benchmark asked for
         if progress:
             progress(SearchEvent("full", e.phase, e.recipe, count_evaluated(study), ctx.options.budget))
         summary = scorer.full(e.recipe, f"full-{e.number}-{hashlib.sha256(e.key.encode()).hexdigest()[:12]}")
         study.set_user_attr(full_attr(e.key), summary)  # a finished trial cannot take new attributes
+    return leaders
 
 
 def run_search(
@@ -230,7 +302,9 @@ def run_search(
             Worker(ctx, scorer, progress).run()
         else:
             run_processes(ctx, study, progress)
-        run_leaders(ctx, scorer, study, progress)
+        if options.yardstick:
+            study.set_user_attr(YARDSTICK_ATTR, scorer.short_yardstick().to_dict())
+        leaders = run_leaders(ctx, scorer, study, progress)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -253,6 +327,7 @@ def run_search(
         champion,
         verdict_text(champion),
         time.monotonic() - start,
+        leaders=leaders,
     )
 
 

@@ -19,6 +19,7 @@ from .phases import Phase, beam_phase, first_phase, publish_phase, stored_phase
 from .scorer import CandidateScorer
 from .storage import (
     SearchEvent,
+    SearchOptions,
     SearchProgress,
     StudyContext,
     count_claimed,
@@ -340,9 +341,15 @@ def worker_main(ctx: StudyContext, barrier: Any | None) -> None:
         Worker(ctx, scorer, None).run()
 
 
+def worker_threads(options: SearchOptions) -> int:
+    """llama.cpp threads of each worker (and of the leaders' full eval): the option, else the
+    cores shared by the jobs."""
+    return options.threads or max(1, (os.cpu_count() or 1) // max(1, options.jobs))
+
+
 def make_scorer(ctx: StudyContext) -> CandidateScorer:
     o = ctx.options
-    threads = o.threads or max(1, (os.cpu_count() or 1) // max(1, o.jobs))
+    threads = worker_threads(o)
     return CandidateScorer(
         ctx.base,
         Path(o.work_dir),
@@ -351,6 +358,8 @@ def make_scorer(ctx: StudyContext) -> CandidateScorer:
         short_chars=o.short_chars,
         threads=threads,
         full_questions=o.full_questions,
+        yardstick=o.yardstick,
+        benches=o.leader_benches,
         keep=o.keep,
         cache_dir=o.cache_dir,
     )
