@@ -21,6 +21,18 @@ from make_fixtures import build_model  # noqa: E402
 LLAMA_TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-server", "llama-completion")
 
 
+@pytest.fixture(autouse=True)
+def _metrics_registry_restored():
+    """Each test starts with the metrics registered at import: a benchmark (--bench) registers
+    its metric on first use, and tests that list the registry must not see another test's."""
+    from gguf_surgeon.evaluation.metrics import METRICS
+
+    saved = dict(METRICS)
+    yield
+    METRICS.clear()
+    METRICS.update(saved)
+
+
 @pytest.fixture
 def tiny(tmp_path: Path) -> Path:
     """A 6-block F32 qwen3 model in tmp_path (same recipe as fixtures/tiny-qwen3.gguf)."""
