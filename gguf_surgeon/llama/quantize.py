@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,8 @@ from .tools import DEFAULT_LADDER, find_tool, run_tool
 
 QUANTIZE_TOOL = "llama-quantize"
 UNQUANTIZED = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
+
+UNQUANTIZED_FTYPES = frozenset({"F32", "F16", "BF16", "COPY"})  # types whose runs skip --tensor-type overrides
 
 QuantProgress = Callable[[str, int, int], None]  # (type, tensors done, tensors total)
 
@@ -84,6 +86,48 @@ class QuantizeReport:
             "warnings": list(self.warnings),
             "results": [r.to_dict() for r in self.results],
         }
+
+
+def tensor_pattern(name: str) -> str:
+    """The regex llama-quantize matches against exactly one tensor name (regex_search, so anchored)."""
+    return "^" + re.escape(name) + "$"
+
+
+def write_tensor_type_file(mix: Mapping[str, str], path: str | Path) -> Path:
+    """Write `mix` (tensor name -> ggml type name, e.g. "q4_K") as a --tensor-type-file.
+
+    llama-quantize reads the file as whitespace-separated PATTERN=TYPE words, lowercases the
+    pattern, and uses the first pattern whose regex_search matches a tensor name; each line here
+    is one anchored, escaped tensor name, so the order does not matter.
+    """
+    path = Path(path)
+    lines = []
+    for name, qtype in mix.items():
+        if any(c.isspace() for c in name) or name != name.lower():
+            raise OptionError(f"tensor name {name!r} cannot be given to {QUANTIZE_TOOL} (whitespace or upper case)")
+        if qtype.upper() not in GGMLQuantizationType.__members__:
+            raise OptionError(f"{name}: unknown ggml type {qtype!r}")
+        lines.append(f"{tensor_pattern(name)}={qtype}")
+    with atomic_output(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def read_tensor_type_file(path: str | Path) -> dict[str, str]:
+    """PATTERN -> TYPE of a --tensor-type-file (upper-case type names), refusing what llama-quantize refuses."""
+    try:
+        words = Path(path).read_text(encoding="utf-8").split()
+    except OSError as e:
+        raise OptionError(f"{path}: cannot read the tensor-type file: {e.strerror or e}") from None
+    out: dict[str, str] = {}
+    for w in words:
+        pattern, sep, qtype = w.partition("=")
+        if not sep or not pattern or not qtype:
+            raise OptionError(f"{path}: malformed tensor type {w!r} (expected PATTERN=TYPE)")
+        if qtype.upper() not in GGMLQuantizationType.__members__:
+            raise OptionError(f"{path}: unknown ggml type {qtype!r} in {w!r}")
+        out.setdefault(pattern.lower(), qtype.upper())
+    return out
 
 
 def quant_types(tool: Path) -> tuple[str, ...]:
@@ -185,6 +229,7 @@ def quantize_ladder(
     extra_args: Sequence[str] = (),
     threads: int | None = None,
     progress: QuantProgress | None = None,
+    tensor_type_file: str | Path | None = None,
 ) -> QuantizeReport:
     """Quantize `source` once per type into ``out_dir/NAME-TYPE.gguf`` (NAME: the input's stem).
 
@@ -193,6 +238,9 @@ def quantize_ladder(
     - `imatrix` (GGUF or legacy .dat) is passed on as --imatrix; with `recipe`, it is taken
       to belong to the model `source` was edited from, and is remapped through the recipe first.
     - `extra_args` go to llama-quantize before its positional arguments.
+    - `tensor_type_file` (see write_tensor_type_file) is passed on as --tensor-type-file: its
+      per-tensor types override the mix. llama-quantize applies overrides only when the
+      requested type is a quantized one, so F16/BF16/F32/COPY with a file is refused.
     - Every output is checked before any run (exists -> OutputError unless `force`); each
       type writes a temp file renamed at the end, so a failure leaves only complete files.
     Raises ToolError (missing tool, unknown type, failed run with its last error lines),
@@ -206,6 +254,16 @@ def quantize_ladder(
     warnings, remapped = _check_source(source, allow_requantize, imatrix, recipe)
     tool = find_tool(QUANTIZE_TOOL, llama_bin)
     qtypes = resolve_types(types, quant_types(tool))
+    if tensor_type_file is not None:
+        tensor_type_file = Path(tensor_type_file).resolve()
+        read_tensor_type_file(tensor_type_file)  # a malformed file is refused before any run
+        ignored = [t for t in qtypes if t in UNQUANTIZED_FTYPES]
+        if ignored:
+            raise OptionError(
+                f"llama-quantize ignores --tensor-type overrides for {', '.join(ignored)}; "
+                "quantize with a quantized type (e.g. Q8_0) as the default"
+            )
+        extra_args = ("--tensor-type-file", str(tensor_type_file), *extra_args)
     outputs = _claim_outputs(source, out_dir, name, qtypes, force)
 
     with tempfile.TemporaryDirectory(prefix="gguf-surgeon-") as work:
