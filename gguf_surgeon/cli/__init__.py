@@ -35,6 +35,7 @@ LAZY_COMMANDS = {
     "compare": "eval",
     "doctor": "llama",
     "quantize": "llama",
+    "sensitivity": "budget",
     "imatrix-remap": "llama",
     "rank": "search",
     "search": "search",

@@ -25,6 +25,7 @@ from ..metadata import RECIPE_KEY
 from ..operations import build_plan
 from ..reader import Model
 from ..recipe import load_recipe
+from ..vocab import GGML_QUANT_SIZES
 from .imatrix import Imatrix, read_imatrix, remap_imatrix, write_imatrix
 from .tools import DEFAULT_LADDER, find_tool, run_tool
 
@@ -88,45 +89,121 @@ class QuantizeReport:
         }
 
 
+# llama-quantize's tensor_type_fallback (src/llama-quant.cpp): the type written instead of a
+# requested one whose block does not divide a tensor's rows (SmolLM2's 576-wide rows and 256-blocks)
+FALLBACK = {
+    GGMLQuantizationType.Q2_K: GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q3_K: GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.TQ1_0: GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.TQ2_0: GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_K: GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q5_K: GGMLQuantizationType.Q5_1,
+    GGMLQuantizationType.Q6_K: GGMLQuantizationType.Q8_0,
+    **{
+        GGMLQuantizationType[n]: GGMLQuantizationType.IQ4_NL
+        for n in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")
+    },
+}
+_REGEX_SPECIAL = frozenset("^$\\.*+?()[]{}|/")  # ECMAScript's metacharacters (llama-quantize uses std::regex)
+
+
+def written_type(requested: GGMLQuantizationType, row_length: int) -> GGMLQuantizationType:
+    """The type llama-quantize writes for a tensor of `row_length`-element rows when asked for
+    `requested`: its fallback when the type's block does not divide the rows, F16 when the
+    fallback does not either (tensor_type_fallback in the pinned llama.cpp)."""
+    block = GGML_QUANT_SIZES[requested][0]
+    if row_length % block == 0:
+        return requested
+    if requested in FALLBACK:
+        out = FALLBACK[requested]
+    elif block <= 32:
+        out = requested
+    else:
+        raise OptionError(f"{QUANTIZE_TOOL} has no fallback for {requested.name} on {row_length}-element rows")
+    return out if row_length % GGML_QUANT_SIZES[out][0] == 0 else GGMLQuantizationType.F16
+
+
+def tensor_bytes(qtype: GGMLQuantizationType, shape: Sequence[int]) -> int:
+    """Bytes of a tensor of `shape` (ggml order: row length first) stored as `qtype`."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n // block * size
+
+
+def quantizable(name: str, n_dims: int) -> bool:
+    """Whether llama-quantize gives this tensor a new type (tensor_allows_quantization, for the
+    dense decoder tensors this project edits): weights of 2 or more dimensions, not norms."""
+    return n_dims >= 2 and name.endswith("weight") and "_norm.weight" not in name and "ffn_gate_inp" not in name
+
+
 def tensor_pattern(name: str) -> str:
-    """The regex llama-quantize matches against exactly one tensor name (regex_search, so anchored)."""
-    return "^" + re.escape(name) + "$"
+    """The regex that matches exactly one tensor name (llama-quantize uses regex_search, so anchored)."""
+    return "^" + "".join("\\" + c if c in _REGEX_SPECIAL else c for c in name) + "$"
 
 
-def write_tensor_type_file(mix: Mapping[str, str], path: str | Path) -> Path:
-    """Write `mix` (tensor name -> ggml type name, e.g. "q4_K") as a --tensor-type-file.
+def write_tensor_type_file(mix: Mapping[str, GGMLQuantizationType | str], path: str | Path) -> Path:
+    """Write `mix` (tensor name -> ggml type, e.g. Q4_K or "q4_K") as a --tensor-type-file.
 
-    llama-quantize reads the file as whitespace-separated PATTERN=TYPE words, lowercases the
-    pattern, and uses the first pattern whose regex_search matches a tensor name; each line here
-    is one anchored, escaped tensor name, so the order does not matter.
+    llama-quantize reads the file as whitespace-separated PATTERN=TYPE words, lowercases each
+    pattern, and gives a tensor the type of the first pattern whose regex_search matches its
+    name; each word here is one anchored, escaped tensor name, so the order does not matter.
     """
     path = Path(path)
-    lines = []
+    words = []
     for name, qtype in mix.items():
-        if any(c.isspace() for c in name) or name != name.lower():
-            raise OptionError(f"tensor name {name!r} cannot be given to {QUANTIZE_TOOL} (whitespace or upper case)")
-        if qtype.upper() not in GGMLQuantizationType.__members__:
-            raise OptionError(f"{name}: unknown ggml type {qtype!r}")
-        lines.append(f"{tensor_pattern(name)}={qtype}")
+        if not name or any(c.isspace() for c in name) or "=" in name or name != name.lower():
+            raise OptionError(
+                f"tensor name {name!r} cannot be given to {QUANTIZE_TOOL} (empty, whitespace, = or upper case)"
+            )
+        words.append(f"{tensor_pattern(name)}={ggml_type(qtype, name).name}")
     with atomic_output(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.write_text("\n".join(words) + "\n", encoding="utf-8")
     return path
 
 
-def read_tensor_type_file(path: str | Path) -> dict[str, str]:
-    """PATTERN -> TYPE of a --tensor-type-file (upper-case type names), refusing what llama-quantize refuses."""
+def ggml_type(qtype: GGMLQuantizationType | str, where: str) -> GGMLQuantizationType:
+    """`qtype` as gguf's enum (names case-insensitive, as llama-quantize parses them)."""
+    if isinstance(qtype, GGMLQuantizationType):
+        return qtype
+    try:
+        return GGMLQuantizationType[qtype.strip().upper()]
+    except KeyError:
+        raise OptionError(f"{where}: unknown ggml type {qtype!r}") from None
+
+
+def read_tensor_type_file(path: str | Path) -> dict[str, GGMLQuantizationType]:
+    """PATTERN -> type of a --tensor-type-file in file order (the first match wins in
+    llama-quantize, so a repeated pattern keeps its first type), refusing what llama-quantize refuses."""
     try:
         words = Path(path).read_text(encoding="utf-8").split()
-    except OSError as e:
-        raise OptionError(f"{path}: cannot read the tensor-type file: {e.strerror or e}") from None
-    out: dict[str, str] = {}
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise OptionError(f"{path}: cannot read the tensor-type file: {reason}") from None
+    out: dict[str, GGMLQuantizationType] = {}
     for w in words:
         pattern, sep, qtype = w.partition("=")
         if not sep or not pattern or not qtype:
             raise OptionError(f"{path}: malformed tensor type {w!r} (expected PATTERN=TYPE)")
-        if qtype.upper() not in GGMLQuantizationType.__members__:
-            raise OptionError(f"{path}: unknown ggml type {qtype!r} in {w!r}")
-        out.setdefault(pattern.lower(), qtype.upper())
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise OptionError(f"{path}: bad pattern {pattern!r}: {e}") from None
+        out.setdefault(pattern.lower(), ggml_type(qtype, f"{path}: {w!r}"))
+    return out
+
+
+def mix_of_file(path: str | Path, names: Sequence[str]) -> dict[str, GGMLQuantizationType]:
+    """The requested type of each of `names` under a tensor-type file (first matching pattern),
+    for the names some pattern matches."""
+    patterns = [(re.compile(p), t) for p, t in read_tensor_type_file(path).items()]
+    out = {}
+    for name in names:
+        for rx, t in patterns:
+            if rx.search(name):
+                out[name] = t
+                break
     return out
 
 
@@ -290,6 +367,46 @@ def quantize_ladder(
         recipe if remapped is not None else None,
         extra_args,
     )
+
+
+def quantize_mix(
+    source: str | Path,
+    out: str | Path,
+    mix: Mapping[str, GGMLQuantizationType | str],
+    *,
+    base_type: str = "Q8_0",
+    allow_requantize: bool = False,
+    force: bool = False,
+    llama_bin: str | Path | None = None,
+    threads: int | None = None,
+    progress: QuantProgress | None = None,
+) -> QuantizeReport:
+    """Quantize `source` into `out`, each tensor of `mix` (name -> requested type) through a
+    --tensor-type-file, every other quantizable tensor as `base_type` (which must be a quantized
+    type: llama-quantize ignores overrides otherwise). A requested type whose block does not
+    divide a tensor's rows is written as its fallback (written_type). Raises OptionError for a
+    name the source lacks, OutputError for an existing `out` without `force`, ToolError as
+    quantize_ladder does; the report's one result is the written file."""
+    source, out = Path(source), Path(out)
+    if base_type.upper() in UNQUANTIZED_FTYPES:
+        raise OptionError(f"{QUANTIZE_TOOL} ignores per-tensor types with {base_type}; use a quantized base type")
+    warnings, _ = _check_source(source, allow_requantize, None, None)
+    with Model(source) as m:
+        names = {t.name for t in m.tensors}
+    missing = sorted(set(mix) - names)
+    if missing:
+        raise OptionError(f"{source}: has no tensor {missing[0]!r} (named by the type mix)")
+    if out.exists() and out.resolve() == source.resolve():
+        raise OutputError(f"{out}: is the input")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: exists; pass --force to overwrite")
+    tool = find_tool(QUANTIZE_TOOL, llama_bin)
+    (qtype,) = resolve_types([base_type], quant_types(tool))
+    with tempfile.TemporaryDirectory(prefix="gguf-surgeon-") as work:
+        types_file = write_tensor_type_file(mix, Path(work) / "tensor-types.txt")
+        extra = ("--tensor-type-file", str(types_file))
+        result = _quantize_one(tool, source, out, qtype, allow_requantize, None, extra, threads, progress, None)
+    return QuantizeReport(source, tool, (result,), tuple(warnings), extra_args=extra[:1])
 
 
 def _check_options(
