@@ -219,11 +219,11 @@ def test_quantize_target_size_end_to_end(make_model, tmp_path: Path, llama_bin: 
     model = make_model("wide.gguf", n_blocks=1, n_embd=256, ff=288, n_head=4, n_head_kv=2)
     calibration, held_out = bundled_texts()
     # 4 chunks of 256 each for the byte-level tiny vocab (as tests/test_eval.py): short runs
-    texts = (calibration[:1600], held_out[:1600])
-    options = EvalOptions(llama_bin=llama_bin, threads=2, cache_dir=tmp_path / "cache")
+    texts = {"calibration": calibration[:1600], "held_out": held_out[:1600]}
+    options = EvalOptions(llama_bin=llama_bin, threads=2, cache_dir=tmp_path / "cache" / "eval")
     budget = 560_000  # between the smallest (216 kB) and the largest (1.16 MB) mix of this model
     out = tmp_path / "q" / "wide-800K.gguf"
-    result = quantize_to_budget(model, out, target_size=budget, options=options, texts=texts)
+    result = quantize_to_budget(model, out, target_size=budget, options=options, **texts)
     assert result.types_file == tmp_path / "q" / "wide-800K.tensor-types.txt"
     gguf_loader.assert_loads(out)
     assert out.stat().st_size == result.size == result.allocation.predicted_size <= budget
@@ -253,16 +253,30 @@ def test_quantize_target_size_end_to_end(make_model, tmp_path: Path, llama_bin: 
     assert read_types(path) == got and path.stat().st_size == out.stat().st_size
     # a second budget reuses the cached sensitivity, and a bits-per-weight budget holds on the file
     second = quantize_to_budget(
-        model, tmp_path / "q" / "wide-6bpw.gguf", target_bpw=6.0, options=options, texts=texts, measure_kld=False
+        model, tmp_path / "q" / "wide-6bpw.gguf", target_bpw=6.0, options=options, **texts, measure_kld=False
     )
     assert second.sensitivity_cached
     assert second.bits_per_weight <= 6.0
+    # the CLI's sensitivity report on the same cache: table, JSON and heat map
+    text = tmp_path / "calibration.txt"
+    text.write_text(texts["calibration"], encoding="utf-8")
+    plot = tmp_path / "sens.png"
+    r = CliRunner().invoke(
+        main,
+        ["sensitivity", str(model), "--calibration", str(text), "--threads", "2", "--plot", str(plot), "--json"],
+        env={"GGUF_SURGEON_CACHE": str(tmp_path / "cache"), "GGUF_SURGEON_LLAMA_BIN": str(llama_bin)},
+    )
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["cached"] and {g["name"] for g in data["groups"]} == set(requested)
+    assert data["joint_kld"] > 0 and all(g["kld"] >= 0 for g in data["groups"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
 def test_smollm2_allocated_mix_answers_like_the_base(smollm2: Path, tmp_path: Path, llama_bin: Path, gguf_loader):
-    """The F16 base made from SmolLM2's Q4_1, a mix allocated at 4.5 bits per weight (weight
-    errors as the only sensitivity: this test checks the written mix, not the measured costs)."""
+    """The F16 base made from SmolLM2's Q4_1, a mix allocated at 5 bits per weight among three
+    types (weight errors as the only sensitivity: this test checks the written mix, not the costs)."""
     import subprocess
 
     base = tmp_path / "smollm2-f16.gguf"
@@ -271,16 +285,17 @@ def test_smollm2_allocated_mix_answers_like_the_base(smollm2: Path, tmp_path: Pa
         check=True,
         capture_output=True,
     )
-    menu = build_menu(base, llama_bin=llama_bin, threads=2)
+    menu = build_menu(base, ("Q3_K", "Q4_K", "Q6_K"), llama_bin=llama_bin, threads=2)
     groups = tuple(
         GroupCost(s.name, s.block, s.kind, s.options[0].written, 0.0, 1.0 / s.options[0].nbytes) for s in menu.slots
     )
     sens = Sensitivity(str(base), "", "each", "Q3_K", 0, menu, groups, (), 0.0, 0.0)
-    a = allocate(sens, int(4.5 * menu.parameters / 8), "tensor bytes")
+    a = allocate(sens, int(5.0 * menu.parameters / 8), "tensor bytes")
     out = tmp_path / "mix.gguf"
     report = quantize_mix(base, out, a.requested, llama_bin=llama_bin, threads=2)
     gguf_loader.assert_loads(out)
-    assert report.results[0].bits_per_weight <= 4.5
+    assert report.results[0].bits_per_weight <= 5.0
+    assert len(set(a.written.values())) >= 3
     assert out.stat().st_size == a.predicted_size
     assert {n: t.name for n, (t, _) in read_types(out).items() if n in a.written} == a.written
     with LlamaServer(llama_bin, out, ctx_size=512, threads=2) as server:

@@ -181,7 +181,8 @@ def quantize_to_budget(
     probe: str = PROBE,
     candidates: Sequence[str] = CANDIDATES,
     options: EvalOptions = DEFAULT_OPTIONS,
-    texts: tuple[str, str] | None = None,
+    calibration: str | None = None,
+    held_out: str | None = None,
     measure_kld: bool = True,
     allow_requantize: bool = False,
     force: bool = False,
@@ -190,8 +191,8 @@ def quantize_to_budget(
     """Measure (or load) the sensitivity of `source`, allocate a type per tensor under the
     budget, write `out` and its tensor-type file (OUT's stem + .tensor-types.txt), read the
     written types back, and measure the KLD of `out` to `source` on the held-out part of the
-    bundled text (skipped without `measure_kld`); `texts` replaces the bundled (calibration,
-    held-out) pair. Nothing is written when the budget is
+    bundled text (skipped without `measure_kld`); `calibration` and `held_out` replace the
+    bundled text's parts. Nothing is written when the budget is
     impossible or `out` exists without `force`."""
     source, out = Path(source), Path(out)
     types_file = out.with_name(out.name.removesuffix(".gguf") + ".tensor-types.txt")
@@ -223,7 +224,7 @@ def quantize_to_budget(
         design=design,
         probe=probe,
         candidates=candidates,
-        calibration=texts[0] if texts else None,
+        calibration=calibration,
         options=options,
         allow_requantize=allow_requantize,
         progress=progress,
@@ -252,13 +253,15 @@ def quantize_to_budget(
         got = {t.name: t.ggml_type.name for t in m.tensors}
     mismatches = tuple(f"{n}: {got.get(n)} (predicted {t})" for n, t in alloc.written.items() if got.get(n) != t)
     kld = None
-    held_out_name = "the held-out text given" if texts else "the held-out part of the bundled eval text"
+    held_out_name = "the held-out text given" if held_out is not None else "the held-out part of the bundled eval text"
     if measure_kld:
         t0 = time.monotonic()
         if progress:
             progress("KL divergence on the held-out text", 0, 1)
         with tempfile.TemporaryDirectory(prefix="gguf-surgeon-budget-") as work:
-            kld = kl_divergence(out, source, text_options(options, (texts or bundled_texts())[1], Path(work))).mean
+            kld = kl_divergence(
+                out, source, text_options(options, bundled_texts()[1] if held_out is None else held_out, Path(work))
+            ).mean
         seconds["kld"] = time.monotonic() - t0
     return BudgetResult(
         source,

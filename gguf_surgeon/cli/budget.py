@@ -31,6 +31,11 @@ def budget_options(f: Any) -> Any:
                 show_default=True,
                 help="Types a tensor may be given (llama-quantize's fallbacks apply where rows do not fit).",
             ),
+            click.option(
+                "--calibration",
+                type=click.Path(path_type=Path, dir_okay=False),
+                help="Calibration text file for the sensitivity (default: the first 30% of the bundled text).",
+            ),
             click.option("--no-cache", is_flag=True, help="Measure again and keep nothing."),
         ]
     ):
@@ -42,6 +47,19 @@ def eval_options_of(llama_bin: Path | None, threads: int | None, no_cache: bool)
     from ..evaluation.suite import EvalOptions, default_threads
 
     return EvalOptions(llama_bin=llama_bin, threads=threads or default_threads(), use_cache=not no_cache)
+
+
+def read_calibration(path: Path | None, option: str = "--calibration") -> str | None:
+    """The text of a --calibration / --held-out file (None: the bundled text's part)."""
+    if path is None:
+        return None
+    from ..errors import OptionError
+    from ..files import read_text
+
+    text = read_text(path, OptionError, "text file", label=f"{option} {path}")
+    if not text.strip():
+        raise OptionError(f"{option} {path}: empty")
+    return text
 
 
 def candidates_of(text: str) -> tuple[str, ...]:
@@ -70,6 +88,7 @@ def sensitivity_cmd(
     design: str,
     probe: str,
     candidates: str,
+    calibration: Path | None,
     no_cache: bool,
     plot: Path | None,
     allow_requantize: bool,
@@ -96,6 +115,7 @@ def sensitivity_cmd(
             design=design,
             probe=probe,
             candidates=candidates_of(candidates),
+            calibration=read_calibration(calibration),
             options=eval_options_of(llama_bin, eval_threads, no_cache),
             allow_requantize=allow_requantize,
             progress=progress,

@@ -14,7 +14,7 @@ from rich.table import Table
 from ..files import format_size
 from ..llama.tools import DEFAULT_LADDER, HOW_TO_GET, doctor
 from ..reader import Model
-from .budget import budget_options, candidates_of, eval_options_of
+from .budget import budget_options, candidates_of, eval_options_of, read_calibration
 from .common import (
     IN_ARG,
     emit_json,
@@ -121,6 +121,11 @@ def type_progress(enabled: bool = True) -> step_progress:
     help="Instead of --types: the least-KLD type per tensor at most BITS bits per weight (e.g. 5.5).",
 )
 @budget_options
+@click.option(
+    "--held-out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With a target: the text the result's KLD is measured on (default: the bundled text's last 70%).",
+)
 @llama_bin_option()
 @json_option()
 def quantize_cmd(
@@ -140,7 +145,9 @@ def quantize_cmd(
     design: str,
     probe: str,
     candidates: str,
+    calibration: Path | None,
     no_cache: bool,
+    held_out: Path | None,
     llama_bin: Path | None,
     as_json: bool,
 ) -> None:
@@ -160,7 +167,8 @@ def quantize_cmd(
     if target_size is not None or target_bpw is not None:
         return quantize_budget_cmd(
             source, extra, types, out_dir, name, imatrix, recipe, allow_requantize, force, tensor_type_file,
-            target_size, target_bpw, design, probe, candidates, threads, no_cache, llama_bin, as_json,
+            target_size, target_bpw, design, probe, candidates, calibration, held_out, threads, no_cache, llama_bin,
+            as_json,
         )  # fmt: skip
 
     with type_progress(enabled=not as_json) as progress:
@@ -200,6 +208,8 @@ def quantize_budget_cmd(
     design: str,
     probe: str,
     candidates: str,
+    calibration: Path | None,
+    held_out: Path | None,
     eval_threads: int | None,
     no_cache: bool,
     llama_bin: Path | None,
@@ -239,6 +249,8 @@ def quantize_budget_cmd(
             probe=probe,
             candidates=candidates_of(candidates),
             options=eval_options_of(llama_bin, eval_threads, no_cache),
+            calibration=read_calibration(calibration),
+            held_out=read_calibration(held_out, "--held-out"),
             allow_requantize=allow_requantize,
             force=force,
             progress=progress,
