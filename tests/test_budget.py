@@ -301,3 +301,16 @@ def test_smollm2_allocated_mix_answers_like_the_base(smollm2: Path, tmp_path: Pa
     with LlamaServer(llama_bin, out, ctx_size=512, threads=2) as server:
         answer = server.completion(SMOLLM2_PROMPT, n_predict=24)["content"]
     assert "Paris" in answer, answer
+
+
+@pytest.mark.slow
+def test_tensor_type_file_with_an_unquantized_type_is_refused(tiny: Path, tmp_path: Path, llama_bin: Path):
+    """llama-quantize would silently ignore the file with F16: refused before any run."""
+    mix = write_tensor_type_file({"blk.0.attn_q.weight": "Q4_K"}, tmp_path / "mix.txt")
+    r = run_cli(
+        "quantize", str(tiny), "--types", "F16", "--tensor-type-file", str(mix),
+        "--out-dir", str(tmp_path / "o"), "--llama-bin", str(llama_bin),
+    )  # fmt: skip
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "ignores --tensor-type overrides for F16" in r.output
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []

@@ -258,8 +258,8 @@ def quantize_budget_cmd(
     if as_json:
         return emit_json(result.to_dict())
     a = result.allocation
-    limit = format_size(a.limit) + (" of tensors" if a.unit == "tensor bytes" else "")
-    out_console.print(f"Wrote {result.out} for a budget of {result.target} ({limit}), and its mix {result.types_file}:")
+    limit = f" ({format_size(a.limit)} of tensors)" if a.unit == "tensor bytes" else ""
+    out_console.print(f"Wrote {result.out} for a budget of {result.target}{limit}, and its mix {result.types_file}:")
     table = Table("", "predicted", "measured", box=None, pad_edge=False)
     table.add_row("file size", f"{a.predicted_size:,} B", f"{result.size:,} B")
     table.add_row("bits/weight", "", f"{result.bits_per_weight:.3f}")
