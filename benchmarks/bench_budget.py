@@ -5,7 +5,7 @@ On the F16 base made from SmolLM2-135M-Instruct's Q4_1 release (`llama-quantize
 Q4_K_M, Q5_K_M):
   1. llama-quantize the uniform type; its file size is the budget;
   2. allocate a type per tensor under that budget from the measured sensitivity
-     (`gguf-surgeon sensitivity`, batched design, calibration = first 30% of the bundled text),
+     (`gguf-surgeon sensitivity`, batched design unless --design, calibration = first 30% of the bundled text),
      write it with llama-quantize --tensor-type-file;
   3. KL divergence of both to the base on the held-out 70% of the bundled text (interval over
      chunks), and on the calibration text (to tell the additivity error from the text's).
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--cache-dir", type=Path, help="evaluation cache (default: a temporary folder)")
     ap.add_argument("--work", type=Path, help="folder for the written models (default: a temporary folder)")
+    ap.add_argument("--design", default="batched", choices=["batched", "halves", "each"], help="sensitivity design")
     ap.add_argument("--check-blocks", default="0,15,29", help="blocks whose attention / ffn parts are probed directly")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
@@ -112,9 +113,9 @@ def main() -> None:
         held = text_options(options, held_out, work)
         calib = text_options(options, calibration, work)
 
-        log("sensitivity (batched design)")
+        log(f"sensitivity ({args.design} design)")
         t0 = time.perf_counter()
-        sens = measure_sensitivity(base, options=options, progress=lambda s, d, t: None)
+        sens = measure_sensitivity(base, design=args.design, options=options, progress=lambda s, d, t: None)
         sens_wall = time.perf_counter() - t0
         log(f"sensitivity: {len(sens.measurements)} probes, {sens.seconds:.0f} s when measured (cached: {sens.cached})")
 
@@ -191,6 +192,7 @@ def main() -> None:
 
     print(
         f"base {base.name}: {sens.menu.parameters:,} parameters, {len(sens.menu.slots)} tensors typed; "
+        f"sensitivity: {sens.design} design, {len(sens.measurements)} probes; "
         f"{args.threads} threads on {os.cpu_count()} CPUs (a machine shared with other jobs: times are upper bounds)"
     )
     print(
@@ -242,7 +244,7 @@ def main() -> None:
         f"{sens.parts_sum:.4f} (ratio {sens.additivity:.2f})"
     )
     if checks:
-        print("\nbatched split vs direct probes (calibration text):")
+        print(f"\n{sens.design} split vs direct probes (calibration text):")
         print(
             table(
                 [("block", "b"), ("part", "part"), ("direct", "d"), ("from the split", "s"), ("ratio", "r")],

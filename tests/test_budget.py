@@ -15,7 +15,15 @@ from gguf import GGMLQuantizationType as T
 
 from gguf_surgeon.budget.allocate import allocate, quantize_to_budget
 from gguf_surgeon.budget.menu import Menu, Option, Slot, build_menu
-from gguf_surgeon.budget.sensitivity import GroupCost, Sensitivity, bundled_texts, fit_table, split_text
+from gguf_surgeon.budget.sensitivity import (
+    GroupCost,
+    Sensitivity,
+    bundled_texts,
+    design_batches,
+    fit_table,
+    split_costs,
+    split_text,
+)
 from gguf_surgeon.cli import main
 from gguf_surgeon.errors import OptionError
 from gguf_surgeon.evaluation.suite import EvalOptions
@@ -100,6 +108,31 @@ def test_fit_table_recovers_a_block_times_kind_table():
     truth = np.outer(rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 7)) * seed
     fitted = fit_table(seed, truth.sum(1), truth.sum(0))
     np.testing.assert_allclose(fitted, truth, rtol=1e-6)
+
+
+def test_halves_design_splits_a_block_whose_cost_sits_in_one_half():
+    kinds = ("attn_q", "attn_v", "ffn_up", "ffn_down")
+    slots = [Slot(f"blk.{b}.{k}.weight", b, k, (32, 32), ()) for b in range(4) for k in kinds]
+    slots.append(Slot("token_embd.weight", None, "token_embd", (32, 8), ()))
+    error = {s.name: 1.0 + 0.1 * i for i, s in enumerate(slots)}
+    # truth: block 3's attention is nearly free, its feed-forward expensive; elsewhere kind x block
+    truth = {s.name: error[s.name] * (1 + s.block) * (1 + kinds.index(s.kind)) for s in slots if s.block is not None}
+    truth.update({f"blk.3.{k}.weight": 0.01 for k in ("attn_q", "attn_v")})
+    truth["token_embd.weight"] = 5.0
+    for design in ("batched", "halves"):
+        batches = design_batches(slots, design)
+        assert batches[-1][0] == "all" and set(batches[-1][1]) == {s.name for s in slots}
+        measured = {label: sum(truth[n] for n in names) for label, names in batches}
+        costs = split_costs(slots, measured, design, error)
+        assert costs["token_embd.weight"] == 5.0
+        assert sum(costs.values()) == pytest.approx(measured["all"])
+        attn3 = costs["blk.3.attn_q.weight"] + costs["blk.3.attn_v.weight"]
+        if design == "halves":
+            assert len(batches) == 2 * 4 + len(kinds) + 1 + 1
+            assert attn3 == pytest.approx(0.02)  # the half's own probe
+        else:
+            assert len(batches) == 4 + len(kinds) + 1 + 1
+            assert attn3 > 1.0  # the block x kind fit gives it a kind-average share
 
 
 def test_split_text_keeps_calibration_and_held_out_apart():

@@ -15,6 +15,8 @@ Designs:
   the block measurements and whose column sums are the kind measurements, rescaled to the
   same total (iterative proportional fitting). Assumes KLD adds up over groups and that a
   group's cost is its weight error times a block factor times a kind factor.
+- "halves": the same with two row probes per block, its attention tensors and its feed-forward
+  tensors (2 x blocks + kinds + 1-2 runs): a block whose cost sits in one half is split right.
 - "each": every group measured alone (exact, 7 x blocks + 1-2 runs).
 
 Both also measure every group at the probe type at once, and report how the sum of the parts
@@ -48,7 +50,7 @@ from ..records import Record
 from .menu import CANDIDATES, Menu, Slot, build_menu
 
 SENSITIVITY_VERSION = 1  # bump when a change alters any measured cost
-DESIGNS = ("batched", "each")
+DESIGNS = ("batched", "halves", "each")
 PROBE = "Q3_K"
 CALIBRATION_SHARE = 0.3  # the bundled text's first sections, by characters, are the calibration text
 BASE_TYPE = "Q8_0"  # the quantized default llama-quantize needs to honour per-tensor types
@@ -172,18 +174,27 @@ class Sensitivity(Record):
 # --- the measurement ------------------------------------------------------------------------
 
 
+def row_label(slot: Slot, design: str) -> str:
+    """The row probe a block tensor belongs to: its block, or with "halves" its block's attention
+    or feed-forward half."""
+    if design == "halves":
+        return f"block {slot.block} {'attention' if slot.kind.startswith('attn') else 'feed-forward'}"
+    return f"block {slot.block}"
+
+
 def design_batches(slots: Sequence[Slot], design: str) -> list[tuple[str, tuple[str, ...]]]:
     """(label, tensor names) of each probe the design measures, the joint one ("all") last."""
     if design not in DESIGNS:
-        raise OptionError(f"unknown design {design!r}; choose {' or '.join(DESIGNS)}")
+        raise OptionError(f"unknown design {design!r}; choose one of {', '.join(DESIGNS)}")
     out: list[tuple[str, tuple[str, ...]]] = []
     if design == "each":
         out += [(s.name, (s.name,)) for s in slots]
     else:
-        blocks = sorted({s.block for s in slots if s.block is not None})
-        kinds = list(dict.fromkeys(s.kind for s in slots if s.block is not None))
-        out += [(f"block {b}", tuple(s.name for s in slots if s.block == b)) for b in blocks]
-        out += [(f"kind {k}", tuple(s.name for s in slots if s.block is not None and s.kind == k)) for k in kinds]
+        in_blocks = [s for s in slots if s.block is not None]
+        rows = list(dict.fromkeys(row_label(s, design) for s in sorted(in_blocks, key=lambda s: s.block)))
+        kinds = list(dict.fromkeys(s.kind for s in in_blocks))
+        out += [(r, tuple(s.name for s in in_blocks if row_label(s, design) == r)) for r in rows]
+        out += [(f"kind {k}", tuple(s.name for s in in_blocks if s.kind == k)) for k in kinds]
         out += [(s.name, (s.name,)) for s in slots if s.block is None]
     out.append(("all", tuple(s.name for s in slots)))
     return out
@@ -213,16 +224,14 @@ def split_costs(
         return {s.name: max(0.0, measured[s.name]) for s in slots}
     out = {s.name: max(0.0, measured[s.name]) for s in slots if s.block is None}
     in_blocks = [s for s in slots if s.block is not None]
-    blocks = sorted({s.block for s in in_blocks})
+    rows = list(dict.fromkeys(row_label(s, design) for s in in_blocks))
     kinds = list(dict.fromkeys(s.kind for s in in_blocks))
-    seed = np.zeros((len(blocks), len(kinds)))
+    seed = np.zeros((len(rows), len(kinds)))  # zero where a row probe holds no tensor of that kind
     for s in in_blocks:
-        seed[blocks.index(s.block), kinds.index(s.kind)] = probe_error[s.name]
-    rows = np.array([measured[f"block {b}"] for b in blocks])
-    cols = np.array([measured[f"kind {k}"] for k in kinds])
-    table = fit_table(seed, rows, cols)
+        seed[rows.index(row_label(s, design)), kinds.index(s.kind)] = probe_error[s.name]
+    table = fit_table(seed, np.array([measured[r] for r in rows]), np.array([measured[f"kind {k}"] for k in kinds]))
     for s in in_blocks:
-        out[s.name] = float(table[blocks.index(s.block), kinds.index(s.kind)])
+        out[s.name] = float(table[rows.index(row_label(s, design)), kinds.index(s.kind)])
     return out
 
 
@@ -254,7 +263,7 @@ def measure_sensitivity(
     base = Path(base)
     start = time.monotonic()
     if design not in DESIGNS:
-        raise OptionError(f"unknown design {design!r}; choose {' or '.join(DESIGNS)}")
+        raise OptionError(f"unknown design {design!r}; choose one of {', '.join(DESIGNS)}")
     if probe.upper() not in [c.upper() for c in candidates] or probe.upper() == "F16":
         raise OptionError(f"the probe type {probe!r} must be one of the quantized candidates ({', '.join(candidates)})")
     calibration = bundled_texts()[0] if calibration is None else calibration

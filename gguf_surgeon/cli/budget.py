@@ -21,7 +21,9 @@ def budget_options(f: Any) -> Any:
     """Options of the sensitivity measurement, shared by sensitivity and quantize --target-size."""
     for opt in reversed(
         [
-            click.option("--design", type=click.Choice(["batched", "each"]), default="batched", help=DESIGN_HELP),
+            click.option(
+                "--design", type=click.Choice(["batched", "halves", "each"]), default="batched", help=DESIGN_HELP
+            ),
             click.option(
                 "--probe", default="Q3_K", show_default=True, help="The low type each probe puts its tensors at."
             ),
