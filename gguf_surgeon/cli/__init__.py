@@ -36,6 +36,7 @@ LAZY_COMMANDS = {
     "data": "data",
     "doctor": "llama",
     "quantize": "llama",
+    "sensitivity": "budget",
     "imatrix-remap": "llama",
     "rank": "search",
     "search": "search",

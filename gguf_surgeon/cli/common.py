@@ -47,16 +47,16 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def parse_size(value: str | None) -> int | None:
-    """'500M', '2G', '1.5GB', '123' (bytes) -> bytes."""
+def parse_size(value: str | None, option: str = "--split-max-size") -> int | None:
+    """'500M', '2G', '1.5GB', '123' (bytes) -> bytes; a bad value is a usage error of `option`."""
     if value is None:
         return None
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
     if not m:
-        raise click.BadParameter(f"{value!r} is not a size like 500M or 2G", param_hint="--split-max-size")
+        raise click.BadParameter(f"{value!r} is not a size like 500M or 2G", param_hint=option)
     size = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
     if size <= 0:
-        raise click.BadParameter(f"{value!r} is not a positive size", param_hint="--split-max-size")
+        raise click.BadParameter(f"{value!r} is not a positive size", param_hint=option)
     return size
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from rich.table import Table
 from ..files import format_size
 from ..llama.tools import DEFAULT_LADDER, HOW_TO_GET, doctor
 from ..reader import Model
+from .budget import budget_options, candidates_of, eval_options_of, read_calibration
 from .common import (
     IN_ARG,
     emit_json,
@@ -20,6 +22,7 @@ from .common import (
     json_option,
     llama_bin_option,
     out_console,
+    parse_size,
     step_progress,
 )
 
@@ -96,7 +99,33 @@ def type_progress(enabled: bool = True) -> step_progress:
     help="Allow a quantized IN (quality loss compounds: quantize from F16/BF16 when you can).",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-@click.option("--threads", type=click.IntRange(min=1), help="Threads for llama-quantize (default: its own).")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="Threads for llama-quantize (default: its own); with a target also for llama-perplexity (default: min(4, CPUs)).",
+)
+@click.option(
+    "--tensor-type-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Per-tensor types (PATTERN=TYPE words, as llama-quantize reads them; e.g. a mix saved by --target-size).",
+)
+@click.option(
+    "--target-size",
+    metavar="SIZE",
+    help="Instead of --types: the least-KLD type per tensor whose file fits SIZE (e.g. 90M); see docs/budget.md.",
+)
+@click.option(
+    "--target-bpw",
+    type=float,
+    metavar="BITS",
+    help="Instead of --types: the least-KLD type per tensor at most BITS bits per weight (e.g. 5.5).",
+)
+@budget_options
+@click.option(
+    "--held-out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With a target: the text the result's KLD is measured on (default: the bundled text's last 70%).",
+)
 @llama_bin_option()
 @json_option()
 def quantize_cmd(
@@ -110,17 +139,37 @@ def quantize_cmd(
     allow_requantize: bool,
     force: bool,
     threads: int | None,
+    tensor_type_file: Path | None,
+    target_size: str | None,
+    target_bpw: float | None,
+    design: str,
+    probe: str,
+    candidates: str,
+    calibration: Path | None,
+    no_cache: bool,
+    held_out: Path | None,
     llama_bin: Path | None,
     as_json: bool,
 ) -> None:
     """Quantize IN with llama-quantize, one NAME-TYPE.gguf per type, and report bits per weight,
-    size and time of each. Arguments after -- go to llama-quantize unchanged.
+    size and time of each. Arguments after -- go to llama-quantize unchanged. With --target-size
+    or --target-bpw: measure IN's per-tensor sensitivity (cached), choose a type per tensor under
+    the budget, write NAME-SIZE.gguf and its NAME-SIZE.tensor-types.txt, and report predicted and
+    measured size and KL divergence (on text held out from the calibration text).
 
     \b
     Example:
       gguf-surgeon quantize out.gguf --types Q8_0,Q4_K_M --out-dir quants -- --leave-output-tensor
+      gguf-surgeon quantize model-F16.gguf --target-size 90M --out-dir quants
     """
     from ..llama.quantize import quantize_ladder
+
+    if target_size is not None or target_bpw is not None:
+        return quantize_budget_cmd(
+            source, extra, types, out_dir, name, imatrix, recipe, allow_requantize, force, tensor_type_file,
+            target_size, target_bpw, design, probe, candidates, calibration, held_out, threads, no_cache, llama_bin,
+            as_json,
+        )  # fmt: skip
 
     with type_progress(enabled=not as_json) as progress:
         report = quantize_ladder(
@@ -136,10 +185,92 @@ def quantize_cmd(
             extra_args=extra,
             threads=threads,
             progress=progress,
+            tensor_type_file=tensor_type_file,
         )
     if as_json:
         return emit_json(report.to_dict())
     render_quantize(report)
+
+
+def quantize_budget_cmd(
+    source: Path,
+    extra: tuple[str, ...],
+    types: tuple[str, ...],
+    out_dir: Path | None,
+    name: str | None,
+    imatrix: Path | None,
+    recipe: str | None,
+    allow_requantize: bool,
+    force: bool,
+    tensor_type_file: Path | None,
+    target_size: str | None,
+    target_bpw: float | None,
+    design: str,
+    probe: str,
+    candidates: str,
+    calibration: Path | None,
+    held_out: Path | None,
+    eval_threads: int | None,
+    no_cache: bool,
+    llama_bin: Path | None,
+    as_json: bool,
+) -> None:
+    """quantize --target-size / --target-bpw: allocate, write, measure, report."""
+    from ..budget.allocate import quantize_to_budget
+    from ..errors import OptionError
+    from ..llama.quantize import default_name
+
+    clash = [
+        opt
+        for opt, given in (
+            ("--types", types),
+            ("--imatrix", imatrix),
+            ("--recipe", recipe),
+            ("--tensor-type-file", tensor_type_file),
+            ("llama-quantize arguments after --", extra),
+            ("--target-size and --target-bpw together", target_size is not None and target_bpw is not None),
+        )
+        if given
+    ]
+    if clash:
+        raise OptionError(f"--target-size/--target-bpw choose the types themselves; drop {clash[0]}")
+    size = parse_size(target_size, "--target-size") if target_size is not None else None
+    if target_bpw is not None and not (0 < target_bpw <= 32 and math.isfinite(target_bpw)):
+        raise OptionError(f"--target-bpw {target_bpw}: must be above 0 and at most 32")
+    label = target_size.strip().replace(" ", "") if target_size is not None else f"{target_bpw:g}bpw"
+    out = (out_dir or source.parent) / f"{name or default_name(source)}-{label}.gguf"
+    with step_progress(enabled=not as_json) as progress:
+        result = quantize_to_budget(
+            source,
+            out,
+            target_size=size,
+            target_bpw=target_bpw,
+            design=design,
+            probe=probe,
+            candidates=candidates_of(candidates),
+            options=eval_options_of(llama_bin, eval_threads, no_cache),
+            calibration=read_calibration(calibration),
+            held_out=read_calibration(held_out, "--held-out"),
+            allow_requantize=allow_requantize,
+            force=force,
+            progress=progress,
+        )
+    if as_json:
+        return emit_json(result.to_dict())
+    a = result.allocation
+    limit = f" ({format_size(a.limit)} of tensors)" if a.unit == "tensor bytes" else ""
+    out_console.print(f"Wrote {result.out} for a budget of {result.target}{limit}, and its mix {result.types_file}:")
+    table = Table("", "predicted", "measured", box=None, pad_edge=False)
+    table.add_row("file size", f"{a.predicted_size:,} B", f"{result.size:,} B")
+    table.add_row("bits/weight", "", f"{result.bits_per_weight:.3f}")
+    kld = result.kld
+    measured = "not measured" if kld is None else f"{kld.value:.4g} [{kld.low:.4g}, {kld.high:.4g}]"
+    table.add_row("KL divergence", f"{a.predicted_kld:.4g} (calibration text)", f"{measured} (held-out text)")
+    out_console.print(table)
+    counts = ", ".join(f"{t} x{n}" for t, n in sorted(result.types.items(), key=lambda kv: -kv[1]))
+    out_console.print(f"written types: {counts}")
+    for m in result.mismatches:
+        err_console.print(f"[yellow]warning:[/] written type differs from the prediction: {m}")
 
 
 def render_quantize(report: Any) -> None:

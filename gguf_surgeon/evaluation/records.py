@@ -146,6 +146,7 @@ class KldResult(Record):
     delta_ppl: Estimate  # PPL(model) - PPL(base), paired over chunks
     chunk_kld: tuple[float, ...]
     chunk_same_top: tuple[float, ...]  # fraction per chunk
+    token_mean: float | None = None  # llama-perplexity's own mean over tokens (6 decimals; None under 100 tokens)
 
 
 @dataclass(frozen=True)

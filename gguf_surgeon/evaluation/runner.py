@@ -510,6 +510,7 @@ def _kld_result(
         _interval(math.exp(m_point) - math.exp(b_point), np.exp(m_reps) - np.exp(b_reps)),
         tuple(kld["chunk_kld"]),
         tuple(kld["chunk_same_top"]),
+        kld.get("mean"),
     )
 
 

@@ -59,6 +59,7 @@ _KLD_LINE = re.compile(
     + r"(\S+)\s*%\s*$"
 )
 _KLD_STAT = {
+    "mean": re.compile(r"^Mean\s+KLD:\s*(\S+)"),  # over all tokens, 6 decimals (chunk lines have fewer)
     "median": re.compile(r"^Median\s+KLD:\s*(\S+)"),
     "p99": re.compile(r"^99\.0%\s+KLD:\s*(\S+)"),
     "maximum": re.compile(r"^Maximum\s+KLD:\s*(\S+)"),

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +25,14 @@ from ..metadata import RECIPE_KEY
 from ..operations import build_plan
 from ..reader import Model
 from ..recipe import load_recipe
+from ..vocab import GGML_QUANT_SIZES
 from .imatrix import Imatrix, read_imatrix, remap_imatrix, write_imatrix
 from .tools import DEFAULT_LADDER, find_tool, run_tool
 
 QUANTIZE_TOOL = "llama-quantize"
 UNQUANTIZED = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
+
+UNQUANTIZED_FTYPES = frozenset({"F32", "F16", "BF16", "COPY"})  # types whose runs skip --tensor-type overrides
 
 QuantProgress = Callable[[str, int, int], None]  # (type, tensors done, tensors total)
 
@@ -84,6 +87,124 @@ class QuantizeReport:
             "warnings": list(self.warnings),
             "results": [r.to_dict() for r in self.results],
         }
+
+
+# llama-quantize's tensor_type_fallback (src/llama-quant.cpp): the type written instead of a
+# requested one whose block does not divide a tensor's rows (SmolLM2's 576-wide rows and 256-blocks)
+FALLBACK = {
+    GGMLQuantizationType.Q2_K: GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q3_K: GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.TQ1_0: GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.TQ2_0: GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_K: GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q5_K: GGMLQuantizationType.Q5_1,
+    GGMLQuantizationType.Q6_K: GGMLQuantizationType.Q8_0,
+    **{
+        GGMLQuantizationType[n]: GGMLQuantizationType.IQ4_NL
+        for n in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")
+    },
+}
+_REGEX_SPECIAL = frozenset("^$\\.*+?()[]{}|/")  # ECMAScript's metacharacters (llama-quantize uses std::regex)
+
+
+def written_type(requested: GGMLQuantizationType, row_length: int) -> GGMLQuantizationType:
+    """The type llama-quantize writes for a tensor of `row_length`-element rows when asked for
+    `requested`: its fallback when the type's block does not divide the rows, F16 when the
+    fallback does not either (tensor_type_fallback in the pinned llama.cpp)."""
+    block = GGML_QUANT_SIZES[requested][0]
+    if row_length % block == 0:
+        return requested
+    if requested in FALLBACK:
+        out = FALLBACK[requested]
+    elif block <= 32:
+        out = requested
+    else:
+        raise OptionError(f"{QUANTIZE_TOOL} has no fallback for {requested.name} on {row_length}-element rows")
+    return out if row_length % GGML_QUANT_SIZES[out][0] == 0 else GGMLQuantizationType.F16
+
+
+def tensor_bytes(qtype: GGMLQuantizationType, shape: Sequence[int]) -> int:
+    """Bytes of a tensor of `shape` (ggml order: row length first) stored as `qtype`."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n // block * size
+
+
+def quantizable(name: str, n_dims: int) -> bool:
+    """Whether llama-quantize gives this tensor a new type (tensor_allows_quantization, for the
+    dense decoder tensors this project edits): weights of 2 or more dimensions, not norms."""
+    return n_dims >= 2 and name.endswith("weight") and "_norm.weight" not in name and "ffn_gate_inp" not in name
+
+
+def tensor_pattern(name: str) -> str:
+    """The regex that matches exactly one tensor name (llama-quantize uses regex_search, so anchored)."""
+    return "^" + "".join("\\" + c if c in _REGEX_SPECIAL else c for c in name) + "$"
+
+
+def write_tensor_type_file(mix: Mapping[str, GGMLQuantizationType | str], path: str | Path) -> Path:
+    """Write `mix` (tensor name -> ggml type, e.g. Q4_K or "q4_K") as a --tensor-type-file.
+
+    llama-quantize reads the file as whitespace-separated PATTERN=TYPE words, lowercases each
+    pattern, and gives a tensor the type of the first pattern whose regex_search matches its
+    name; each word here is one anchored, escaped tensor name, so the order does not matter.
+    """
+    path = Path(path)
+    words = []
+    for name, qtype in mix.items():
+        if not name or any(c.isspace() for c in name) or "=" in name or name != name.lower():
+            raise OptionError(
+                f"tensor name {name!r} cannot be given to {QUANTIZE_TOOL} (empty, whitespace, = or upper case)"
+            )
+        words.append(f"{tensor_pattern(name)}={ggml_type(qtype, name).name}")
+    with atomic_output(path) as tmp:
+        tmp.write_text("\n".join(words) + "\n", encoding="utf-8")
+    return path
+
+
+def ggml_type(qtype: GGMLQuantizationType | str, where: str) -> GGMLQuantizationType:
+    """`qtype` as gguf's enum (names case-insensitive, as llama-quantize parses them)."""
+    if isinstance(qtype, GGMLQuantizationType):
+        return qtype
+    try:
+        return GGMLQuantizationType[qtype.strip().upper()]
+    except KeyError:
+        raise OptionError(f"{where}: unknown ggml type {qtype!r}") from None
+
+
+def read_tensor_type_file(path: str | Path) -> dict[str, GGMLQuantizationType]:
+    """PATTERN -> type of a --tensor-type-file in file order (the first match wins in
+    llama-quantize, so a repeated pattern keeps its first type), refusing what llama-quantize refuses."""
+    try:
+        words = Path(path).read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise OptionError(f"{path}: cannot read the tensor-type file: {reason}") from None
+    out: dict[str, GGMLQuantizationType] = {}
+    for w in words:
+        pattern, sep, qtype = w.partition("=")
+        if not sep or not pattern or not qtype:
+            raise OptionError(f"{path}: malformed tensor type {w!r} (expected PATTERN=TYPE)")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise OptionError(f"{path}: bad pattern {pattern!r}: {e}") from None
+        out.setdefault(pattern.lower(), ggml_type(qtype, f"{path}: {w!r}"))
+    return out
+
+
+def mix_of_file(path: str | Path, names: Sequence[str]) -> dict[str, GGMLQuantizationType]:
+    """The requested type of each of `names` under a tensor-type file (first matching pattern),
+    for the names some pattern matches."""
+    patterns = [(re.compile(p), t) for p, t in read_tensor_type_file(path).items()]
+    out = {}
+    for name in names:
+        for rx, t in patterns:
+            if rx.search(name):
+                out[name] = t
+                break
+    return out
 
 
 def quant_types(tool: Path) -> tuple[str, ...]:
@@ -185,6 +306,7 @@ def quantize_ladder(
     extra_args: Sequence[str] = (),
     threads: int | None = None,
     progress: QuantProgress | None = None,
+    tensor_type_file: str | Path | None = None,
 ) -> QuantizeReport:
     """Quantize `source` once per type into ``out_dir/NAME-TYPE.gguf`` (NAME: the input's stem).
 
@@ -193,6 +315,9 @@ def quantize_ladder(
     - `imatrix` (GGUF or legacy .dat) is passed on as --imatrix; with `recipe`, it is taken
       to belong to the model `source` was edited from, and is remapped through the recipe first.
     - `extra_args` go to llama-quantize before its positional arguments.
+    - `tensor_type_file` (see write_tensor_type_file) is passed on as --tensor-type-file: its
+      per-tensor types override the mix. llama-quantize applies overrides only when the
+      requested type is a quantized one, so F16/BF16/F32/COPY with a file is refused.
     - Every output is checked before any run (exists -> OutputError unless `force`); each
       type writes a temp file renamed at the end, so a failure leaves only complete files.
     Raises ToolError (missing tool, unknown type, failed run with its last error lines),
@@ -206,6 +331,16 @@ def quantize_ladder(
     warnings, remapped = _check_source(source, allow_requantize, imatrix, recipe)
     tool = find_tool(QUANTIZE_TOOL, llama_bin)
     qtypes = resolve_types(types, quant_types(tool))
+    if tensor_type_file is not None:
+        tensor_type_file = Path(tensor_type_file).resolve()
+        read_tensor_type_file(tensor_type_file)  # a malformed file is refused before any run
+        ignored = [t for t in qtypes if t in UNQUANTIZED_FTYPES]
+        if ignored:
+            raise OptionError(
+                f"llama-quantize ignores --tensor-type overrides for {', '.join(ignored)}; "
+                "quantize with a quantized type (e.g. Q8_0) as the default"
+            )
+        extra_args = ("--tensor-type-file", str(tensor_type_file), *extra_args)
     outputs = _claim_outputs(source, out_dir, name, qtypes, force)
 
     with tempfile.TemporaryDirectory(prefix="gguf-surgeon-") as work:
@@ -232,6 +367,46 @@ def quantize_ladder(
         recipe if remapped is not None else None,
         extra_args,
     )
+
+
+def quantize_mix(
+    source: str | Path,
+    out: str | Path,
+    mix: Mapping[str, GGMLQuantizationType | str],
+    *,
+    base_type: str = "Q8_0",
+    allow_requantize: bool = False,
+    force: bool = False,
+    llama_bin: str | Path | None = None,
+    threads: int | None = None,
+    progress: QuantProgress | None = None,
+) -> QuantizeReport:
+    """Quantize `source` into `out`, each tensor of `mix` (name -> requested type) through a
+    --tensor-type-file, every other quantizable tensor as `base_type` (which must be a quantized
+    type: llama-quantize ignores overrides otherwise). A requested type whose block does not
+    divide a tensor's rows is written as its fallback (written_type). Raises OptionError for a
+    name the source lacks, OutputError for an existing `out` without `force`, ToolError as
+    quantize_ladder does; the report's one result is the written file."""
+    source, out = Path(source), Path(out)
+    if base_type.upper() in UNQUANTIZED_FTYPES:
+        raise OptionError(f"{QUANTIZE_TOOL} ignores per-tensor types with {base_type}; use a quantized base type")
+    warnings, _ = _check_source(source, allow_requantize, None, None)
+    with Model(source) as m:
+        names = {t.name for t in m.tensors}
+    missing = sorted(set(mix) - names)
+    if missing:
+        raise OptionError(f"{source}: has no tensor {missing[0]!r} (named by the type mix)")
+    if out.exists() and out.resolve() == source.resolve():
+        raise OutputError(f"{out}: is the input")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: exists; pass --force to overwrite")
+    tool = find_tool(QUANTIZE_TOOL, llama_bin)
+    (qtype,) = resolve_types([base_type], quant_types(tool))
+    with tempfile.TemporaryDirectory(prefix="gguf-surgeon-") as work:
+        types_file = write_tensor_type_file(mix, Path(work) / "tensor-types.txt")
+        extra = ("--tensor-type-file", str(types_file))
+        result = _quantize_one(tool, source, out, qtype, allow_requantize, None, extra, threads, progress, None)
+    return QuantizeReport(source, tool, (result,), tuple(warnings), extra_args=extra[:1])
 
 
 def _check_options(

@@ -1,0 +1,349 @@
+"""Size budgets: the tensor-type file llama-quantize honours, the types and bytes it writes, the
+sensitivity split, the allocator under a budget, and the whole quantize --target-size path."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGMLQuantizationType as T
+
+from gguf_surgeon.budget.allocate import allocate, quantize_to_budget
+from gguf_surgeon.budget.menu import Menu, Option, Slot, build_menu
+from gguf_surgeon.budget.sensitivity import (
+    GroupCost,
+    Sensitivity,
+    bundled_texts,
+    design_batches,
+    fit_table,
+    split_costs,
+    split_text,
+)
+from gguf_surgeon.cli import main
+from gguf_surgeon.errors import OptionError
+from gguf_surgeon.evaluation.suite import EvalOptions
+from gguf_surgeon.llama.quantize import (
+    mix_of_file,
+    quantize_mix,
+    read_tensor_type_file,
+    tensor_bytes,
+    write_tensor_type_file,
+    written_type,
+)
+from gguf_surgeon.llama.server import LlamaServer
+
+SMOLLM2_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture
+def wide_model(make_model) -> Path:
+    """A 6-block F32 qwen3 with 256-wide rows (K-quants apply) and a 288-wide ffn_down (they fall back)."""
+    return make_model("wide.gguf", n_embd=256, ff=288, n_head=4, n_head_kv=2)
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+# --- without llama.cpp ------------------------------------------------------------------
+
+
+def test_written_type_follows_llama_quantize_fallbacks():
+    # SmolLM2's 576-wide rows: the 256-block K-quants become legacy 32-block types
+    assert [written_type(t, 576) for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.F16)] == [
+        T.Q4_0,
+        T.Q4_0,
+        T.Q5_0,
+        T.Q5_1,
+        T.Q8_0,
+        T.Q8_0,
+        T.F16,
+    ]
+    assert written_type(T.Q4_K, 1536) == T.Q4_K  # 6 x 256
+    assert written_type(T.Q3_K, 40) == T.F16  # not even a multiple of 32
+    assert tensor_bytes(T.Q4_K, (1536, 576)) == 1536 * 576 // 256 * 144
+
+
+def test_tensor_type_file_round_trip(tmp_path: Path):
+    mix = {"blk.0.attn_q.weight": "q4_K", "token_embd.weight": T.Q8_0, "blk.10.ffn_down.weight": "F16"}
+    path = write_tensor_type_file(mix, tmp_path / "mix.txt")
+    words = path.read_text().split()
+    assert words[0] == r"^blk\.0\.attn_q\.weight$=Q4_K"
+    assert read_tensor_type_file(path)[r"^token_embd\.weight$"] == T.Q8_0
+    names = ["blk.0.attn_q.weight", "blk.0.attn_q.weightx", "blk.10.ffn_down.weight", "blk.1.ffn_down.weight"]
+    assert mix_of_file(path, names) == {"blk.0.attn_q.weight": T.Q4_K, "blk.10.ffn_down.weight": T.F16}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("blk.0=", "malformed"),
+        ("=Q4_K", "malformed"),
+        ("blk.0=Q9_X", "unknown ggml type"),
+        ("blk(=Q4_K", "bad pattern"),
+    ],
+)
+def test_bad_tensor_type_file_is_refused(tmp_path: Path, content: str, message: str):
+    path = tmp_path / "bad.txt"
+    path.write_text(content)
+    with pytest.raises(OptionError, match=message):
+        read_tensor_type_file(path)
+
+
+def test_tensor_names_llama_quantize_cannot_match_are_refused(tmp_path: Path):
+    for bad in ("Blk.0.attn_q.weight", "a b", "a=b"):
+        with pytest.raises(OptionError):
+            write_tensor_type_file({bad: "Q8_0"}, tmp_path / "m.txt")
+    assert not (tmp_path / "m.txt").exists()
+
+
+def test_fit_table_recovers_a_block_times_kind_table():
+    rng = np.random.default_rng(1)
+    seed = rng.uniform(0.5, 2.0, (5, 7))
+    truth = np.outer(rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 7)) * seed
+    fitted = fit_table(seed, truth.sum(1), truth.sum(0))
+    np.testing.assert_allclose(fitted, truth, rtol=1e-6)
+
+
+def test_halves_design_splits_a_block_whose_cost_sits_in_one_half():
+    kinds = ("attn_q", "attn_v", "ffn_up", "ffn_down")
+    slots = [Slot(f"blk.{b}.{k}.weight", b, k, (32, 32), ()) for b in range(4) for k in kinds]
+    slots.append(Slot("token_embd.weight", None, "token_embd", (32, 8), ()))
+    error = {s.name: 1.0 + 0.1 * i for i, s in enumerate(slots)}
+    # truth: block 3's attention is nearly free, its feed-forward expensive; elsewhere kind x block
+    truth = {s.name: error[s.name] * (1 + s.block) * (1 + kinds.index(s.kind)) for s in slots if s.block is not None}
+    truth.update({f"blk.3.{k}.weight": 0.01 for k in ("attn_q", "attn_v")})
+    truth["token_embd.weight"] = 5.0
+    for design in ("batched", "halves"):
+        batches = design_batches(slots, design)
+        assert batches[-1][0] == "all" and set(batches[-1][1]) == {s.name for s in slots}
+        measured = {label: sum(truth[n] for n in names) for label, names in batches}
+        costs = split_costs(slots, measured, design, error)
+        assert costs["token_embd.weight"] == 5.0
+        assert sum(costs.values()) == pytest.approx(measured["all"])
+        attn3 = costs["blk.3.attn_q.weight"] + costs["blk.3.attn_v.weight"]
+        if design == "halves":
+            assert len(batches) == 2 * 4 + len(kinds) + 1 + 1
+            assert attn3 == pytest.approx(0.02)  # the half's own probe
+        else:
+            assert len(batches) == 4 + len(kinds) + 1 + 1
+            assert attn3 > 1.0  # the block x kind fit gives it a kind-average share
+
+
+def test_split_text_keeps_calibration_and_held_out_apart():
+    calibration, held_out = bundled_texts()
+    assert calibration.strip() and held_out.strip()
+    assert not set(calibration.split("\n\n")) & set(held_out.split("\n\n"))
+    assert 0.2 < len(calibration) / (len(calibration) + len(held_out)) < 0.45
+    with pytest.raises(OptionError):
+        split_text("one paragraph only", 0.5)
+
+
+def synthetic(rng: np.random.Generator, n: int = 6) -> Sensitivity:
+    """A Sensitivity over n made-up tensors: 3-5 options each, error falling with bytes."""
+    slots, groups = [], []
+    for i in range(n):
+        k = int(rng.integers(3, 6))
+        sizes = np.sort(rng.choice(np.arange(1, 40), k, replace=False)) * 32
+        errors = np.sort(rng.uniform(0, 10, k))[::-1]
+        errors[-1] = 0.0
+        opts = tuple(Option(f"R{j}", f"W{j}", int(sizes[j]), float(errors[j])) for j in range(k))
+        slots.append(Slot(f"t{i}", i, "kind", (32, 1), opts))
+        groups.append(GroupCost(f"t{i}", i, "kind", "W0", float(errors[0]), float(rng.uniform(0.1, 2))))
+    menu = Menu(tuple(slots), 1000, 32, 10_000, 0)
+    return Sensitivity("m", "0" * 64, "each", "R0", 100, menu, tuple(groups), (), 1.0, 0.0)
+
+
+def test_allocation_stays_in_budget_and_is_close_to_the_best_mix():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        sens = synthetic(rng)
+        menu = sens.menu
+        lo, hi = menu.smallest(), menu.largest()
+        previous = None
+        for limit in np.linspace(lo, hi, 7).astype(int):
+            a = allocate(sens, int(limit))
+            assert a.predicted_size == menu.file_size(a.written) <= limit
+            if previous is not None:
+                assert a.predicted_kld <= previous + 1e-12  # more bytes never predict more KLD
+            previous = a.predicted_kld
+            best = min(
+                sum(sens.cost(s.name, o.written) for s, o in zip(menu.slots, combo))
+                for combo in itertools.product(*(s.options for s in menu.slots))
+                if menu.fixed_bytes + sum(o.nbytes for o in combo) <= limit
+            )
+            spread = max(sens.cost(s.name, s.options[0].written) for s in menu.slots)
+            assert a.predicted_kld <= best + spread  # the greedy's bound: within one item of the optimum
+        with pytest.raises(OptionError, match="over the budget"):
+            allocate(sens, lo - 1)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5M", "1.5X"])
+def test_bad_target_size_is_one_error_line(tiny: Path, tmp_path: Path, value: str):
+    r = run_cli("quantize", str(tiny), "--target-size", value, "--out-dir", str(tmp_path / "o"))
+    assert r.exit_code == 2, r.output
+    assert r.output.count("\n") == 1 and r.output.startswith("Error: Invalid value for --target-size: "), r.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target-size", "1K"], "the smallest types of these candidates take"),
+        (["--target-bpw", "0"], "--target-bpw 0.0: must be above 0"),
+        (["--target-bpw", "nan"], "must be above 0"),
+        (["--target-size", "10M", "--target-bpw", "4"], "drop --target-size and --target-bpw together"),
+        (["--target-size", "10M", "--types", "Q8_0"], "drop --types"),
+        (["--target-size", "10M", "--candidates", "Q4_K,Q9_Z"], "unknown candidate type 'Q9_Z'"),
+    ],
+)
+def test_impossible_budget_is_refused_before_any_work(tiny: Path, tmp_path: Path, args: list[str], message: str):
+    out = tmp_path / "o"
+    out.mkdir()
+    r = run_cli("quantize", str(tiny), *args, "--out-dir", str(out))
+    assert r.exit_code == 1, r.output
+    assert r.output.count("\n") == 1 and r.output.startswith("Error: ") and message in r.output, r.output
+    assert list(out.iterdir()) == []
+
+
+# --- llama.cpp --------------------------------------------------------------------------
+
+
+def read_types(path: Path) -> dict[str, tuple[T, int]]:
+    """name -> (type, bytes) with gguf's own reader."""
+    return {t.name: (T(int(t.tensor_type)), int(t.n_bytes)) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.slow
+def test_tensor_type_file_is_honoured_and_sized_to_the_byte(
+    wide_model: Path, tmp_path: Path, llama_bin: Path, gguf_loader
+):
+    menu = build_menu(wide_model, llama_bin=llama_bin)
+    # every option of every tensor once: tensor i takes option (i mod its options)
+    requested = {s.name: s.options[i % len(s.options)].requested for i, s in enumerate(menu.slots)}
+    written = {s.name: s.options[i % len(s.options)].written for i, s in enumerate(menu.slots)}
+    assert {o.written for s in menu.slots for o in s.options} >= {"Q2_K", "Q3_K", "Q4_K", "Q4_0", "Q5_0", "Q8_0", "F16"}
+    out = tmp_path / "mix.gguf"
+    quantize_mix(wide_model, out, requested, llama_bin=llama_bin)
+    gguf_loader.assert_loads(out)
+    got = read_types(out)
+    by_name = {s.name: s for s in menu.slots}
+    for name, wt in written.items():
+        assert got[name][0].name == wt, name
+        assert got[name][1] == by_name[name].option(wt).nbytes == tensor_bytes(T[wt], by_name[name].shape), name
+    assert out.stat().st_size == menu.file_size(written)
+    for name, (qtype, _) in got.items():
+        if name not in written:
+            assert qtype == T.F32  # norms stay as they are
+    # the weight error of each option is the one of the grid llama-quantize wrote
+    assert all(s.options[-1].error < s.options[0].error for s in menu.slots)
+
+
+@pytest.mark.slow
+def test_quantize_target_size_end_to_end(make_model, tmp_path: Path, llama_bin: Path, gguf_loader, monkeypatch):
+    # a tiny model's llama-perplexity exits within milliseconds of its last lines, and llama.cpp's
+    # logger loses them about half the time on a loaded machine (llama/perplexity.py): more retries
+    monkeypatch.setattr("gguf_surgeon.llama.perplexity.OUTPUT_ATTEMPTS", 16)
+    model = make_model("wide.gguf", n_blocks=1, n_embd=256, ff=288, n_head=4, n_head_kv=2)
+    calibration, held_out = bundled_texts()
+    # 4 chunks of 256 each for the byte-level tiny vocab (as tests/test_eval.py): short runs
+    texts = {"calibration": calibration[:1600], "held_out": held_out[:1600]}
+    options = EvalOptions(llama_bin=llama_bin, threads=2, cache_dir=tmp_path / "cache" / "eval")
+    budget = 560_000  # between the smallest (216 kB) and the largest (1.16 MB) mix of this model
+    out = tmp_path / "q" / "wide-800K.gguf"
+    result = quantize_to_budget(model, out, target_size=budget, options=options, **texts)
+    assert result.types_file == tmp_path / "q" / "wide-800K.tensor-types.txt"
+    gguf_loader.assert_loads(out)
+    assert out.stat().st_size == result.size == result.allocation.predicted_size <= budget
+    assert result.mismatches == ()
+    got = read_types(out)
+    assert {n: got[n][0].name for n in result.allocation.written} == result.allocation.written
+    requested = result.allocation.requested
+    assert mix_of_file(result.types_file, list(requested)) == {n: T[t] for n, t in requested.items()}
+    assert len(set(result.allocation.written.values())) > 1  # a real mix, not one type
+    assert result.kld is not None and result.kld.value >= 0
+    # the saved mix reproduces the file through plain quantize --tensor-type-file
+    again = run_cli(
+        "quantize",
+        str(model),
+        "--types",
+        "Q8_0",
+        "--tensor-type-file",
+        str(result.types_file),
+        "--out-dir",
+        str(tmp_path / "again"),
+        "--llama-bin",
+        str(llama_bin),
+        "--json",
+    )
+    assert again.exit_code == 0, again.output
+    path = Path(json.loads(again.output)["results"][0]["path"])
+    assert read_types(path) == got and path.stat().st_size == out.stat().st_size
+    # a second budget reuses the cached sensitivity, and a bits-per-weight budget holds on the file
+    second = quantize_to_budget(
+        model, tmp_path / "q" / "wide-6bpw.gguf", target_bpw=6.0, options=options, **texts, measure_kld=False
+    )
+    assert second.sensitivity_cached
+    assert second.bits_per_weight <= 6.0
+    # the CLI's sensitivity report on the same cache: table, JSON and heat map
+    text = tmp_path / "calibration.txt"
+    text.write_text(texts["calibration"], encoding="utf-8")
+    plot = tmp_path / "sens.png"
+    r = CliRunner().invoke(
+        main,
+        ["sensitivity", str(model), "--calibration", str(text), "--threads", "2", "--plot", str(plot), "--json"],
+        env={"GGUF_SURGEON_CACHE": str(tmp_path / "cache"), "GGUF_SURGEON_LLAMA_BIN": str(llama_bin)},
+    )
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["cached"] and {g["name"] for g in data["groups"]} == set(requested)
+    assert data["joint_kld"] > 0 and all(g["kld"] >= 0 for g in data["groups"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_smollm2_allocated_mix_answers_like_the_base(smollm2: Path, tmp_path: Path, llama_bin: Path, gguf_loader):
+    """The F16 base made from SmolLM2's Q4_1, a mix allocated at 5 bits per weight among three
+    types (weight errors as the only sensitivity: this test checks the written mix, not the costs)."""
+    import subprocess
+
+    base = tmp_path / "smollm2-f16.gguf"
+    subprocess.run(
+        [str(llama_bin / "llama-quantize"), "--allow-requantize", str(smollm2), str(base), "F16"],
+        check=True,
+        capture_output=True,
+    )
+    menu = build_menu(base, ("Q3_K", "Q4_K", "Q6_K"), llama_bin=llama_bin, threads=2)
+    groups = tuple(
+        GroupCost(s.name, s.block, s.kind, s.options[0].written, 0.0, 1.0 / s.options[0].nbytes) for s in menu.slots
+    )
+    sens = Sensitivity(str(base), "", "each", "Q3_K", 0, menu, groups, (), 0.0, 0.0)
+    a = allocate(sens, int(5.0 * menu.parameters / 8), "tensor bytes")
+    out = tmp_path / "mix.gguf"
+    report = quantize_mix(base, out, a.requested, llama_bin=llama_bin, threads=2)
+    gguf_loader.assert_loads(out)
+    assert report.results[0].bits_per_weight <= 5.0
+    assert len(set(a.written.values())) >= 3
+    assert out.stat().st_size == a.predicted_size
+    assert {n: t.name for n, (t, _) in read_types(out).items() if n in a.written} == a.written
+    with LlamaServer(llama_bin, out, ctx_size=512, threads=2) as server:
+        answer = server.completion(SMOLLM2_PROMPT, n_predict=24)["content"]
+    assert "Paris" in answer, answer
+
+
+@pytest.mark.slow
+def test_tensor_type_file_with_an_unquantized_type_is_refused(tiny: Path, tmp_path: Path, llama_bin: Path):
+    """llama-quantize would silently ignore the file with F16: refused before any run."""
+    mix = write_tensor_type_file({"blk.0.attn_q.weight": "Q4_K"}, tmp_path / "mix.txt")
+    r = run_cli(
+        "quantize", str(tiny), "--types", "F16", "--tensor-type-file", str(mix),
+        "--out-dir", str(tmp_path / "o"), "--llama-bin", str(llama_bin),
+    )  # fmt: skip
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "ignores --tensor-type overrides for F16" in r.output
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
