@@ -7,13 +7,16 @@ tensor comes from, so a dry run can report the exact output size and the writer 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PlanError
 from .hazards import check_hazards
 from .metadata import MetadataChange, OutputField, plan_metadata
-from .plan import LayerPlan
+from .operations import REGISTRY
+from .operations.delete import windows
+from .plan import LayerPlan, LayerSource
 from .reader import MAX_NAME, Model, TensorInfo
 from .vocab import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -42,10 +45,15 @@ class OutputTensor:
     shape: tuple[int, ...]
     ggml_type: GGMLQuantizationType
     sources: tuple[tuple[TensorInfo, float], ...]  # one (tensor, 1.0): a byte copy; more: a blend
+    data: bytes | None = None  # computed bytes (a healed tensor), written as they are; sources: what it replaces
 
     @property
     def is_copy(self) -> bool:
-        return len(self.sources) == 1
+        return len(self.sources) == 1 and self.data is None
+
+    @property
+    def is_computed(self) -> bool:
+        return self.data is not None
 
     @property
     def n_bytes(self) -> int:
@@ -68,6 +76,67 @@ class Surgery:
     changes: tuple[MetadataChange, ...]
     warnings: tuple[str, ...]
     conversions: tuple[str, ...]  # blended tensors written in another type than their source
+    heal_windows: tuple[HealWindow, ...] = ()  # the healed deletions of the plan
+    healed: tuple[str, ...] = ()  # output tensors a heal rewrites (computed bytes, or still to compute)
+
+    @property
+    def needs_heal_data(self) -> bool:
+        """A healed deletion whose corrected tensors were not given: the writer refuses it."""
+        by_name = {t.name: t for t in self.tensors}
+        return any(not by_name[n].is_computed for n in self.healed)
+
+
+HEAL_TENSOR = "ffn_down.weight"  # the kept block's tensor a heal folds its correction into
+
+
+@dataclass(frozen=True)
+class HealWindow:
+    """One healed deletion window: the source blocks it removes and the kept block before it."""
+
+    kept: int  # source block the correction is folded into
+    deleted: tuple[int, ...]  # source blocks of the window, in the order they ran
+    outputs: tuple[int, ...]  # output blocks that hold `kept` (each gets the corrected tensor)
+
+    def tensor_names(self) -> tuple[str, ...]:
+        return tuple(f"blk.{i}.{HEAL_TENSOR}" for i in self.outputs)
+
+
+def heal_windows(plan: LayerPlan) -> tuple[HealWindow, ...]:
+    """The healed deletion windows of `plan`, replayed step by step in source-block terms.
+
+    Each window must follow a kept block that is a plain copy (not a blend) and that is still in
+    the output; a block may take at most one window's correction."""
+    layers: tuple[LayerSource, ...] = tuple(LayerSource.copy(i) for i in range(plan.source_block_count))
+    found: list[tuple[int, tuple[int, ...], str]] = []
+    for n, step in enumerate(plan.steps, 1):
+        if step.op == "delete" and getattr(step.args, "heal", False):
+            for first, last in windows(step.args.blocks):
+                if first == 0:
+                    raise PlanError(f"step {n} {step.text!r}: heal: window {first}-{last} has no block before it")
+                kept, window = layers[first - 1], layers[first : last + 1]
+                if not kept.is_copy or not all(l.is_copy for l in window):
+                    raise PlanError(
+                        f"step {n} {step.text!r}: heal needs plain copied blocks around window {first}-{last}, "
+                        "not blends"
+                    )
+                found.append((kept.parts[0][0], tuple(l.parts[0][0] for l in window), step.text))
+        layers = REGISTRY[step.op].apply(step.args, layers)
+    out: list[HealWindow] = []
+    seen: set[int] = set()
+    for kept, deleted, text in found:
+        if kept in seen:
+            raise PlanError(f"{text!r}: heal: block {kept} would take two corrections; heal one window per block")
+        seen.add(kept)
+        outputs = tuple(i for i, l in enumerate(plan.layers) if l == LayerSource.copy(kept))
+        if not outputs:
+            raise PlanError(f"{text!r}: heal: block {kept}, which takes the correction, is not in the output")
+        out.append(HealWindow(kept, deleted, outputs))
+    return tuple(out)
+
+
+def heal_type(t: TensorInfo) -> GGMLQuantizationType:
+    """The type a healed tensor is written in: its source type where gguf can quantize it, else F16."""
+    return t.ggml_type if t.ggml_type in QUANTIZABLE else GGMLQuantizationType.F16
 
 
 def block_suffix_sets(blocks: list[list[TensorInfo]]) -> list[frozenset[str]]:
@@ -108,9 +177,18 @@ def blend_type(parts: list[TensorInfo]) -> GGMLQuantizationType:
 
 
 def plan_surgery(
-    model: Model, plan: LayerPlan, name: str | None = None, force: bool = False, alignment: int | None = None
+    model: Model,
+    plan: LayerPlan,
+    name: str | None = None,
+    force: bool = False,
+    alignment: int | None = None,
+    computed: Mapping[str, tuple[GGMLQuantizationType, bytes]] | None = None,
+    heal_metadata: Mapping[str, str | int] | None = None,
 ) -> Surgery:
-    """Check `plan` against `model` and describe the output; raises PlanError when it cannot fit."""
+    """Check `plan` against `model` and describe the output; raises PlanError when it cannot fit.
+
+    `computed` maps output tensor names of healed tensors to (ggml type, bytes) computed outside
+    the core (analysis.heal); `heal_metadata` adds `surgery.heal.*` keys recording how."""
     blocks = model.blocks()
     n = len(blocks)
     if plan.source_block_count != n:
@@ -124,7 +202,16 @@ def plan_surgery(
         raise PlanError(f"alignment {alignment} is not a power of two of at least 8")
     if alignment is not None and alignment > MAX_ALIGNMENT:
         raise PlanError(f"alignment {alignment} is too large: at most {MAX_ALIGNMENT} (1 MiB)")
-    fields, changes, meta_warnings = plan_metadata(model, plan, name, alignment)
+    try:
+        windows_ = heal_windows(plan)
+    except PlanError as e:
+        raise PlanError(f"{model.path}: {e}") from None
+    healed = tuple(n for w in windows_ for n in w.tensor_names())
+    computed = dict(computed or {})
+    unknown = sorted(set(computed) - set(healed))
+    if unknown:
+        raise PlanError(f"{model.path}: computed tensors {unknown} are not rewritten by a heal in this plan")
+    fields, changes, meta_warnings = plan_metadata(model, plan, name, alignment, heal_metadata if healed else None)
     warnings += meta_warnings
 
     by_suffix = [{t.block_suffix: t for t in b} for b in blocks]
@@ -167,6 +254,21 @@ def plan_surgery(
     tail = [t for t in model.tensors[first_block:] if t.block_index is None]
     as_copy = lambda t: OutputTensor(t.name, t.shape, t.ggml_type, ((t, 1.0),))  # noqa: E731
     tensors = [as_copy(t) for t in head] + block_tensors + [as_copy(t) for t in tail]
+    healed_set = set(healed)
+    for i, t in enumerate(tensors):
+        if t.name in healed_set:
+            src = t.sources[0][0]
+            if not can_dequantize(src.ggml_type):
+                raise PlanError(f"{model.path}: cannot heal {src.name}: gguf cannot read {src.ggml_type.name}")
+            ggml_type, data = computed.get(t.name, (heal_type(src), None))
+            out_t = OutputTensor(t.name, t.shape, ggml_type, t.sources, data)
+            if data is not None and len(data) != out_t.n_bytes:
+                raise PlanError(
+                    f"{model.path}: computed {t.name} has {len(data)} bytes; {ggml_type.name} {list(t.shape)} needs {out_t.n_bytes}"
+                )
+            tensors[i] = out_t
+            if ggml_type != src.ggml_type:
+                conversions.append(f"{t.name}: {src.ggml_type.name} -> {ggml_type.name} (healed)")
     check_names(tensors, model.path)
     return Surgery(
         model.path,
@@ -177,4 +279,6 @@ def plan_surgery(
         tuple(changes),
         tuple(warnings),
         tuple(conversions),
+        windows_,
+        healed,
     )

@@ -235,6 +235,8 @@ def operation_command(name: str) -> click.Command:
                 tokens += value
             elif p.kind == "argument":
                 tokens.append(value)
+            elif p.kind == "flag":
+                tokens += [p.name] if value else []
             elif value is not None:
                 tokens += [f"--{p.name}", value]
         # the values reach the operation's parser as tokens, never pasted into recipe text
@@ -242,7 +244,9 @@ def operation_command(name: str) -> click.Command:
 
     f = writer_options(command)
     for p in reversed(op.params):
-        if p.kind == "option":
+        if p.kind == "flag":
+            f = click.option(f"--{p.name}", p.name, is_flag=True, help=p.help)(f)
+        elif p.kind == "option":
             f = click.option(
                 f"--{p.name}",
                 p.name,
@@ -253,7 +257,7 @@ def operation_command(name: str) -> click.Command:
             )(f)
     f = IN_ARG(OUT_ARG(f))
     for p in reversed(op.params):
-        if p.kind != "option":
+        if p.kind in ("argument", "arguments"):
             f = click.argument(p.name, nargs=-1 if p.kind == "arguments" else 1, required=True)(f)
     example = f"\n\n\b\nExample:\n  {op.example}" if op.example else ""
     return click.command(name, help=f"{op.help or op.summary}{example}")(f)
