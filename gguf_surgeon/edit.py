@@ -102,9 +102,15 @@ def report(
             {"kept": w.kept, "deleted": list(w.deleted), "outputs": list(w.outputs)} for w in surgery.heal_windows
         ],
         "healed_tensors": [
-            {"name": t.name, "type": t.ggml_type.name, "source": t.sources[0][0].name, "computed": t.is_computed}
+            {
+                "name": t.name,
+                "type": t.ggml_type.name,
+                "source": t.sources[0][0].name,
+                "source_type": t.sources[0][0].ggml_type.name,
+                "computed": t.is_computed,
+            }
             for t in surgery.tensors
-            if t.name in set(surgery.healed)
+            if t.healed
         ],
         "output_size": size,
         "files": files,

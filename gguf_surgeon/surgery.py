@@ -45,11 +45,12 @@ class OutputTensor:
     shape: tuple[int, ...]
     ggml_type: GGMLQuantizationType
     sources: tuple[tuple[TensorInfo, float], ...]  # one (tensor, 1.0): a byte copy; more: a blend
-    data: bytes | None = None  # computed bytes (a healed tensor), written as they are; sources: what it replaces
+    healed: bool = False  # rewritten by a heal: sources holds the tensor it replaces, data its new bytes
+    data: bytes | None = None  # a healed tensor's bytes, computed outside the core (analysis.heal)
 
     @property
     def is_copy(self) -> bool:
-        return len(self.sources) == 1 and self.data is None
+        return len(self.sources) == 1 and not self.healed
 
     @property
     def is_computed(self) -> bool:
@@ -75,7 +76,7 @@ class Surgery:
     tensors: tuple[OutputTensor, ...]
     changes: tuple[MetadataChange, ...]
     warnings: tuple[str, ...]
-    conversions: tuple[str, ...]  # blended tensors written in another type than their source
+    conversions: tuple[str, ...]  # blended or healed tensors written in another type than their source
     heal_windows: tuple[HealWindow, ...] = ()  # the healed deletions of the plan
     healed: tuple[str, ...] = ()  # output tensors a heal rewrites (computed bytes, or still to compute)
 
@@ -261,7 +262,7 @@ def plan_surgery(
             if not can_dequantize(src.ggml_type):
                 raise PlanError(f"{model.path}: cannot heal {src.name}: gguf cannot read {src.ggml_type.name}")
             ggml_type, data = computed.get(t.name, (heal_type(src), None))
-            out_t = OutputTensor(t.name, t.shape, ggml_type, t.sources, data)
+            out_t = OutputTensor(t.name, t.shape, ggml_type, t.sources, True, data)
             if data is not None and len(data) != out_t.n_bytes:
                 raise PlanError(
                     f"{model.path}: computed {t.name} has {len(data)} bytes; {ggml_type.name} {list(t.shape)} needs {out_t.n_bytes}"

@@ -70,5 +70,5 @@ OPERATION = Operation(
         ),
     ),
     help="Delete one or more blocks or ranges (10 12-14); --heal corrects for them (docs/heal.md).",
-    example="gguf-surgeon delete 10 12-14 in.gguf out.gguf",
+    example="gguf-surgeon delete 10 12-14 in.gguf out.gguf\n  gguf-surgeon delete 12-15 --heal in.gguf out.gguf",
 )
