@@ -323,28 +323,35 @@ def heal_metadata(
     }
 
 
-def compute_heal(
+@dataclass(frozen=True)
+class Calibration:
+    """The running sums of every healed window of a surgery, and how they were made: what a fit
+    needs, so several estimators can be fitted from one calibration pass."""
+
+    path: Path
+    surgery: Surgery
+    folds: dict[int, list[_Sums]]  # kept block -> the sums of each fold
+    downs: dict[int, np.ndarray]  # kept block -> its ffn_down (n_embd, n_ff) float32
+    n_tokens: int
+    sha256: str  # of the calibration text (or of the given token ids)
+    tokenizer: str  # "llama.cpp", "greedy" (llama-server not found) or "given"
+    seconds: dict[str, float]  # tokenize, calibration
+
+
+def calibrate(
     path: str | Path,
     surgery: Surgery,
     *,
     text: str | None = None,
     tokens: Sequence[int] | None = None,
     max_tokens: int = DEFAULT_TOKENS,
-    estimator: str = DEFAULT_ESTIMATOR,
-    ggml_type: GGMLQuantizationType | None = None,
     llama_bin: str | Path | None = None,
     progress: HealProgress | None = None,
-) -> HealResult:
-    """The corrected tensors of `surgery`'s healed deletions, calibrated on `text` (default:
-    calibration_text()) or on given `tokens`, cut to `max_tokens`. The tensors are written in
-    the surgery's planned type (the source's where gguf.quants can write it, else F16) unless
-    `ggml_type` says otherwise.
-
-    Deterministic: the same model, text, token count and estimator give the same bytes.
-    Raises ForwardError for a model the reference pass cannot run (naming what is missing),
-    RankError for a text under 2 tokens, ToolError when llama-server fails."""
-    if estimator not in ESTIMATORS:
-        raise ForwardError(f"unknown heal estimator {estimator!r} (known: {', '.join(ESTIMATORS)})")
+) -> Calibration:
+    """The calibration pass of `surgery`'s healed deletions over `text` (default:
+    calibration_text()) or given `tokens`, cut to `max_tokens`. Raises ForwardError for a
+    model the reference pass cannot run (naming what is missing), RankError for a text under
+    2 tokens, ToolError when llama-server fails."""
     path = Path(path)
     windows = surgery.heal_windows
     if not windows:
@@ -401,55 +408,95 @@ def compute_heal(
                 folds[kept] = sums
             if progress:
                 progress("calibration", i + 1, last + 1)
-        t1 = time.monotonic()
+    t1 = time.monotonic()
+    return Calibration(
+        path, surgery, folds, downs, len(ids), sha, tokenizer, {"tokenize": t0 - started, "calibration": t1 - t0}
+    )
 
-        computed: dict[str, tuple[GGMLQuantizationType, bytes]] = {}
-        fits: list[WindowFit] = []
-        solve_s = encode_s = 0.0
-        by_name = {t.name: t for t in surgery.tensors}
-        for n, hw in enumerate(windows):
-            s0 = time.monotonic()
-            down = downs[hw.kept]
-            used, alpha, new, cv, cv_all = solve_window(estimator, folds[hw.kept], down)
-            if not np.isfinite(new).all():
-                raise ForwardError(f"{path}: the heal of block {hw.kept} is not finite")
-            s1 = time.monotonic()
-            planned = by_name[hw.tensor_names()[0]]
-            out_type = planned.ggml_type if ggml_type is None else ggml_type
-            data = encode_rows(np.ascontiguousarray(new), out_type)
-            written = dequantize(np.frombuffer(data, np.uint8).reshape(new.shape[0], -1), out_type)
-            written = written.reshape(new.shape).astype(np.float32)
-            s2 = time.monotonic()
-            solve_s += s1 - s0
-            encode_s += s2 - s1
-            for name in hw.tensor_names():
-                computed[name] = (out_type, data)
-            total = folds[hw.kept][0]
-            for f in folds[hw.kept][1:]:
-                total = total + f
-            plain = total.sse(down.T)
-            scale = 1.0 / plain if plain > 0 else 0.0  # errors relative to the plain deletion's
-            fits.append(
-                WindowFit(
-                    hw.kept,
-                    hw.deleted,
-                    hw.tensor_names(),
-                    out_type.name,
-                    planned.sources[0][0].ggml_type.name,
-                    used,
-                    alpha,
-                    scale * total.sse(new.T),
-                    scale * cv,
-                    scale * total.sse(written.T),
-                    float(np.linalg.norm(written - new) / max(np.linalg.norm(new), 1e-30)),
-                    {k: scale * v for k, v in cv_all.items()},
-                )
+
+def fit(
+    cal: Calibration,
+    estimator: str = DEFAULT_ESTIMATOR,
+    ggml_type: GGMLQuantizationType | None = None,
+    progress: HealProgress | None = None,
+) -> HealResult:
+    """The corrected tensors of a calibration's windows by `estimator`, written in the
+    surgery's planned type (the source's where gguf.quants can write it, else F16) unless
+    `ggml_type` says otherwise. Deterministic: the same calibration gives the same bytes."""
+    if estimator not in ESTIMATORS:
+        raise ForwardError(f"unknown heal estimator {estimator!r} (known: {', '.join(ESTIMATORS)})")
+    surgery, folds, downs, windows = cal.surgery, cal.folds, cal.downs, cal.surgery.heal_windows
+    computed: dict[str, tuple[GGMLQuantizationType, bytes]] = {}
+    fits: list[WindowFit] = []
+    solve_s = encode_s = 0.0
+    by_name = {t.name: t for t in surgery.tensors}
+    for n, hw in enumerate(windows):
+        s0 = time.monotonic()
+        down = downs[hw.kept]
+        used, alpha, new, cv, cv_all = solve_window(estimator, folds[hw.kept], down)
+        if not np.isfinite(new).all():
+            raise ForwardError(f"{cal.path}: the heal of block {hw.kept} is not finite")
+        s1 = time.monotonic()
+        planned = by_name[hw.tensor_names()[0]]
+        out_type = planned.ggml_type if ggml_type is None else ggml_type
+        data = encode_rows(np.ascontiguousarray(new), out_type)
+        written = dequantize(np.frombuffer(data, np.uint8).reshape(new.shape[0], -1), out_type)
+        written = written.reshape(new.shape).astype(np.float32)
+        s2 = time.monotonic()
+        solve_s += s1 - s0
+        encode_s += s2 - s1
+        for name in hw.tensor_names():
+            computed[name] = (out_type, data)
+        total = folds[hw.kept][0]
+        for f in folds[hw.kept][1:]:
+            total = total + f
+        plain = total.sse(down.T)
+        scale = 1.0 / plain if plain > 0 else 0.0  # errors relative to the plain deletion's
+        fits.append(
+            WindowFit(
+                hw.kept,
+                hw.deleted,
+                hw.tensor_names(),
+                out_type.name,
+                planned.sources[0][0].ggml_type.name,
+                used,
+                alpha,
+                scale * total.sse(new.T),
+                scale * cv,
+                scale * total.sse(written.T),
+                float(np.linalg.norm(written - new) / max(np.linalg.norm(new), 1e-30)),
+                {k: scale * v for k, v in cv_all.items()},
             )
-            if progress:
-                progress("solve", n + 1, len(windows))
-    metadata = heal_metadata(surgery, estimator, sha, len(ids), tokenizer, fits)
-    seconds = {"tokenize": t0 - started, "calibration": t1 - t0, "solve": solve_s, "encode": encode_s}
-    return HealResult(HealData(computed, metadata), tuple(fits), estimator, len(ids), sha, tokenizer, seconds)
+        )
+        if progress:
+            progress("solve", n + 1, len(windows))
+    metadata = heal_metadata(surgery, estimator, cal.sha256, cal.n_tokens, cal.tokenizer, fits)
+    seconds = {**cal.seconds, "solve": solve_s, "encode": encode_s}
+    return HealResult(
+        HealData(computed, metadata), tuple(fits), estimator, cal.n_tokens, cal.sha256, cal.tokenizer, seconds
+    )
+
+
+def compute_heal(
+    path: str | Path,
+    surgery: Surgery,
+    *,
+    text: str | None = None,
+    tokens: Sequence[int] | None = None,
+    max_tokens: int = DEFAULT_TOKENS,
+    estimator: str = DEFAULT_ESTIMATOR,
+    ggml_type: GGMLQuantizationType | None = None,
+    llama_bin: str | Path | None = None,
+    progress: HealProgress | None = None,
+) -> HealResult:
+    """calibrate() then fit(): the corrected tensors of `surgery`'s healed deletions.
+    Deterministic: the same model, text, token count and estimator give the same bytes."""
+    if estimator not in ESTIMATORS:
+        raise ForwardError(f"unknown heal estimator {estimator!r} (known: {', '.join(ESTIMATORS)})")
+    cal = calibrate(
+        path, surgery, text=text, tokens=tokens, max_tokens=max_tokens, llama_bin=llama_bin, progress=progress
+    )
+    return fit(cal, estimator, ggml_type, progress)
 
 
 def _in_order(w: HealWindow) -> bool:

