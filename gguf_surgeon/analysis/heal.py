@@ -200,7 +200,10 @@ class _Problem:
             A, B, W0 = D @ sums.A @ D.T, D @ sums.B, np.eye(D.shape[0])
         self.A, self.B, self.W0 = A, B, W0
         self.scale = float(np.trace(A)) / A.shape[0]
-        self.eig = np.linalg.eigh(A) if decompose and estimator != "diagonal" else None
+        self.eig = None
+        if decompose and estimator != "diagonal":  # many alphas: rotate once, then each is elementwise
+            evals, evecs = np.linalg.eigh(A)
+            self.eig = (evals, evecs, evecs.T @ B, evecs.T @ W0)
 
     def solve(self, alpha: float) -> np.ndarray:
         """The solution for lam = alpha * scale: through the eigendecomposition when there is
@@ -212,8 +215,8 @@ class _Problem:
         if self.eig is None:
             W = np.linalg.solve(self.A + lam * np.eye(self.A.shape[0]), self.B + lam * self.W0)
         else:
-            evals, evecs = self.eig
-            W = evecs @ ((evecs.T @ (self.B + lam * self.W0)) / np.maximum(evals + lam, 1e-300)[:, None])
+            evals, evecs, QtB, QtW0 = self.eig
+            W = evecs @ ((QtB + lam * QtW0) / np.maximum(evals + lam, 1e-300)[:, None])
         return W if self.estimator in ("ridge", "lstsq") else self.D.T @ W
 
 
