@@ -95,7 +95,7 @@ class HealWindow:
     """One healed deletion window: the source blocks it removes and the kept block before it."""
 
     kept: int  # source block the correction is folded into
-    deleted: tuple[int, ...]  # source blocks of the window, in the order they ran
+    deleted: tuple[int, ...]  # source blocks of the window: kept + 1 ... kept + n
     outputs: tuple[int, ...]  # output blocks that hold `kept` (each gets the corrected tensor)
 
     def tensor_names(self) -> tuple[str, ...]:
@@ -120,7 +120,15 @@ def heal_windows(plan: LayerPlan) -> tuple[HealWindow, ...]:
                         f"step {n} {step.text!r}: heal needs plain copied blocks around window {first}-{last}, "
                         "not blends"
                     )
-                found.append((kept.parts[0][0], tuple(l.parts[0][0] for l in window), step.text))
+                k, deleted = kept.parts[0][0], tuple(l.parts[0][0] for l in window)
+                if deleted != tuple(range(k + 1, k + 1 + len(deleted))):
+                    # the correction maps what K's successors did in the base; reordered, there is none
+                    raise PlanError(
+                        f"step {n} {step.text!r}: heal needs window {first}-{last} to be the blocks right after "
+                        f"the one before it in the source's order (source blocks {list(deleted)} follow {k}); "
+                        "heal the deletion before reordering"
+                    )
+                found.append((k, deleted, step.text))
         layers = REGISTRY[step.op].apply(step.args, layers)
     out: list[HealWindow] = []
     seen: set[int] = set()

@@ -134,6 +134,8 @@ def test_heal_errors_are_one_line_and_leave_nothing(tiny: Path, make_model, tmp_
             "architecture 'gpt2' is not supported by the reference forward pass (supported: llama, qwen3)",
         ),
         (("delete", 3, "--heal", "--dry-run", gpt2, out), "architecture 'gpt2' is not supported"),
+        (("apply", "swap 3 4; delete 4 heal", tiny, out), "heal the deletion before reordering"),
+        (("apply", "delete 4 heal; delete 3 heal", tiny, out), "block 3, which takes the correction, is not in"),
         (("delete", 3, "--calibration-tokens", 50, tiny, out), "--calibration-tokens needs a recipe that heals"),
         (("delete", 3, "--heal", "--heal-estimator", "magic", tiny, out), "'magic' is not one of auto, ridge"),
         (("delete", 3, "--heal", "--calibration", tmp_path / "none.txt", tiny, out), "--calibration: no such file"),

@@ -388,7 +388,7 @@ def calibrate(
         folds: dict[int, list[_Sums]] = {}
         downs: dict[int, np.ndarray] = {}
         open_: dict[int, tuple[list, list]] = {}  # kept -> (r, f) per chunk, until the window's end
-        last = max(max(w.deleted) for w in windows)
+        last = max(max(w.deleted) for w in windows)  # windows are kept + 1 ... kept + n (surgery.heal_windows)
         for i in range(last + 1):
             w = ref.load_block(i)
             if i in by_kept:
@@ -397,14 +397,9 @@ def calibrate(
                 downs[i] = w.down
             streams = [ref.run_block(w, x, p, factors) for x, p in zip(streams, positions)]
             del w
-            for kept in [k for k in open_ if max(by_kept[k].deleted) == i or not _in_order(by_kept[k])]:
-                hw = by_kept[kept]
+            for kept in [k for k in open_ if max(by_kept[k].deleted) == i]:  # the window's output
                 rs, fs = open_.pop(kept)
-                targets = streams  # in source order: the stream after the window's last block
-                if not _in_order(hw):  # blocks out of source order: run them on K's output
-                    for j in hw.deleted:
-                        wj = ref.load_block(j)
-                        targets = [ref.run_block(wj, x, p, factors) for x, p in zip(targets, positions)]
+                targets = streams
                 sums = [_Sums(fs[0].shape[1], rs[0].shape[1]) for _ in range(FOLDS)]
                 for c in range(len(chunks)):
                     sums[c % FOLDS].add(fs[c], targets[c] - rs[c])
@@ -500,11 +495,6 @@ def compute_heal(
         path, surgery, text=text, tokens=tokens, max_tokens=max_tokens, llama_bin=llama_bin, progress=progress
     )
     return fit(cal, estimator, ggml_type, progress)
-
-
-def _in_order(w: HealWindow) -> bool:
-    """The window's blocks directly follow the kept block in source order (the usual case)."""
-    return w.deleted == tuple(range(w.kept + 1, w.kept + 1 + len(w.deleted)))
 
 
 __all__ = [
