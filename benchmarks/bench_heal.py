@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -36,8 +37,17 @@ from bench_surgery import SHAPES, Shape, generate  # noqa: E402
 from gguf_surgeon.analysis.heal import ESTIMATORS, calibrate, fit, held_out_text  # noqa: E402
 from gguf_surgeon.analysis.rank import rank_model  # noqa: E402
 from gguf_surgeon.edit import edit, prepare  # noqa: E402
-from gguf_surgeon.evaluation.runner import evaluate, kl_divergence  # noqa: E402
-from gguf_surgeon.evaluation.suite import EvalOptions  # noqa: E402
+from gguf_surgeon.evaluation.answers import is_correct  # noqa: E402
+from gguf_surgeon.evaluation.runner import kl_divergence  # noqa: E402
+from gguf_surgeon.evaluation.suite import (  # noqa: E402
+    FACTUAL_N_PREDICT,
+    FACTUAL_SYSTEM_PROMPT,
+    SERVER_CTX,
+    EvalOptions,
+    load_suite,
+)
+from gguf_surgeon.llama.server import LlamaServer, apply_chat_template, complete  # noqa: E402
+from gguf_surgeon.llama.tools import find_tool  # noqa: E402
 from gguf_surgeon.reader import Model  # noqa: E402
 from gguf_surgeon.vocab import GGMLQuantizationType  # noqa: E402
 
@@ -46,21 +56,45 @@ def recipe_of(start: int, size: int) -> str:
     return f"delete {start}" if size == 1 else f"delete {start}-{start + size - 1}"
 
 
-def measure(path: Path, base: Path, options: EvalOptions, factual: bool) -> dict:
-    """KLD to the base on the held-out text (with its interval); with `factual`, the full eval
-    (its KLD is the same llama-perplexity run, from the cache) for the factual accuracy."""
+def factual(path: Path, options: EvalOptions) -> tuple[int, int]:
+    """(correct, asked) on the suite's first questions, asked as `eval` asks them (chat template,
+    its system prompt, greedy, FACTUAL_N_PREDICT tokens) and scored by its is_correct. Only the
+    factual part: the full eval's forced-continuation scoring takes many minutes per model on a
+    shared 2-core machine."""
+    questions = load_suite(options).questions
+    with LlamaServer(
+        find_tool("llama-server", options.llama_bin).parent,
+        path,
+        ctx_size=SERVER_CTX,
+        threads=options.threads,
+        extra_args=("--jinja", "--seed", str(options.seed), "-b", str(options.batch)),
+    ) as server:
+        correct = 0
+        for q in questions:
+            msgs = [{"role": "system", "content": FACTUAL_SYSTEM_PROMPT}, {"role": "user", "content": q.question}]
+            prompt = apply_chat_template(server.url, msgs, None, options.request_timeout)
+            reply = complete(server.url, prompt, FACTUAL_N_PREDICT, options.seed, options.request_timeout)
+            correct += is_correct(reply.text, q)
+    return correct, len(questions)
+
+
+def measure(path: Path, base: Path, options: EvalOptions, with_factual: bool) -> dict:
+    """KLD to the base on the held-out text (llama-perplexity through eval's runner, interval
+    over chunks); with `with_factual`, the factual answers with a Wilson 95% interval."""
     k = kl_divergence(path, base, options)
     out = {"kld": k.mean.value, "kld_low": k.mean.low, "kld_high": k.mean.high, "same_top": k.same_top.value}
-    if factual:
-        f = evaluate(path, base=base, options=options).factual
-        out.update(
-            factual=f.accuracy.value,
-            factual_low=f.accuracy.low,
-            factual_high=f.accuracy.high,
-            correct=f.correct,
-            questions=f.total,
-        )
+    if with_factual:
+        correct, total = factual(path, options)
+        low, high = wilson(correct, total)
+        out.update(factual=correct / total, factual_low=low, factual_high=high, correct=correct, questions=total)
     return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
 
 
 def quality(args: argparse.Namespace, work: Path) -> list[dict]:
@@ -76,19 +110,21 @@ def quality(args: argparse.Namespace, work: Path) -> list[dict]:
     )
     ranking = rank_model(model, llama_bin=args.llama_bin)  # the eval text's first 128 tokens: calibration half
     best = {w.size: w for w in ranking.best_windows()}
-    rows = []
+    rows: list[dict] = []
     head = (
         f"{'recipe':<14} {'variant':<22} {'KLD [95%]':<26} {'×plain':>6} {'factual [95%]':<22}"
         f" {'cv err':>6} {'requant+':>8}"
     )
     print(f"held-out KLD on {held.stat().st_size} bytes; factual on the first {args.questions} questions", flush=True)
+    base_correct, asked = factual(model, options)
+    print(f"base: factual {base_correct}/{asked}", flush=True)
     print(head)
     for size in args.sizes:
         w = best[size]
         recipe = recipe_of(w.start, size)
         plain = work / f"plain-{size}.gguf"
         edit(model, plain, recipe)
-        p = measure(plain, model, options, factual=True)
+        p = measure(plain, model, options, True)
         rows.append({"recipe": recipe, "variant": "plain", **p})
         print_row(recipe, "plain", p, p["kld"])
         with Model(model) as m:
@@ -108,7 +144,7 @@ def quality(args: argparse.Namespace, work: Path) -> list[dict]:
             t0 = time.perf_counter()
             edit(model, out, recipe + " heal", heal=res.data)
             write_s = time.perf_counter() - t0
-            h = measure(out, model, options, factual=args.factual == "all" or (est == "auto" and out_type is None))
+            h = measure(out, model, options, args.factual == "all" or (est == "auto" and out_type is None))
             row = {
                 "recipe": recipe,
                 "variant": name,
