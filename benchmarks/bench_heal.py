@@ -180,15 +180,15 @@ def print_row(recipe: str, name: str, m: dict, plain_kld: float, cv: float | Non
     print(f"{recipe:<14} {name:<22} {kld:<26} {m['kld'] / plain_kld:6.2f} {fac:<22}{extra}", flush=True)
 
 
-def cost(path: Path, recipe: str, tokens: list[int] | None, llama_bin: Path | None, work: Path) -> dict:
-    """Seconds of one heal (auto): calibration pass, solve, write; and of the plain deletion's write."""
+def cost(path: Path, recipe: str, tokens: list[int] | None, llama_bin: Path | None, work: Path, estimator: str) -> dict:
+    """Seconds of one heal: calibration pass, solve, write; and of the plain deletion's write."""
     with Model(path) as m:
         surgery = prepare(m, recipe + " heal")
         n_ff = m.tensor("blk.0.ffn_down.weight").shape[0]
     t0 = time.perf_counter()
     cal = calibrate(path, surgery, tokens=tokens, llama_bin=llama_bin)
     t1 = time.perf_counter()
-    res = fit(cal, "auto")
+    res = fit(cal, estimator)
     t2 = time.perf_counter()
     out = work / "cost.gguf"
     edit(path, out, recipe + " heal", heal=res.data)
@@ -201,6 +201,7 @@ def cost(path: Path, recipe: str, tokens: list[int] | None, llama_bin: Path | No
     return {
         "model": path.name,
         "recipe": recipe + " heal",
+        "estimator": f"{estimator}→{res.fits[0].estimator}" if estimator == "auto" else estimator,
         "n_ff": n_ff,
         "tokens": cal.n_tokens,
         "blocks_run": blocks_run,
@@ -213,26 +214,41 @@ def cost(path: Path, recipe: str, tokens: list[int] | None, llama_bin: Path | No
     }
 
 
+def eigh_seconds(n: int) -> float:
+    """One float64 symmetric eigendecomposition of size n (the ridge estimator's cross-validation
+    does one per fold at n = n_ff; transform's at n = n_embd)."""
+    x = np.random.default_rng(0).standard_normal((n, n))
+    a = x @ x.T
+    t0 = time.perf_counter()
+    np.linalg.eigh(a)
+    return time.perf_counter() - t0
+
+
 def costs(args: argparse.Namespace, work: Path) -> list[dict]:
-    rows = [cost(args.model, "delete 14-15", None, args.llama_bin, work)]
+    rows = [cost(args.model, "delete 14-15", None, args.llama_bin, work, "auto")]
     # Qwen3-1.7B's block shape (n_embd 2048, n_ff 6144, 16/8 heads) with only 4 blocks: the
-    # calibration cost per block and the solve at full width are the 1.7B's; a window deeper
-    # in the real 28-block file runs more blocks (calibration scales with the blocks run)
+    # calibration cost per block is the 1.7B's (a window deeper in the real 28-block file runs
+    # more blocks: calibration scales with the blocks run); the n_ff-wide ridge solve is too slow
+    # for a shared 2-core machine, so transform (n_embd wide) is measured and eigh timed apart
     s17 = SHAPES["1.7B"]
     shape = Shape(4, s17.hidden, s17.ff, s17.heads, s17.kv_heads, s17.head_dim, s17.vocab, s17.merges)
     qwen = generate(work / "qwen3-1.7b-shape-4blocks.gguf", shape)
-    tokens = np.random.default_rng(0).integers(0, s17.vocab, 2048).tolist()  # its vocabulary is synthetic
-    rows.append(cost(qwen, "delete 2", tokens, args.llama_bin, work))
+    tokens = np.random.default_rng(0).integers(0, s17.vocab, args.cost_tokens).tolist()  # synthetic vocabulary
+    rows.append(cost(qwen, "delete 2", tokens, args.llama_bin, work, "transform"))
     print(
-        f"\n{'model':<38} {'recipe':<18} {'n_ff':>5} {'tokens':>6} {'blocks':>6} {'calib s':>8} {'s/block':>8}"
-        f" {'solve s':>8} {'write s':>8} {'plain write s':>13}"
+        f"\n{'model':<34} {'recipe':<16} {'estimator':<12} {'n_ff':>5} {'tokens':>6} {'blocks':>6} {'calib s':>8}"
+        f" {'s/block':>8} {'solve s':>8} {'write s':>8} {'plain write s':>13}"
     )
     for r in rows:
         print(
-            f"{r['model']:<38} {r['recipe']:<18} {r['n_ff']:>5} {r['tokens']:>6} {r['blocks_run']:>6}"
-            f" {r['calibration_s']:8.1f} {r['per_block_s']:8.2f} {r['solve_s']:8.1f} {r['write_s']:8.2f}"
-            f" {r['plain_write_s']:13.2f}"
+            f"{r['model']:<34} {r['recipe']:<16} {r['estimator']:<12} {r['n_ff']:>5} {r['tokens']:>6}"
+            f" {r['blocks_run']:>6} {r['calibration_s']:8.1f} {r['per_block_s']:8.2f} {r['solve_s']:8.1f}"
+            f" {r['write_s']:8.2f} {r['plain_write_s']:13.2f}"
         )
+    for n in (1536, 2048, 3072):
+        sec = eigh_seconds(n)
+        rows.append({"eigh_n": n, "seconds": sec})
+        print(f"eigh({n}): {sec:.1f} s; n^3 scaling gives eigh(6144) ~ {sec * (6144 / n) ** 3:.0f} s")
     return rows
 
 
@@ -252,6 +268,7 @@ def main() -> None:
     ap.add_argument("--llama-bin", type=Path)
     ap.add_argument("--cache-dir", type=Path, help="eval cache (default: a fresh temp folder)")
     ap.add_argument("--cost-only", action="store_true")
+    ap.add_argument("--cost-tokens", type=int, default=512, help="calibration tokens of the 1.7B-shaped cost run")
     ap.add_argument("--no-cost", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
