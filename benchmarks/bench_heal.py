@@ -225,7 +225,7 @@ def eigh_seconds(n: int) -> float:
 
 
 def costs(args: argparse.Namespace, work: Path) -> list[dict]:
-    rows = [cost(args.model, "delete 14-15", None, args.llama_bin, work, "auto")]
+    rows = [] if args.skip_smollm2_cost else [cost(args.model, "delete 14-15", None, args.llama_bin, work, "auto")]
     # Qwen3-1.7B's block shape (n_embd 2048, n_ff 6144, 16/8 heads) with only 4 blocks: the
     # calibration cost per block is the 1.7B's (a window deeper in the real 28-block file runs
     # more blocks: calibration scales with the blocks run); the n_ff-wide ridge solve is too slow
@@ -268,6 +268,7 @@ def main() -> None:
     ap.add_argument("--llama-bin", type=Path)
     ap.add_argument("--cache-dir", type=Path, help="eval cache (default: a fresh temp folder)")
     ap.add_argument("--cost-only", action="store_true")
+    ap.add_argument("--skip-smollm2-cost", action="store_true", help="the quality run's rows time SmolLM2's heals too")
     ap.add_argument("--cost-tokens", type=int, default=512, help="calibration tokens of the 1.7B-shaped cost run")
     ap.add_argument("--no-cost", action="store_true")
     ap.add_argument("--json", type=Path)

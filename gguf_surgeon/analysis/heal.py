@@ -209,11 +209,17 @@ class _Problem:
         """The solution for lam = alpha * scale: through the eigendecomposition when there is
         one (many alphas), else one linear solve (the final fit)."""
         lam = alpha * self.scale
+        if not np.isfinite(self.scale) or self.scale <= 0:  # no activations to fit (all zero): keep D
+            return self.D.T.copy()
         if self.estimator == "diagonal":
             s = (np.diag(self.B) + lam) / (np.diag(self.A) + lam)
             return self.D.T * s[None, :]
         if self.eig is None:
-            W = np.linalg.solve(self.A + lam * np.eye(self.A.shape[0]), self.B + lam * self.W0)
+            M, rhs = self.A + lam * np.eye(self.A.shape[0]), self.B + lam * self.W0
+            try:
+                W = np.linalg.solve(M, rhs)
+            except np.linalg.LinAlgError:  # singular in float64 (degenerate activations): least norm
+                W = np.linalg.lstsq(M, rhs, rcond=None)[0]
         else:
             evals, evecs, QtB, QtW0 = self.eig
             W = evecs @ ((QtB + lam * QtW0) / np.maximum(evals + lam, 1e-300)[:, None])
