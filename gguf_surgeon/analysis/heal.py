@@ -21,8 +21,8 @@ Estimators, all computed from the same running sums of the n_ff-dimensional acti
 
 lam = alpha * trace(A_x) / dim(x) for the estimator's input x. Except for ``lstsq``, alpha is
 chosen per window by two-fold cross-validation over ALPHAS on the calibration tokens alone
-(the chunks alternate between two folds; each fold's fit, requantized to the type it will be
-written in, is scored on the other fold's error, from the sums, without another pass); ``auto`` (the default) picks, per window, the
+(the chunks alternate between two folds; each fold's fit is scored on the other fold's
+error, from the sums, without another pass); ``auto`` (the default) picks, per window, the
 estimator and alpha with the lowest cross-validated error. docs/heal.md has the measurements.
 
 Memory is bounded by the calibration tokens, not the model: the reference pass advances all
@@ -117,7 +117,7 @@ class WindowFit:
     estimator: str  # the estimator used (auto's choice, for auto)
     alpha: float
     healed_error: float  # in-sample, with the float32 correction
-    cv_error: float  # cross-validated (each fold's fit, requantized, on the other fold's tokens)
+    cv_error: float  # cross-validated (each fold's float fit on the other fold's tokens)
     requantized_error: float  # in-sample, with the correction as written (requantized)
     weight_error: float  # ||written - float32|| / ||float32|| of the corrected tensor
     cv_by_estimator: dict[str, float]  # each fitted estimator's cross-validated error (at its best alpha)
@@ -233,12 +233,11 @@ def requantized(down_new: np.ndarray, ggml_type: GGMLQuantizationType) -> tuple[
     return data, back.reshape(down_new.shape).astype(np.float32)
 
 
-def _choose_alpha(
-    estimator: str, folds: Sequence[_Sums], down: np.ndarray, ggml_type: GGMLQuantizationType
-) -> tuple[float, float]:
-    """(alpha, cross-validated SSE): each fold's fit, requantized to `ggml_type` as it will be
-    written, scored on the other folds' sums (a large correction can lose more to rounding
-    than it gains)."""
+def _choose_alpha(estimator: str, folds: Sequence[_Sums], down: np.ndarray) -> tuple[float, float]:
+    """(alpha, cross-validated SSE): each fold's float fit scored on the other folds' sums.
+    Not requantized: on SmolLM2 the residual-stream error overstates what Q4_1 rounding costs
+    in KLD, and scoring requantized fits chose no correction where the float choice halved
+    a third of the loss (docs/heal.md)."""
     alphas: Sequence[float] = (LSTSQ_ALPHA,) if estimator == "lstsq" else ALPHAS
     problems = []
     for k in range(len(folds)):
@@ -249,20 +248,19 @@ def _choose_alpha(
         problems.append((_Problem(estimator, fit, down), folds[k]))
     best = (alphas[0], np.inf)
     for alpha in alphas:
-        err = sum(test.sse(requantized(p.solve(alpha).T, ggml_type)[1].T) for p, test in problems)
+        err = sum(test.sse(p.solve(alpha)) for p, test in problems)
         if err < best[1]:
             best = (alpha, err)
     return best
 
 
 def solve_window(
-    estimator: str, folds: Sequence[_Sums], down: np.ndarray, ggml_type: GGMLQuantizationType
+    estimator: str, folds: Sequence[_Sums], down: np.ndarray
 ) -> tuple[str, float, np.ndarray, float, dict[str, float]]:
     """(estimator used, alpha, corrected ffn_down (n_embd, n_ff) float32, cross-validated SSE,
-    cross-validated SSE of every estimator tried), the errors with the correction as written
-    in `ggml_type`."""
+    cross-validated SSE of every estimator tried)."""
     tried = FITTED if estimator == "auto" else (estimator,)
-    scores = {name: _choose_alpha(name, folds, down, ggml_type) for name in tried}
+    scores = {name: _choose_alpha(name, folds, down) for name in tried}
     name = min(scores, key=lambda k: scores[k][1])
     alpha, cv = scores[name]
     total = folds[0]
@@ -451,7 +449,7 @@ def fit(
         down = downs[hw.kept]
         planned = by_name[hw.tensor_names()[0]]
         out_type = planned.ggml_type if ggml_type is None else ggml_type
-        used, alpha, new, cv, cv_all = solve_window(estimator, folds[hw.kept], down, out_type)
+        used, alpha, new, cv, cv_all = solve_window(estimator, folds[hw.kept], down)
         if not np.isfinite(new).all():
             raise ForwardError(f"{cal.path}: the heal of block {hw.kept} is not finite")
         s1 = time.monotonic()
