@@ -240,3 +240,14 @@ def test_healed_smollm2_answers(smollm2: Path, tmp_path: Path, llama_bin: Path):
     assert w["cv_error"] < 1  # beats the plain deletion on calibration tokens it was not fitted to
     answer, _ = generate(llama_bin, out, CHATML_FRANCE, n=16)
     assert "Paris" in answer, answer
+
+
+@pytest.mark.slow
+def test_search_scores_healed_and_plain_deletions_alike(tiny: Path, tmp_path: Path, llama_bin: Path):
+    """The search's scorer builds a healed candidate (calibrated when built) and scores it with
+    the same short KLD as a plain one: on the tiny model the healed deletion scores lower."""
+    from test_search import scorer_for
+
+    scorer = scorer_for(tiny, tmp_path)
+    healed, plain = scorer.short("delete 3 heal", "h"), scorer.short("delete 3", "p")
+    assert 0 < healed.kld < plain.kld, (healed, plain)
