@@ -9,9 +9,11 @@ from typing import Any
 import numpy as np
 
 from .errors import SurgeonError
+from .metadata import HEAL_TENSORS_KEY
 from .operations import build_plan, format_layer_spec
 from .reader import Model, TensorInfo
 from .recipe import parse_recipe
+from .surgery import HEAL_TENSOR
 from .vocab import GGUFValueType
 
 LONG_ARRAY = 16  # arrays longer than this are summarized, not listed, in a diff
@@ -30,6 +32,7 @@ class ModelDiff:
     block_map: tuple[int | None, ...]  # B's block i equals A's block block_map[i] (None: no match)
     globals_changed: tuple[str, ...]  # non-block tensors whose bytes differ or that exist in one only
     recipe: str | None  # a recipe turning A's blocks into B's, when every B block matches one of A's
+    healed: tuple[str, ...] = ()  # B's tensors a heal rewrote (its surgery.heal.tensors), left out of matching
 
     def to_dict(self) -> dict:
         return {
@@ -37,6 +40,7 @@ class ModelDiff:
             "block_map": list(self.block_map),
             "globals_changed": list(self.globals_changed),
             "recipe": self.recipe,
+            "healed": list(self.healed),
         }
 
 
@@ -82,8 +86,9 @@ def blocks_equal(a: Model, block_a: list[TensorInfo], b: Model, block_b: list[Te
     return all(tensors_equal(a, t, b, by_suffix[t.block_suffix]) for t in block_a)
 
 
-def match_blocks(a: Model, b: Model) -> tuple[int | None, ...]:
-    """For each block of B, the first block of A with identical tensors (None when none is)."""
+def match_blocks(a: Model, b: Model, healed: frozenset[str] = frozenset()) -> tuple[int | None, ...]:
+    """For each block of B, the first block of A with identical tensors (None when none is).
+    B's tensors named in `healed` (rewritten by a heal) are left out of the comparison."""
     blocks_a, blocks_b = a.blocks(), b.blocks()
     candidates: dict[str, list[int]] = {}
     for i, block in enumerate(blocks_a):
@@ -91,10 +96,20 @@ def match_blocks(a: Model, b: Model) -> tuple[int | None, ...]:
     out = []
     for block in blocks_b:
         found = None
-        for i in candidates.get(block_signature(b, block), []):
-            if blocks_equal(a, blocks_a[i], b, block):
-                found = i
-                break
+        skip = {t.block_suffix for t in block if t.name in healed}
+        if skip:  # the signature covers every tensor: compare the rest of the block directly
+            rest = [t for t in block if t.block_suffix not in skip]
+            for i, cand in enumerate(blocks_a):
+                if {t.block_suffix for t in cand} == {t.block_suffix for t in block} and blocks_equal(
+                    a, [t for t in cand if t.block_suffix not in skip], b, rest
+                ):
+                    found = i
+                    break
+        else:
+            for i in candidates.get(block_signature(b, block), []):
+                if blocks_equal(a, blocks_a[i], b, block):
+                    found = i
+                    break
         out.append(found)
     return tuple(out)
 
@@ -158,7 +173,9 @@ def diff_models(a: Model, b: Model) -> ModelDiff:
             meta.append(KeyDiff(key, _shown(a, key), _shown(b, key)))
     meta += [KeyDiff(k, None, _shown(b, k)) for k in b.fields if k not in a.fields]
 
-    block_map = match_blocks(a, b)
+    listed = b.value(HEAL_TENSORS_KEY)
+    healed = tuple(n for n in str(listed).split(",") if n) if listed else ()
+    block_map = match_blocks(a, b, frozenset(healed))
 
     globals_changed = []
     ga = {t.name: t for t in a.tensors if t.block_index is None}
@@ -172,5 +189,25 @@ def diff_models(a: Model, b: Model) -> ModelDiff:
 
     recipe = None
     if all(i is not None for i in block_map):
-        recipe = derive_recipe([i for i in block_map if i is not None], len(a.blocks()))
-    return ModelDiff(tuple(meta), block_map, tuple(globals_changed), recipe)
+        order = [i for i in block_map if i is not None]
+        recipe = derive_recipe(order, len(a.blocks()))
+        if healed:
+            recipe = _with_heal(recipe, order, len(a.blocks()), healed)
+    return ModelDiff(tuple(meta), block_map, tuple(globals_changed), recipe, healed)
+
+
+def _with_heal(recipe: str, order: list[int], n_source: int, healed: tuple[str, ...]) -> str | None:
+    """The derived recipe with its deletion healed, when that deletion's windows are exactly the
+    ones whose kept blocks B's heal rewrote; else None (the heal is not expressible here)."""
+    first, _, rest = recipe.partition("; ")
+    if not first.startswith("delete "):
+        return None
+    deleted = [i for i in range(n_source) if i not in set(order)]
+    kept: set[str] = set()
+    for start in (i for i in deleted if i - 1 not in deleted):  # each window's first block
+        if start - 1 not in order:
+            return None
+        kept.add(f"blk.{order.index(start - 1)}.{HEAL_TENSOR}")
+    if kept != set(healed):
+        return None
+    return "; ".join([first + " heal", *([rest] if rest else [])])

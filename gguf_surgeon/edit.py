@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from .plan import LayerPlan, Step
 from .reader import Model
 from .recipe import load_recipe
 from .surgery import Surgery, plan_surgery
+from .vocab import GGMLQuantizationType
 from .writer import Progress, WriteResult, check_output, layout, write_surgery
 
 
@@ -42,9 +44,31 @@ def plan_for(model: Model, recipe: str | tuple[Step, ...]) -> LayerPlan:
         raise PlanError(f"{model.path}: {e}") from None
 
 
-def prepare(model: Model, recipe: str | tuple[Step, ...], options: EditOptions = EditOptions()) -> Surgery:
+Computed = Mapping[str, tuple[GGMLQuantizationType, bytes]]  # output tensor name -> (type, bytes)
+
+
+@dataclass(frozen=True)
+class HealData:
+    """A heal's corrected tensors and the `surgery.heal.*` values recording how they were made
+    (computed in the periphery, by analysis.heal.compute_heal)."""
+
+    tensors: Computed
+    metadata: Mapping[str, str | int]
+
+
+def prepare(
+    model: Model, recipe: str | tuple[Step, ...], options: EditOptions = EditOptions(), heal: HealData | None = None
+) -> Surgery:
     """Parse and check the recipe against the model; nothing is written."""
-    return plan_surgery(model, plan_for(model, recipe), options.name, options.may_mismatch, options.alignment)
+    return plan_surgery(
+        model,
+        plan_for(model, recipe),
+        options.name,
+        options.may_mismatch,
+        options.alignment,
+        heal.tensors if heal else None,
+        heal.metadata if heal else None,
+    )
 
 
 def check_outputs(model: Model, surgery: Surgery, out: Path, options: EditOptions = EditOptions()) -> None:
@@ -75,6 +99,20 @@ def report(
         "metadata_changes": [{"key": c.key, "old": c.old, "new": c.new} for c in surgery.changes],
         "warnings": list(surgery.warnings),
         "conversions": list(surgery.conversions),
+        "heal_windows": [
+            {"kept": w.kept, "deleted": list(w.deleted), "outputs": list(w.outputs)} for w in surgery.heal_windows
+        ],
+        "healed_tensors": [
+            {
+                "name": t.name,
+                "type": t.ggml_type.name,
+                "source": t.sources[0][0].name,
+                "source_type": t.sources[0][0].ggml_type.name,
+                "computed": t.is_computed,
+            }
+            for t in surgery.tensors
+            if t.healed
+        ],
         "output_size": size,
         "files": files,
     }
@@ -89,10 +127,12 @@ def edit(
     recipe: str | tuple[Step, ...],
     options: EditOptions = EditOptions(),
     progress: Progress | None = None,
+    heal: HealData | None = None,
 ) -> tuple[Surgery, WriteResult]:
-    """Apply `recipe` to `source` and write `out` in one streaming pass."""
+    """Apply `recipe` to `source` and write `out` in one streaming pass; a recipe that heals a
+    deletion needs `heal` (the corrected tensors, from analysis.heal.compute_heal)."""
     with Model(source) as model:
-        surgery = prepare(model, recipe, options)
+        surgery = prepare(model, recipe, options, heal)
         result = write_surgery(
             model,
             surgery,

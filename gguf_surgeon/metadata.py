@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,8 @@ from .reader import SCALAR_FORMATS, SPLIT_KEYS, Model
 from .vocab import BASE_MODEL_PREFIX, GGUFValueType, Keys
 
 RECIPE_KEY = "surgery.recipe"
+HEAL_PREFIX = "surgery.heal."  # how a healed deletion was computed (estimator, calibration hash, tokens, tensors)
+HEAL_TENSORS_KEY = HEAL_PREFIX + "tensors"  # comma-separated names of the tensors a heal rewrote
 PADDING_KEY = "surgery.padding"  # zeros the writer adds to line tensor data up with the source's
 
 
@@ -100,10 +103,13 @@ def plan_metadata(
     plan: LayerPlan,
     name: str | None = None,
     alignment: int | None = None,
+    heal: Mapping[str, str | int] | None = None,
 ) -> tuple[list[OutputField], list[MetadataChange], list[str]]:
     """The output's key-value list, the changes made, and warnings about per-layer values.
 
     `alignment` sets general.alignment (e.g. 4096, so a reflink filesystem can share extents).
+    `heal` adds `surgery.heal.<key>` values (strings, or integers as UINT64); the source's own
+    `surgery.heal.*` keys never carry over (they describe the source's surgery, not this one).
     """
     warnings: list[str] = []
     new_values: dict[str, tuple[GGUFValueType, Any, GGUFValueType | None]] = {}
@@ -150,6 +156,11 @@ def plan_metadata(
             provenance[template.format(id=0)] = (GGUFValueType.STRING, v, None)
     provenance[RECIPE_KEY] = (GGUFValueType.STRING, plan.recipe, None)
     new_values.update(provenance)
+    for key, value in (heal or {}).items():
+        if isinstance(value, str):
+            new_values[HEAL_PREFIX + key] = (GGUFValueType.STRING, value, None)
+        else:
+            new_values[HEAL_PREFIX + key] = (GGUFValueType.UINT64, int(value), None)
     if alignment is not None and alignment != model.file.alignment:
         new_values[Keys.General.ALIGNMENT] = (GGUFValueType.UINT32, alignment, None)
 
@@ -158,7 +169,7 @@ def plan_metadata(
     for key in model.fields:
         if key in SPLIT_KEYS or key == PADDING_KEY:
             continue  # the writer adds split keys and padding again where its layout needs them
-        if key.startswith(BASE_MODEL_PREFIX) and key not in new_values:
+        if (key.startswith(BASE_MODEL_PREFIX) or key.startswith(HEAL_PREFIX)) and key not in new_values:
             changes.append(MetadataChange(key, model.value(key), None))
             continue
         if key in new_values:

@@ -7,6 +7,7 @@ tensor comes from, so a dry run can report the exact output size and the writer 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from .errors import PlanError
 from .experts import check_expert_plan, expert_pieces, expert_shape
 from .hazards import check_hazards
 from .metadata import MetadataChange, OutputField, plan_metadata
-from .plan import LayerPlan
+from .operations import REGISTRY
+from .operations.delete import windows
+from .plan import LayerPlan, LayerSource
 from .reader import MAX_NAME, Model, TensorInfo
 from .vocab import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -46,10 +49,16 @@ class OutputTensor:
     pieces: tuple[tuple[int, int], ...] | None = (
         None  # a copy of only these [start, end) bytes of its source (kept experts)
     )
+    healed: bool = False  # rewritten by a heal: sources holds the tensor it replaces, data its new bytes
+    data: bytes | None = None  # a healed tensor's bytes, computed outside the core (analysis.heal)
 
     @property
     def is_copy(self) -> bool:
-        return len(self.sources) == 1
+        return len(self.sources) == 1 and not self.healed
+
+    @property
+    def is_computed(self) -> bool:
+        return self.data is not None
 
     @property
     def n_bytes(self) -> int:
@@ -71,7 +80,76 @@ class Surgery:
     tensors: tuple[OutputTensor, ...]
     changes: tuple[MetadataChange, ...]
     warnings: tuple[str, ...]
-    conversions: tuple[str, ...]  # blended tensors written in another type than their source
+    conversions: tuple[str, ...]  # blended or healed tensors written in another type than their source
+    heal_windows: tuple[HealWindow, ...] = ()  # the healed deletions of the plan
+    healed: tuple[str, ...] = ()  # output tensors a heal rewrites (computed bytes, or still to compute)
+
+    @property
+    def needs_heal_data(self) -> bool:
+        """A healed deletion whose corrected tensors were not given: the writer refuses it."""
+        by_name = {t.name: t for t in self.tensors}
+        return any(not by_name[n].is_computed for n in self.healed)
+
+
+HEAL_TENSOR = "ffn_down.weight"  # the kept block's tensor a heal folds its correction into
+
+
+@dataclass(frozen=True)
+class HealWindow:
+    """One healed deletion window: the source blocks it removes and the kept block before it."""
+
+    kept: int  # source block the correction is folded into
+    deleted: tuple[int, ...]  # source blocks of the window: kept + 1 ... kept + n
+    outputs: tuple[int, ...]  # output blocks that hold `kept` (each gets the corrected tensor)
+
+    def tensor_names(self) -> tuple[str, ...]:
+        return tuple(f"blk.{i}.{HEAL_TENSOR}" for i in self.outputs)
+
+
+def heal_windows(plan: LayerPlan) -> tuple[HealWindow, ...]:
+    """The healed deletion windows of `plan`, replayed step by step in source-block terms.
+
+    Each window must follow a kept block that is a plain copy (not a blend) and that is still in
+    the output; a block may take at most one window's correction."""
+    layers: tuple[LayerSource, ...] = tuple(LayerSource.copy(i) for i in range(plan.source_block_count))
+    found: list[tuple[int, tuple[int, ...], str]] = []
+    for n, step in enumerate(plan.steps, 1):
+        if step.op == "delete" and getattr(step.args, "heal", False):
+            for first, last in windows(step.args.blocks):
+                if first == 0:
+                    raise PlanError(f"step {n} {step.text!r}: heal: window {first}-{last} has no block before it")
+                kept, window = layers[first - 1], layers[first : last + 1]
+                if not kept.is_copy or not all(l.is_copy for l in window):
+                    raise PlanError(
+                        f"step {n} {step.text!r}: heal needs plain copied blocks around window {first}-{last}, "
+                        "not blends"
+                    )
+                k, deleted = kept.parts[0][0], tuple(l.parts[0][0] for l in window)
+                if deleted != tuple(range(k + 1, k + 1 + len(deleted))):
+                    # the correction maps what K's successors did in the base; reordered, there is none
+                    raise PlanError(
+                        f"step {n} {step.text!r}: heal needs window {first}-{last} to be the blocks right after "
+                        f"the one before it in the source's order (source blocks {list(deleted)} follow {k}); "
+                        "heal the deletion before reordering"
+                    )
+                found.append((k, deleted, step.text))
+        layers = REGISTRY[step.op].apply(step.args, layers)
+    out: list[HealWindow] = []
+    seen: set[int] = set()
+    for kept, deleted, text in found:
+        if kept in seen:
+            raise PlanError(f"{text!r}: heal: block {kept} would take two corrections; heal one window per block")
+        seen.add(kept)
+        outputs = tuple(i for i, l in enumerate(plan.layers) if l == LayerSource.copy(kept))
+        if not outputs:
+            raise PlanError(f"{text!r}: heal: block {kept}, which takes the correction, is not in the output")
+        out.append(HealWindow(kept, deleted, outputs))
+    return tuple(out)
+
+
+def heal_type(t: TensorInfo) -> GGMLQuantizationType:
+    """The type a healed tensor is written in: its source type where gguf can quantize it, else F16."""
+    return t.ggml_type if t.ggml_type in QUANTIZABLE else GGMLQuantizationType.F16
 
 
 def block_suffix_sets(blocks: list[list[TensorInfo]]) -> list[frozenset[str]]:
@@ -112,9 +190,18 @@ def blend_type(parts: list[TensorInfo]) -> GGMLQuantizationType:
 
 
 def plan_surgery(
-    model: Model, plan: LayerPlan, name: str | None = None, force: bool = False, alignment: int | None = None
+    model: Model,
+    plan: LayerPlan,
+    name: str | None = None,
+    force: bool = False,
+    alignment: int | None = None,
+    computed: Mapping[str, tuple[GGMLQuantizationType, bytes]] | None = None,
+    heal_metadata: Mapping[str, str | int] | None = None,
 ) -> Surgery:
-    """Check `plan` against `model` and describe the output; raises PlanError when it cannot fit."""
+    """Check `plan` against `model` and describe the output; raises PlanError when it cannot fit.
+
+    `computed` maps output tensor names of healed tensors to (ggml type, bytes) computed outside
+    the core (analysis.heal); `heal_metadata` adds `surgery.heal.*` keys recording how."""
     blocks = model.blocks()
     n = len(blocks)
     if plan.source_block_count != n:
@@ -130,7 +217,16 @@ def plan_surgery(
         raise PlanError(f"alignment {alignment} is too large: at most {MAX_ALIGNMENT} (1 MiB)")
     warnings += check_expert_plan(model, plan, blocks)
     n_expert = expert_shape(model).count
-    fields, changes, meta_warnings = plan_metadata(model, plan, name, alignment)
+    try:
+        windows_ = heal_windows(plan)
+    except PlanError as e:
+        raise PlanError(f"{model.path}: {e}") from None
+    healed = tuple(n for w in windows_ for n in w.tensor_names())
+    computed = dict(computed or {})
+    unknown = sorted(set(computed) - set(healed))
+    if unknown:
+        raise PlanError(f"{model.path}: computed tensors {unknown} are not rewritten by a heal in this plan")
+    fields, changes, meta_warnings = plan_metadata(model, plan, name, alignment, heal_metadata if healed else None)
     warnings += meta_warnings
 
     by_suffix = [{t.block_suffix: t for t in b} for b in blocks]
@@ -176,6 +272,21 @@ def plan_surgery(
     tail = [t for t in model.tensors[first_block:] if t.block_index is None]
     as_copy = lambda t: OutputTensor(t.name, t.shape, t.ggml_type, ((t, 1.0),))  # noqa: E731
     tensors = [as_copy(t) for t in head] + block_tensors + [as_copy(t) for t in tail]
+    healed_set = set(healed)
+    for i, t in enumerate(tensors):
+        if t.name in healed_set:
+            src = t.sources[0][0]
+            if not can_dequantize(src.ggml_type):
+                raise PlanError(f"{model.path}: cannot heal {src.name}: gguf cannot read {src.ggml_type.name}")
+            ggml_type, data = computed.get(t.name, (heal_type(src), None))
+            out_t = OutputTensor(t.name, t.shape, ggml_type, t.sources, healed=True, data=data)
+            if data is not None and len(data) != out_t.n_bytes:
+                raise PlanError(
+                    f"{model.path}: computed {t.name} has {len(data)} bytes; {ggml_type.name} {list(t.shape)} needs {out_t.n_bytes}"
+                )
+            tensors[i] = out_t
+            if ggml_type != src.ggml_type:
+                conversions.append(f"{t.name}: {src.ggml_type.name} -> {ggml_type.name} (healed)")
     check_names(tensors, model.path)
     return Surgery(
         model.path,
@@ -186,4 +297,6 @@ def plan_surgery(
         tuple(changes),
         tuple(warnings),
         tuple(conversions),
+        windows_,
+        healed,
     )

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 from .diff import tensors_equal
 from .hazards import INDEX_HAZARDS
+from .metadata import HEAL_TENSORS_KEY
 from .plan import LayerPlan
 from .reader import Model, align
 from .surgery import block_suffix_sets, plan_surgery
@@ -124,11 +125,15 @@ def check_against(model: Model, source: Model, plan: LayerPlan) -> list[Finding]
     ]
     if names != want:
         return findings
-    copies = mismatched = blends = 0
+    copies = mismatched = blends = healed = 0
     first_bad = None
+    listed = set(str(model.value(HEAL_TENSORS_KEY) or "").split(","))
     for t in expected.tensors:
         got = model.tensor(t.name)
-        if t.is_copy and t.pieces is not None:  # kept experts: the source's byte ranges, in order
+        if t.healed:  # computed from calibration activations: recorded, not re-derivable here
+            healed += 1
+            same = got.shape == t.shape and t.name in listed
+        elif t.is_copy and t.pieces is not None:  # kept experts: the source's byte ranges, in order
             copies += 1
             src = t.sources[0][0]
             h, g = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
@@ -158,6 +163,12 @@ def check_against(model: Model, source: Model, plan: LayerPlan) -> list[Finding]
             "tensor bytes equal their source",
             mismatched == 0,
             f"{copies} copied and {blends} blended tensors checked"
+            + (
+                f"; {healed} healed tensor(s) checked for shape and their {HEAL_TENSORS_KEY} entry only "
+                "(computed from calibration activations; the key's siblings record how)"
+                if healed
+                else ""
+            )
             + (f"; {mismatched} differ, first {first_bad}" if mismatched else ""),
         )
     )

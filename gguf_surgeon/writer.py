@@ -370,6 +370,11 @@ def write_surgery(
     """Write the surgery's output; returns the paths written. Nothing is left behind on error,
     Ctrl-C, SIGTERM or SIGHUP (the cleanup runs to its end even if another one comes)."""
     started = time.monotonic()
+    if surgery.needs_heal_data:
+        raise PlanError(
+            f"{out}: the recipe heals a deletion, but the corrected tensors ({', '.join(surgery.healed)}) were not "
+            "computed; compute them with gguf_surgeon.analysis.heal (the CLI does) and pass them to edit()"
+        )
     shards = layout(surgery, out, split_max_size, split_max_tensors)
     inputs = [s.path for s in model.shards]
     for s in shards:
@@ -454,6 +459,9 @@ class _ShardWriter:
                 pos += part[1] - part[0]
 
     def _tensor(self, fd: int, t: OutputTensor, pos: int) -> None:
+        if t.data is not None:  # computed outside the core (a healed tensor)
+            _pwrite_all(fd, t.data, pos)
+            return
         if t.is_copy:
             src = t.sources[0][0]
             for start, end in t.pieces or ((0, src.n_bytes),):  # pieces: the kept experts' byte ranges

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from ..files import format_size
+from ..errors import ForwardError
+from ..files import format_size, read_text
 from ..operations import REGISTRY
 from ..reader import Model
 from ..recipe import parse_step
@@ -22,6 +23,7 @@ from .common import (
     llama_bin_option,
     out_console,
     parse_size,
+    step_progress,
 )
 
 
@@ -72,6 +74,36 @@ def writer_options(f: Callable) -> Callable:
     return f
 
 
+def heal_options(f: Callable) -> Callable:
+    """Options of the writers whose recipe may heal a deletion (apply, delete)."""
+    for opt in reversed(
+        [
+            click.option(
+                "--calibration",
+                type=click.Path(path_type=Path, dir_okay=False),
+                metavar="FILE",
+                help="With a healed deletion: the calibration text (default: the first half of the bundled eval text).",
+            ),
+            click.option(
+                "--calibration-tokens",
+                type=click.IntRange(min=2),
+                metavar="N",
+                help="With a healed deletion: calibrate on the text's first N tokens (default 2048).",
+            ),
+            click.option(
+                "--heal-estimator",
+                metavar="NAME",
+                help="With a healed deletion: auto (the default: ridge, transform or diagonal, whichever "
+                "cross-validates best on the calibration tokens), ridge, lstsq, transform or diagonal (docs/heal.md).",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+HEAL_OPTIONS = ("calibration", "calibration_tokens", "heal_estimator")
+
 WRITER_OPTIONS = (
     "dry_run",
     "force",
@@ -101,8 +133,11 @@ def run_edit(
     quantize_types: str | None = None,
     allow_requantize: bool = False,
     llama_bin: Path | None = None,
+    calibration: Path | None = None,
+    calibration_tokens: int | None = None,
+    heal_estimator: str | None = None,
 ) -> None:
-    from ..edit import EditOptions, check_outputs, edit, prepare, report
+    from ..edit import EditOptions, HealData, check_outputs, edit, prepare, report
 
     recipe = choose_experts(source, recipe, llama_bin, quiet=as_json)
     options = EditOptions(name, force, parse_size(split_max_size), split_max_tensors, alignment)
@@ -114,16 +149,51 @@ def run_edit(
         from .llama import split_types
 
         resolve_types(split_types((quantize_types,)), quant_types(find_tool(QUANTIZE_TOOL, llama_bin)))
+    with Model(source) as model:
+        surgery = prepare(model, recipe, options)
+        if out is not None:
+            check_outputs(model, surgery, out, options)  # before a heal's calibration pass, not after
+    heal_given = [
+        f"--{k.replace('_', '-')}"
+        for k, v in zip(HEAL_OPTIONS, (calibration, calibration_tokens, heal_estimator))
+        if v is not None
+    ]
+    if heal_given and not surgery.heal_windows:
+        raise click.UsageError(f"{', '.join(heal_given)} needs a recipe that heals a deletion (delete ... heal)")
+    healed = None
+    if surgery.heal_windows:
+        from ..analysis import heal as healing  # numpy's forward pass: only for a heal
+
+        estimator = heal_estimator or healing.DEFAULT_ESTIMATOR
+        if estimator not in healing.ESTIMATORS:
+            raise click.BadParameter(
+                f"{estimator!r} is not one of {', '.join(healing.ESTIMATORS)}", param_hint="--heal-estimator"
+            )
+        healing.check_supported(source, surgery.heal_windows)
+        text = None if calibration is None else read_text(calibration, ForwardError, "text", "--calibration")
+        if dry_run or out is None:  # what a heal records, with its sizes, without computing it
+            planned = healing.heal_metadata(surgery, estimator, "0" * 64, 0, healing.tokenizer_name(llama_bin))
+            with Model(source) as model:
+                surgery = prepare(model, recipe, options, HealData({}, planned))
+        else:
+            with step_progress(enabled=not as_json, label=HEAL_STEPS.get) as progress:
+                healed = healing.compute_heal(
+                    source,
+                    surgery,
+                    text=text,
+                    max_tokens=calibration_tokens or healing.DEFAULT_TOKENS,
+                    estimator=estimator,
+                    llama_bin=llama_bin,
+                    progress=progress,
+                )
     if dry_run or out is None:
-        with Model(source) as model:
-            surgery = prepare(model, recipe, options)
-            if out is not None:
-                check_outputs(model, surgery, out, options)
-            data = report(surgery, out, options)
+        data = report(surgery, out, options)
         return emit_json(data) if as_json else render_plan(data, dry_run=True)
     with byte_progress(f"writing {out.name}", enabled=not as_json) as progress:
-        surgery, result = edit(source, out, recipe, options, progress)
+        surgery, result = edit(source, out, recipe, options, progress, healed.data if healed else None)
     data = report(surgery, out, options, result)
+    if healed is not None:
+        data["heal"] = healed.to_dict()
     quantized = None
     if quantize_types and not dry_run:
         from ..llama.quantize import quantize_ladder
@@ -146,6 +216,8 @@ def run_edit(
         err_console.print(f"[yellow]warning:[/] {w}")
     for c in data["conversions"]:
         err_console.print(f"[yellow]converted:[/] {c}")
+    if healed is not None:
+        render_heal(data["heal"])
     files = ", ".join(data["files"])
     click.echo(
         f"Wrote {files}: {data['output_blocks']} blocks (from {data['source_blocks']}), "
@@ -172,6 +244,22 @@ def choose_experts(source: Path, recipe: str, llama_bin: Path | None, quiet: boo
     with Model(source) as model:
         block_count = len(model.blocks())
     return "; ".join(s.text for s in resolve_prune_steps(steps, ranking, block_count))
+
+
+HEAL_STEPS = {"calibration": "heal: calibration pass (blocks)", "solve": "heal: solving (windows)"}
+
+
+def render_heal(heal: dict) -> None:
+    """One line per healed window: its tensors and what the correction leaves of the plain
+    deletion's error on the calibration tokens (in-sample, cross-validated, after requantizing)."""
+    for w in heal["windows"]:
+        click.echo(
+            f"Healed {', '.join(w['tensors'])} ({w['source_type']} -> {w['ggml_type']}) for blocks "
+            f"{','.join(map(str, w['deleted']))}: {w['estimator']} (alpha {w['alpha']:g}); error vs plain deletion "
+            f"{w['healed_error']:.3f} in-sample, {w['cv_error']:.3f} cross-validated, {w['requantized_error']:.3f} "
+            f"after requantizing (weights {100 * w['weight_error']:.1f}% off); {heal['calibration_tokens']} "
+            f"calibration tokens"
+        )
 
 
 class byte_progress:
@@ -232,6 +320,10 @@ def render_plan(data: dict, dry_run: bool) -> None:
             out_console.print(f"  ~ {c['key']}: {old!r} -> {new!r}")
     for c in data["conversions"]:
         out_console.print(f"Converted: {c}")
+    for t in data["healed_tensors"]:
+        out_console.print(
+            f"Heal rewrites: {t['name']} ({t['type']}; computed when written, from calibration activations)"
+        )
     for w in data["warnings"]:
         out_console.print(f"Warning: {w}")
     out_console.print(
@@ -248,8 +340,10 @@ def operation_command(name: str) -> click.Command:
     its arguments, IN, OUT, its options, then the writer options."""
     op = REGISTRY[name]
 
+    heals = any(p.kind == "flag" and p.name == "heal" for p in op.params)
+
     def command(source: Path, out: Path, **kwargs: Any) -> None:
-        options = {k: kwargs.pop(k) for k in WRITER_OPTIONS}
+        options = {k: kwargs.pop(k) for k in WRITER_OPTIONS + (HEAL_OPTIONS if heals else ())}
         tokens: list[str] = []
         for p in op.params:
             value = kwargs[p.name.replace("-", "_")]
@@ -257,14 +351,20 @@ def operation_command(name: str) -> click.Command:
                 tokens += value
             elif p.kind == "argument":
                 tokens.append(value)
+            elif p.kind == "flag":
+                tokens += [p.name] if value else []
             elif value is not None:
                 tokens += [f"--{p.name}", value]
         # the values reach the operation's parser as tokens, never pasted into recipe text
         run_edit(source, out, parse_step([name, *tokens]).text, **options)
 
     f = writer_options(command)
+    if heals:
+        f = heal_options(f)
     for p in reversed(op.params):
-        if p.kind == "option":
+        if p.kind == "flag":
+            f = click.option(f"--{p.name}", p.name, is_flag=True, help=p.help)(f)
+        elif p.kind == "option":
             f = click.option(
                 f"--{p.name}",
                 p.name.replace("-", "_"),  # --keep-file -> keep_file
@@ -275,7 +375,7 @@ def operation_command(name: str) -> click.Command:
             )(f)
     f = IN_ARG(OUT_ARG(f))
     for p in reversed(op.params):
-        if p.kind != "option":
+        if p.kind in ("argument", "arguments"):
             f = click.argument(p.name.replace("-", "_"), nargs=-1 if p.kind == "arguments" else 1, required=True)(f)
     example = f"\n\n\b\nExample:\n  {op.example}" if op.example else ""
     return click.command(name, help=f"{op.help or op.summary}{example}")(f)
@@ -286,6 +386,7 @@ def operation_command(name: str) -> click.Command:
 @IN_ARG
 @OUT_ARG
 @writer_options
+@heal_options
 def apply(recipe: str, source: Path, out: Path, **options: Any) -> None:
     """Apply a recipe (text or a .toml file) in one pass; each step's indices refer to the model
     as the previous step left it.
@@ -293,6 +394,7 @@ def apply(recipe: str, source: Path, out: Path, **options: Any) -> None:
     \b
     Example:
       gguf-surgeon apply "delete 10; swap 11 12" in.gguf out.gguf
+      gguf-surgeon apply "delete 12-15 heal" in.gguf out.gguf
     """
     run_edit(source, out, recipe, **options)
 

@@ -20,8 +20,8 @@ class Param:
     parameters from these; the core never imports click)."""
 
     name: str  # the option or argument name, also the key of the parsed value
-    kind: str = "argument"  # "argument", "arguments" (one or more) or "option" (--name VALUE)
-    help: str = ""  # options only
+    kind: str = "argument"  # "argument", "arguments" (one or more), "option" (--name VALUE) or "flag" (--name)
+    help: str = ""  # options and flags only
     default: str | None = None  # options only; shown in --help when set
     required: bool = False  # options only (arguments are always required)
 

@@ -17,6 +17,7 @@ from ..operations.swap import Swap
 from ..plan import LayerPlan, LayerSource, Step
 
 FAMILIES = ("delete", "swap", "duplicate", "bridge", "interpolate", "delete-window", "repeat-window")
+HEALABLE = ("delete", "delete-window")  # families whose moves may be healed deletions
 
 
 @dataclass(frozen=True)
@@ -26,28 +27,31 @@ class Move:
     op: str  # one of FAMILIES
     blocks: tuple[int, ...]  # base blocks it acts on: (i,), (a, a+1), (a, b) or a window's blocks
     t: float | None = None  # blend weight (bridge, interpolate)
+    heal: bool = False  # a deletion healed by a linear correction (docs/heal.md)
 
     @property
     def label(self) -> str:
-        """Stable text in base indices, e.g. 'swap 11 12', 'delete-window 12-14', 'bridge 11 t=0.5'."""
+        """Stable text in base indices, e.g. 'swap 11 12', 'delete-window 12-14 heal', 'bridge 11 t=0.5'."""
         if self.op in ("delete-window", "repeat-window"):
             body = f"{self.blocks[0]}-{self.blocks[-1]}"
         else:
             body = " ".join(map(str, self.blocks))
-        return f"{self.op} {body}" + (f" t={self.t:g}" if self.t is not None else "")
+        return f"{self.op} {body}" + (f" t={self.t:g}" if self.t is not None else "") + (" heal" if self.heal else "")
 
     @staticmethod
     def from_label(label: str) -> Move:
         parts = label.split()
-        op, t = parts[0], None
+        op, t, heal = parts[0], None, False
         rest = []
         for p in parts[1:]:
             if p.startswith("t="):
                 t = float(p[2:])
+            elif p == "heal":
+                heal = True
             else:
                 rest.append(p)
         blocks = tuple(i for p in rest for i in parse_layer_spec(p))
-        return Move(op, blocks, t)
+        return Move(op, blocks, t, heal)
 
     def step(self, layers: Sequence[LayerSource]) -> Step | None:
         """The recipe step (through the operation registry) doing this move on the current
@@ -62,7 +66,7 @@ class Move:
         pos = [where[b] for b in self.blocks]
         contiguous = pos == list(range(pos[0], pos[0] + len(pos)))
         if self.op in ("delete", "delete-window"):
-            return step_of("delete", Delete(tuple(sorted(pos))))
+            return step_of("delete", Delete(tuple(sorted(pos)), self.heal))
         if self.op == "swap":
             return step_of("swap", Swap(pos[0], pos[1]))
         if self.op == "duplicate":
@@ -121,6 +125,7 @@ class Family:
     blocks: tuple[int, ...] | None = None  # first blocks it may start at (None: all)
     t: tuple[float, ...] = (0.5,)  # blend weights (bridge, interpolate)
     sizes: tuple[int, ...] = (2, 3)  # window sizes (delete-window, repeat-window)
+    heal: tuple[bool, ...] = (False,)  # deletions plain and/or healed (delete, delete-window)
 
 
 def family_moves(family: Family, block_count: int) -> list[Move]:
@@ -129,7 +134,8 @@ def family_moves(family: Family, block_count: int) -> list[Move]:
     out: list[Move] = []
     for s in starts:
         if family.op == "delete" and block_count > 1:
-            out.append(Move("delete", (s,)))
+            # a healed deletion folds its correction into the block before: none before block 0
+            out += [Move("delete", (s,), heal=h) for h in family.heal if s > 0 or not h]
         elif family.op == "duplicate":
             out.append(Move("duplicate", (s,)))
         elif family.op == "swap" and s + 1 < block_count:
@@ -138,6 +144,8 @@ def family_moves(family: Family, block_count: int) -> list[Move]:
             out += [Move(family.op, (s, s + 1), t) for t in family.t]
         elif family.op in ("delete-window", "repeat-window"):
             for n in family.sizes:
-                if s + n <= block_count and (family.op == "repeat-window" or n < block_count):
+                if s + n <= block_count and family.op == "repeat-window":
                     out.append(Move(family.op, tuple(range(s, s + n))))
+                elif s + n <= block_count and n < block_count:
+                    out += [Move(family.op, tuple(range(s, s + n)), heal=h) for h in family.heal if s > 0 or not h]
     return out

@@ -125,11 +125,22 @@ class CandidateScorer:
         )
 
     def build(self, recipe: str, tag: str) -> Path:
-        from ..edit import EditOptions, edit
+        """Write the candidate; a healed deletion is calibrated first (analysis.heal, defaults:
+        the bundled calibration text, auto estimator), so the same recipe gives the same bytes."""
+        from ..edit import EditOptions, edit, prepare
+        from ..reader import Model
 
         self.candidates_dir.mkdir(parents=True, exist_ok=True)
         path = self.candidates_dir / f"candidate-{tag}.gguf"
-        edit(self.base, path, recipe, EditOptions(overwrite=True))
+        options = EditOptions(overwrite=True)
+        with Model(self.base) as model:
+            surgery = prepare(model, recipe, options)
+        heal = None
+        if surgery.heal_windows:
+            from ..analysis.heal import compute_heal
+
+            heal = compute_heal(self.base, surgery, llama_bin=self.llama_bin).data
+        edit(self.base, path, recipe, options, heal=heal)
         return path
 
     def short(self, recipe: str, tag: str) -> ShortScore:

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import SearchError
 from ..files import read_toml
 from ..operations import parse_layer_spec
-from .moves import FAMILIES, Family
+from .moves import FAMILIES, HEALABLE, Family
 
 EXHAUSTIVE_LIMIT = 512  # a combination space larger than this is sampled with TPE
 # the most leaders (candidates whose short-KLD interval overlaps the best one's) that get the full
@@ -55,6 +55,11 @@ PRESETS: dict[str, SearchSpace] = {
         beam_top=8,
     ),
     "combos": SearchSpace("combos", (Family("delete"), Family("swap")), max_steps=2),
+    # every single deletion and window of 2-4 blocks, plain and healed, competing on one scale
+    "healed-deletions": SearchSpace(
+        "healed-deletions",
+        (Family("delete", heal=(False, True)), Family("delete-window", sizes=(2, 3, 4), heal=(False, True))),
+    ),
 }
 
 
@@ -79,7 +84,7 @@ def parse_space(data: dict, name: str, where: str) -> SearchSpace:
         at = f"{where}: family[{i}]"
         if not isinstance(f, dict) or f.get("op") not in FAMILIES:
             raise SearchError(f"{at}: 'op' must be one of {', '.join(FAMILIES)}")
-        extra = set(f) - {"op", "blocks", "t", "sizes"}
+        extra = set(f) - {"op", "blocks", "t", "sizes", "heal"}
         if extra:
             raise SearchError(f"{at}: unknown key(s) {', '.join(sorted(extra))}")
         t = f.get("t", [0.5])
@@ -90,8 +95,20 @@ def parse_space(data: dict, name: str, where: str) -> SearchSpace:
         sizes = sizes if isinstance(sizes, list) else [sizes]
         if not all(isinstance(x, int) and x >= 1 for x in sizes):
             raise SearchError(f"{at}: sizes must be positive integers")
+        heal = f.get("heal", False)
+        heal = sorted(set(heal)) if isinstance(heal, list) else [heal]
+        if not heal or not all(isinstance(x, bool) for x in heal):
+            raise SearchError(f"{at}: heal must be true, false or [false, true]")
+        if True in heal and f["op"] not in HEALABLE:
+            raise SearchError(f"{at}: heal applies to deletions only ({', '.join(HEALABLE)}), not {f['op']!r}")
         families.append(
-            Family(f["op"], _spec(f["blocks"], at) if "blocks" in f else None, tuple(float(x) for x in t), tuple(sizes))
+            Family(
+                f["op"],
+                _spec(f["blocks"], at) if "blocks" in f else None,
+                tuple(float(x) for x in t),
+                tuple(sizes),
+                tuple(heal),
+            )
         )
     if not families:
         raise SearchError(f"{where}: a space needs at least one [[family]]")
