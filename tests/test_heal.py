@@ -127,13 +127,18 @@ def test_heal_reproduces_byte_for_byte_and_dry_run_is_exact(tiny: Path, tmp_path
 def test_heal_errors_are_one_line_and_leave_nothing(tiny: Path, make_model, tmp_path: Path):
     out = tmp_path / "out.gguf"
     gpt2 = make_model("gpt2.gguf", arch="gpt2")
+    mixtral = make_model("mixtral.gguf", arch="llama", n_expert=4)  # llama blocks with experts
     cases = [
         (("delete", "0-1", "--heal", tiny, out), "heal: a window that starts at block 0 has no kept block before it"),
         (
             ("delete", 3, "--heal", gpt2, out),
-            "architecture 'gpt2' is not supported by the reference forward pass (supported: llama, qwen3)",
+            "heal: architecture 'gpt2' is not supported (supported: llama, qwen3)",
         ),
         (("delete", 3, "--heal", "--dry-run", gpt2, out), "architecture 'gpt2' is not supported"),
+        (
+            ("delete", 3, "--heal", mixtral, out),
+            "heal: block 0 is mixture-of-experts; heal folds into a dense ffn_down",
+        ),
         (("apply", "swap 3 4; delete 4 heal", tiny, out), "heal the deletion before reordering"),
         (("apply", "delete 4 heal; delete 3 heal", tiny, out), "block 3, which takes the correction, is not in"),
         (("delete", 3, "--calibration-tokens", 50, tiny, out), "--calibration-tokens needs a recipe that heals"),
@@ -144,7 +149,7 @@ def test_heal_errors_are_one_line_and_leave_nothing(tiny: Path, make_model, tmp_
         r = run(*args)
         assert r.exit_code != 0 and r.output.startswith("Error: ") and message in r.output, r.output
         assert r.output.count("\n") == 1 and not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.gguf", "tiny.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2.gguf", "mixtral.gguf", "tiny.gguf"]
     # the library refuses to write a heal it was not given
     with pytest.raises(PlanError, match="were not computed"):
         edit(tiny, out, "delete 3 heal")

@@ -56,6 +56,7 @@ from ..writer import encode_rows
 from .rank import default_text, tokenize
 from .reference import ReferenceModel, rms_norm, silu
 
+HEAL_ARCHS = ("llama", "qwen3")  # dense architectures of the reference forward pass
 ESTIMATORS = ("auto", "ridge", "lstsq", "transform", "diagonal")
 DEFAULT_ESTIMATOR = "auto"
 FITTED = ("ridge", "transform", "diagonal")  # the estimators `auto` chooses among
@@ -293,13 +294,18 @@ def check_supported(path: str | Path, windows: Sequence[HealWindow]) -> None:
     on the model at `path`: its architecture (llama and qwen3 are supported), a block's kind
     (mixture-of-experts, fused attn_qkv) or the tensor a heal rewrites. Reads metadata only."""
     with Model(path) as model:
-        ref = ReferenceModel(model)  # ForwardError: architecture not supported
+        if model.architecture not in HEAL_ARCHS:  # the reference also runs qwen3moe, but heal is dense only
+            raise ForwardError(
+                f"{model.path}: heal: architecture {model.architecture!r} is not supported "
+                f"(supported: {', '.join(HEAL_ARCHS)})"
+            )
+        ref = ReferenceModel(model)
         for w in windows:
             for i in range(max(w.deleted) + 1):  # every block the calibration pass runs
                 p = f"blk.{i}."
                 if ref.tensor(p + "ffn_gate_inp.weight", required=False) is not None:
                     raise ForwardError(
-                        f"{model.path}: heal: block {i} is mixture-of-experts; the reference forward pass is dense only"
+                        f"{model.path}: heal: block {i} is mixture-of-experts; heal folds into a dense ffn_down only"
                     )
                 if ref.tensor(p + "attn_qkv.weight", required=False) is not None:
                     raise ForwardError(
