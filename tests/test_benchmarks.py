@@ -39,6 +39,16 @@ needs_hellaswag = pytest.mark.skipif(not HELLASWAG.is_file(), reason=f"{HELLASWA
 THREADS = 1  # on a shared 2-core machine two OpenMP threads wait on each other (test_eval.py)
 
 
+@pytest.fixture(autouse=True)
+def _metric_registry():
+    """An evaluation with --bench registers its benchmarks' metrics for the process: leave the
+    registry as other test files expect it."""
+    saved = dict(METRICS)
+    yield
+    METRICS.clear()
+    METRICS.update(saved)
+
+
 def _tool(llama_bin: Path, runs: list | None = None) -> PerplexityTool:
     return PerplexityTool(
         llama_bin / "llama-perplexity",
@@ -114,7 +124,7 @@ def test_formats_refuse_what_llama_cpp_cannot_read(tmp_path):
 def test_benchmark_metric_is_registered_paired_per_task():
     m = benchmark_metric("test_bench_x", "Test set")
     assert METRICS["test_bench_x"] is m and m.binary and m.is_primary and m.weight == 0
-    del METRICS["test_bench_x"]
+    assert benchmark_metric("test_bench_x", "Test set") is m  # registered once
 
 
 # --- slow: against llama-perplexity itself ----------------------------------------------------
