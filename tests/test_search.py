@@ -619,3 +619,34 @@ def test_search_prunes_experts_and_releases_a_pruned_champion(tmp_path: Path, ll
     assert reader.get_field("qwen3moe.expert_count").contents() == _kept_count(champ["recipe"]) < 8
     assert reader.get_field("surgery.recipe").contents() == champ["recipe"]
     gguf_loader.assert_loads(edited, *rel.glob("*-Q*.gguf"))
+
+
+@pytest.mark.slow
+def test_expert_families_are_sampled_by_tpe_in_worker_processes(tmp_path: Path, llama_bin: Path):
+    """A combination space too large to enumerate: TPE in two worker processes, each given the
+    study's stored expert order, builds prune-experts candidates with the lists the study's
+    ranking gives (the same as composing with the stored order here)."""
+    space = tmp_path / "t.toml"
+    space.write_text(
+        'name = "t"\nmax_steps = 2\nexhaustive_limit = 5\nleaders = 0\n'
+        '[[family]]\nop = "prune-experts"\nexperts = [6, 4]\n[[family]]\nop = "delete"\n'
+    )
+    options = tiny_options(tmp_path, budget=4, jobs=2, llama_bin=llama_bin)
+    result = run_search(MOE, load_space(str(space)), options)
+    assert result.candidates is None and result.evaluated == 4
+    assert {e.phase for e in result.leaderboard} == {"tpe"}
+    ctx = create_or_load(MOE, load_space(str(space)), options)
+    assert ctx.experts is not None and ctx.experts.n_expert == 8
+    assert len({e.key for e in result.leaderboard}) == 4
+    # the warm start is the first move of the space: its prune-experts family comes first
+    assert any(e.recipe.startswith("prune-experts 6 --keep ") for e in result.leaderboard)
+    for e in result.leaderboard:
+        moves = [Move.from_label(label) for label in _moves_of(result, e)]
+        assert compose(moves, 6, ctx.experts).recipe == e.recipe
+
+
+def _moves_of(result, entry) -> list[str]:
+    """The move labels the study stored for a leaderboard entry."""
+    optuna = pytest.importorskip("optuna")
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage)
+    return next(t.user_attrs["moves"] for t in study.trials if t.number == entry.number)
