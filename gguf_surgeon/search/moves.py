@@ -142,7 +142,11 @@ def compose(moves: Sequence[Move], block_count: int, experts: Any | None = None)
     plan = LayerPlan(tuple(steps), block_count, layers)
     if plan.is_identity:
         return None
-    return Candidate(tuple(moves), "; ".join(s.text for s in steps), plan_key(plan), len(layers))
+    key = plan_key(plan)
+    healed = sorted(b for m in moves if m.heal for b in m.blocks)
+    if healed:  # the same layers, other bytes: a healed deletion is not the plain one's candidate
+        key += "|heal=" + format_layer_spec(healed).replace(",", ".")
+    return Candidate(tuple(moves), "; ".join(s.text for s in steps), key, len(layers))
 
 
 def plan_key(plan: LayerPlan) -> str:
