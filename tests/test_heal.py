@@ -33,6 +33,7 @@ from gguf_surgeon.errors import PlanError
 from gguf_surgeon.metadata import HEAL_PREFIX
 from gguf_surgeon.reader import Model
 from gguf_surgeon.search.moves import Move, compose, family_moves
+from gguf_surgeon.search.order import ordered_moves, singles
 from gguf_surgeon.search.space import PRESETS, load_space
 
 HEALED = "blk.2.ffn_down.weight"  # `delete 3 heal` folds block 3's window into block 2's ffn_down
@@ -203,7 +204,11 @@ def test_search_heal_flag_for_deletion_families(tmp_path: Path):
     m = Move("delete-window", (2, 3), heal=True)
     assert Move.from_label(m.label) == m and m.label == "delete-window 2-3 heal"
     assert compose([m, Move("swap", (4, 5))], 6).recipe == "delete 2-3 heal; swap 2 3"
-    assert compose([Move("delete", (3,), heal=True)], 6).key == compose([Move("delete", (3,))], 6).key
+    # the same layer plan, other bytes: two candidates, each scored (the preset scores both kinds)
+    assert compose([Move("delete", (3,), heal=True)], 6).key == "0,1,2,4,5|heal=3"
+    assert compose([Move("delete", (3,))], 6).key == "0,1,2,4,5"
+    both = singles(ordered_moves(PRESETS["healed-deletions"], 6, None), 6)
+    assert len(both) == 32 and sum(c.recipe.endswith(" heal") for c in both) == 14
     space = tmp_path / "s.toml"
     space.write_text('[[family]]\nop = "delete-window"\nsizes = [2]\nheal = [false, true]\n')
     assert load_space(str(space)).families[0].heal == (False, True)

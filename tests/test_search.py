@@ -13,11 +13,13 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import gguf_surgeon.cli.search  # noqa: F401  (registers rank, search, release, card, modelfile)
+from gguf_surgeon.analysis.expert_rank import ExpertOrder
 from gguf_surgeon.analysis.rank import rank_model
 from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
@@ -26,7 +28,7 @@ from gguf_surgeon.evaluation.metrics import METRICS
 from gguf_surgeon.evaluation.runner import kl_divergence
 from gguf_surgeon.evaluation.suite import EvalOptions
 from gguf_surgeon.evaluation.yardstick import Yardstick
-from gguf_surgeon.search.moves import Move, compose
+from gguf_surgeon.search.moves import Family, Move, compose, expert_counts
 from gguf_surgeon.search.order import ordered_moves
 from gguf_surgeon.search.scorer import CandidateScorer
 from gguf_surgeon.search.space import PRESETS, load_space
@@ -483,3 +485,168 @@ def test_a_study_continues_under_another_leader_cap(tiny: Path, tmp_path: Path):
     space.write_text('name = "s"\n[[family]]\nop = "swap"\n')
     with pytest.raises(SearchError, match="made for another base or space .differs in: space"):
         create_or_load(tiny, load_space(str(space)), options)
+
+
+# expert-count families (mixture-of-experts bases) ------------------------------------------------
+
+MOE = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-qwen3moe-q8_0.gguf"  # 6 blocks of 8 experts, 2 used
+
+
+def _order(blocks: int, n_expert: int, reverse: bool = False) -> ExpertOrder:
+    """A hand-made expert order: every block ranks its experts by index (or the reverse)."""
+    one = tuple(range(n_expert))[:: -1 if reverse else 1]
+    return ExpertOrder(n_expert, tuple(range(blocks)), {"saliency": (one,) * blocks})
+
+
+def test_expert_families_counts_keys_and_refusals(tiny: Path, tmp_path: Path):
+    space = tmp_path / "e.toml"
+    space.write_text('name = "e"\n[[family]]\nop = "prune-experts"\nexperts = [6, 0.5]\n[[family]]\nop = "delete"\n')
+    fam = load_space(str(space)).families[0]
+    assert fam.experts == (6, 0.5) and expert_counts(fam, 8) == [6, 4]
+    # shares round to a multiple of 32 where the model has 32 experts or more: 0.6 x 128 = 76.8 -> 64
+    assert expert_counts(Family("prune-experts", experts=(0.75, 0.5, 0.6)), 128) == [96, 64]
+    assert [m.label for m in ordered_moves(load_space(str(space)), 6, None, 8)][:3] == [
+        "prune-experts 6",
+        "delete 0",
+        "prune-experts 4",
+    ]
+    assert [m.op for m in ordered_moves(load_space(str(space)), 6, None, 0)] == ["delete"] * 6
+    assert Move.from_label("prune-experts 6") == Move("prune-experts", (), count=6)
+    for text, message in (
+        ('[[family]]\nop = "delete"\nexperts = [6]\n', "experts applies to op"),
+        ('[[family]]\nop = "prune-experts"\nexperts = [6]\nblocks = "0-2"\n', "no blocks"),
+        ('[[family]]\nop = "prune-experts"\nexperts = [0]\n', "experts must be expert counts"),
+        ('[[family]]\nop = "prune-experts"\nexperts = [1.5]\n', "experts must be expert counts"),
+        ('[[family]]\nop = "prune-experts"\n', "experts must be expert counts"),
+    ):
+        space.write_text(text)
+        with pytest.raises(SearchError, match=message):
+            load_space(str(space))
+
+    # the plan key holds the kept experts: distinct prunings are distinct candidates
+    by_index, reverse = _order(6, 8), _order(6, 8, reverse=True)
+    p6 = compose([Move("prune-experts", (), count=6)], 6, by_index)
+    assert p6.recipe == "prune-experts 6 --keep " + "/".join(["0-5"] * 6)
+    assert p6.key == ",".join(f"{i}@0-5" for i in range(6))
+    other = compose([Move("prune-experts", (), count=6)], 6, reverse)
+    p4 = compose([Move("prune-experts", (), count=4)], 6, by_index)
+    assert len({p6.key, other.key, p4.key}) == 3
+    d_then_p = compose([Move("delete", (2,)), Move("prune-experts", (), count=6)], 6, by_index)
+    p_then_d = compose([Move("prune-experts", (), count=6), Move("delete", (2,))], 6, by_index)
+    assert d_then_p.key == p_then_d.key and d_then_p.blocks == 5 and d_then_p.recipe != p_then_d.recipe
+    assert compose([Move("delete", (5,))], 6).key == "0,1,2,3,4"  # plans without pruning: keys as before
+    assert compose([Move("prune-experts", (), count=4), Move("prune-experts", (), count=6)], 6, by_index) is None
+    with pytest.raises(SearchError, match="no expert ranking"):
+        compose([Move("prune-experts", (), count=6)], 6)
+
+    # refusals, one Error: line, before the storage is touched
+    work = tmp_path / "work"
+    r = CliRunner().invoke(main, ["search", str(tiny), "--space", "experts", "--work-dir", str(work)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("Error: space 'experts' prunes experts") and "is a dense model" in r.output
+    assert not work.exists()
+    options = tiny_options(tmp_path, use_rank=False)
+    for counts, message in (
+        ("[8]", "has 8 experts per block; keep fewer"),
+        ("[1]", "fewer experts than qwen3moe.expert_used_count = 2"),
+    ):
+        space.write_text(f'name = "e"\n[[family]]\nop = "prune-experts"\nexperts = {counts}\n')
+        with pytest.raises(SearchError, match=message):
+            create_or_load(MOE, load_space(str(space)), options)
+    assert not work.exists()
+
+
+def _kept_count(recipe: str) -> int:
+    """The expert count a recipe leaves: its last prune-experts step's, else the base's 8."""
+    counts = [int(s.split()[1]) for s in recipe.split("; ") if s.startswith("prune-experts ")]
+    return counts[-1] if counts else 8
+
+
+@pytest.mark.slow
+def test_search_prunes_experts_and_releases_a_pruned_champion(tmp_path: Path, llama_bin: Path, gguf_loader):
+    """A real search on the tiny qwen3moe: prune-experts of the asked counts composed with a
+    deletion, the kept experts those the writer commands choose (REAP saliency), one score per
+    distinct pruning; every candidate loads with its recipe's expert_count. Then an expert-only
+    space judged by the full eval and the yardstick, its champion released and read back."""
+    env = {"GGUF_SURGEON_CACHE": str(tmp_path / "c"), "COLUMNS": "400"}
+    common = ["--ctx", str(TINY_CTX), "--short-chars", str(TINY_CHARS), "--threads", "1"]
+    common += ["--llama-bin", str(llama_bin)]
+    space = tmp_path / "moe.toml"
+    space.write_text(
+        'name = "moe"\nmax_steps = 2\n[[family]]\nop = "prune-experts"\nexperts = [6, 4]\n'
+        '[[family]]\nop = "delete"\nblocks = "5"\n'
+    )
+    r = CliRunner().invoke(
+        main,
+        ["search", str(MOE), "--space", str(space), "--work-dir", str(tmp_path / "w1"), "--leaders", "0", "--json"]
+        + common,
+        env=env,
+    )
+    assert r.exit_code == 0, r.output
+    board = json.loads(r.output)["leaderboard"]
+    # what `plan` (the writer commands' own ranking) resolves each pruning to
+    resolved = {}
+    for text in ("prune-experts 6", "prune-experts 4", "delete 5; prune-experts 4", "prune-experts 6; delete 5"):
+        p = CliRunner().invoke(main, ["plan", text, str(MOE), "--json"], env={"GGUF_SURGEON_LLAMA_BIN": str(llama_bin)})
+        assert p.exit_code == 0, p.output
+        resolved[text] = json.loads(p.output)["recipe"]
+    # "prune-experts 6; prune-experts 4" keeps the top 4 of the top 6: the same plan as "prune-experts 4"
+    assert sorted(e["recipe"] for e in board) == sorted([*resolved.values(), "delete 5"])
+    assert len({e["key"] for e in board}) == len(board) == 5
+    for e in board:
+        out = tmp_path / "cand.gguf"
+        edit(MOE, out, e["recipe"])
+        assert gguf.GGUFReader(out).get_field("qwen3moe.expert_count").contents() == _kept_count(e["recipe"])
+        assert gguf.GGUFReader(out).get_field("qwen3moe.block_count").contents() == e["blocks"]
+        gguf_loader.assert_loads(out)
+        out.unlink()
+
+    # expert counts only (the preset's shares: 6 and 4 of 8): a leader's full eval, the yardstick, the release
+    rel = tmp_path / "rel"
+    args = ["search", str(MOE), "--space", "experts", "--work-dir", str(tmp_path / "w2"), "--leaders", "1"]
+    args += ["--questions", "1", "--yardstick", "--export", str(rel), "--allow-requantize", "--json", *common]
+    r = CliRunner().invoke(main, args, env=env)
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert sorted(e["recipe"] for e in data["leaderboard"]) == sorted(
+        [resolved["prune-experts 6"], resolved["prune-experts 4"]]
+    )
+    champ = data["champion"]
+    assert champ["full"] and champ["full"]["verdict"] in ("better", "worse", "equivalent", "inconclusive")
+    assert champ["full"]["ladder"] and all(e["ladder"] for e in data["leaderboard"])
+    edited = Path(data["export"]["edited"])
+    reader = gguf.GGUFReader(edited)
+    assert reader.get_field("qwen3moe.expert_count").contents() == _kept_count(champ["recipe"]) < 8
+    assert reader.get_field("surgery.recipe").contents() == champ["recipe"]
+    gguf_loader.assert_loads(edited, *rel.glob("*-Q*.gguf"))
+
+
+@pytest.mark.slow
+def test_expert_families_are_sampled_by_tpe_in_worker_processes(tmp_path: Path, llama_bin: Path):
+    """A combination space too large to enumerate: TPE in two worker processes, each given the
+    study's stored expert order, builds prune-experts candidates with the lists the study's
+    ranking gives (the same as composing with the stored order here)."""
+    space = tmp_path / "t.toml"
+    space.write_text(
+        'name = "t"\nmax_steps = 2\nexhaustive_limit = 5\nleaders = 0\n'
+        '[[family]]\nop = "prune-experts"\nexperts = [6, 4]\n[[family]]\nop = "delete"\n'
+    )
+    options = tiny_options(tmp_path, budget=4, jobs=2, llama_bin=llama_bin)
+    result = run_search(MOE, load_space(str(space)), options)
+    assert result.candidates is None and result.evaluated == 4
+    assert {e.phase for e in result.leaderboard} == {"tpe"}
+    ctx = create_or_load(MOE, load_space(str(space)), options)
+    assert ctx.experts is not None and ctx.experts.n_expert == 8
+    assert len({e.key for e in result.leaderboard}) == 4
+    # the warm start is the first move of the space: its prune-experts family comes first
+    assert any(e.recipe.startswith("prune-experts 6 --keep ") for e in result.leaderboard)
+    for e in result.leaderboard:
+        moves = [Move.from_label(label) for label in _moves_of(result, e)]
+        assert compose(moves, 6, ctx.experts).recipe == e.recipe
+
+
+def _moves_of(result, entry) -> list[str]:
+    """The move labels the study stored for a leaderboard entry."""
+    optuna = pytest.importorskip("optuna")
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage)
+    return next(t.user_attrs["moves"] for t in study.trials if t.number == entry.number)

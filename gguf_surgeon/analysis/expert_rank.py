@@ -109,6 +109,13 @@ class ExpertRanking:
         """The n best experts of `block` by `by`, ascending."""
         return tuple(sorted(self.order(block, by)[:n]))
 
+    def orders(self, criteria: Sequence[str] = ("saliency",)) -> ExpertOrder:
+        """Every MoE block's experts, best first, by each of `criteria`: all `resolve_prune_steps`
+        needs, small enough to store (search keeps it in its study)."""
+        return ExpertOrder(
+            self.n_expert, self.blocks, {by: tuple(self.order(b, by) for b in self.blocks) for by in criteria}
+        )
+
     def to_dict(self) -> dict:
         return {
             "model": self.model,
@@ -128,6 +135,34 @@ class ExpertRanking:
                 for b, sec in zip(self.blocks, self.block_seconds)
             ],
         }
+
+
+@dataclass(frozen=True)
+class ExpertOrder:
+    """The experts of every MoE block in ranking order, by criterion (an ExpertRanking's orders
+    without its scores)."""
+
+    n_expert: int
+    blocks: tuple[int, ...]  # the MoE blocks (source indices)
+    by: dict[str, tuple[tuple[int, ...], ...]]  # criterion -> per block of `blocks`: experts, best first
+
+    def order(self, block: int, by: str = "saliency") -> tuple[int, ...]:
+        return self.by[by][self.blocks.index(block)]
+
+    def to_dict(self) -> dict:
+        return {
+            "n_expert": self.n_expert,
+            "blocks": list(self.blocks),
+            "by": {k: [list(o) for o in v] for k, v in self.by.items()},
+        }
+
+    @staticmethod
+    def from_dict(d: dict) -> ExpertOrder:
+        return ExpertOrder(
+            int(d["n_expert"]),
+            tuple(int(b) for b in d["blocks"]),
+            {k: tuple(tuple(int(e) for e in o) for o in v) for k, v in d["by"].items()},
+        )
 
 
 def rank_experts(
@@ -218,7 +253,9 @@ def needs_ranking(steps: Sequence[Step]) -> bool:
     return any(s.op == "prune-experts" and s.args.keep is None for s in steps)
 
 
-def resolve_prune_steps(steps: Sequence[Step], ranking: ExpertRanking, block_count: int) -> tuple[Step, ...]:
+def resolve_prune_steps(
+    steps: Sequence[Step], ranking: ExpertRanking | ExpertOrder, block_count: int
+) -> tuple[Step, ...]:
     """`steps` with every `prune-experts N` that lists no experts given the top N by its `--by`
     criterion in each MoE block as that step finds it (after the earlier steps' moves and prunings)."""
     out: list[Step] = []

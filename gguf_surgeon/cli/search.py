@@ -400,7 +400,8 @@ class SearchCommand(click.Command):
     default="deletions",
     show_default=True,
     metavar="PRESET|FILE",
-    help="A preset (deletions, swaps, duplications, blends, windows, phase1, combos) or a TOML space file.",
+    help="A preset (deletions, swaps, duplications, blends, windows, phase1, combos, healed-deletions, experts, "
+    "experts-deletions) or a TOML space file.",
 )
 @click.option(
     "--budget",

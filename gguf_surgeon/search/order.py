@@ -32,13 +32,14 @@ def move_prior(move: Move, ranking: Any | None) -> float:
     return sum(block_damage(blocks[b]) for b in move.blocks if b in blocks)
 
 
-def ordered_moves(space: SearchSpace, block_count: int, ranking: Any | None) -> list[Move]:
+def ordered_moves(space: SearchSpace, block_count: int, ranking: Any | None, n_expert: int = 0) -> list[Move]:
     """The space's moves, each family ordered by prior and pruned, then interleaved so that
-    the most promising move of every family comes before the second of any."""
+    the most promising move of every family comes before the second of any (prune-experts:
+    the most experts kept first)."""
     per_family: list[list[Move]] = []
     for fam in space.families:
-        moves = family_moves(fam, block_count)
-        moves.sort(key=lambda m: (move_prior(m, ranking), m.blocks, m.t or 0.0))
+        moves = family_moves(fam, block_count, n_expert)
+        moves.sort(key=lambda m: (move_prior(m, ranking), m.blocks, m.t or 0.0, -(m.count or 0)))
         if space.prune is not None and ranking is not None:
             keep = math.ceil(len(moves) * space.prune) if space.prune <= 1 else int(space.prune)
             moves = moves[: max(1, keep)]
@@ -52,18 +53,21 @@ def ordered_moves(space: SearchSpace, block_count: int, ranking: Any | None) -> 
     return out
 
 
-def singles(moves: Sequence[Move], block_count: int) -> list[Candidate]:
-    """One candidate per move (deduplicated by layer plan), in the moves' order."""
+def singles(moves: Sequence[Move], block_count: int, experts: Any | None = None) -> list[Candidate]:
+    """One candidate per move (deduplicated by layer plan), in the moves' order (`experts`: the
+    base's expert order, for prune-experts moves)."""
     out, keys = [], set()
     for m in moves:
-        c = compose((m,), block_count)
+        c = compose((m,), block_count, experts)
         if c is not None and c.key not in keys:
             keys.add(c.key)
             out.append(c)
     return out
 
 
-def combinations(moves: Sequence[Move], block_count: int, max_steps: int, limit: int) -> list[Candidate] | None:
+def combinations(
+    moves: Sequence[Move], block_count: int, max_steps: int, limit: int, experts: Any | None = None
+) -> list[Candidate] | None:
     """Every composition of up to `max_steps` distinct moves (in the moves' order), or None
     when there are more than `limit`: then the space is sampled instead."""
     total = sum(math.comb(len(moves), k) for k in range(1, max_steps + 1))
@@ -72,7 +76,7 @@ def combinations(moves: Sequence[Move], block_count: int, max_steps: int, limit:
     out, keys = [], set()
     for k in range(1, max_steps + 1):
         for combo in itertools.combinations(moves, k):
-            c = compose(combo, block_count)
+            c = compose(combo, block_count, experts)
             if c is not None and c.key not in keys:
                 keys.add(c.key)
                 out.append(c)

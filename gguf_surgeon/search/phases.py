@@ -62,8 +62,8 @@ def stored_phase(study: Any, name: str) -> Phase | None:
 def first_phase(ctx: StudyContext) -> Phase:
     sp = ctx.space
     if sp.max_steps == 1:
-        return Phase("singles", "candidate", tuple(singles(ctx.moves, ctx.block_count)))
-    combos = combinations(ctx.moves, ctx.block_count, sp.max_steps, sp.exhaustive_limit)
+        return Phase("singles", "candidate", tuple(singles(ctx.moves, ctx.block_count, ctx.experts)))
+    combos = combinations(ctx.moves, ctx.block_count, sp.max_steps, sp.exhaustive_limit, ctx.experts)
     if combos is None:
         return Phase("tpe", "", ())
     combos.sort(key=lambda c: (len(c.moves),))  # singles first, then pairs, each in rank order
@@ -104,7 +104,7 @@ def beam_phase(ctx: StudyContext, study: Any, depth: int, parent_phase: str) -> 
         for m in top_moves:
             if m in pm:
                 continue
-            c = compose(pm + [m], ctx.block_count)
+            c = compose(pm + [m], ctx.block_count, ctx.experts)
             if c is None or c.key in keys or c.key in known:
                 continue
             keys.add(c.key)

@@ -34,7 +34,11 @@ class SearchSpace:
     exhaustive_limit: int = EXHAUSTIVE_LIMIT
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for f in d["families"]:  # a study stored before prune-experts families keeps its identity
+            if not f["experts"]:
+                del f["experts"]
+        return d
 
 
 PRESETS: dict[str, SearchSpace] = {
@@ -60,6 +64,16 @@ PRESETS: dict[str, SearchSpace] = {
         "healed-deletions",
         (Family("delete", heal=(False, True)), Family("delete-window", sizes=(2, 3, 4), heal=(False, True))),
     ),
+    # mixture-of-experts models: keep three quarters, then half of every block's experts (REAP saliency)
+    "experts": SearchSpace("experts", (Family("prune-experts", experts=(0.75, 0.5)),)),
+    # the same prunings and every single deletion, then the best 2 extended by one of the best 6 moves
+    "experts-deletions": SearchSpace(
+        "experts-deletions",
+        (Family("prune-experts", experts=(0.75, 0.5)), Family("delete")),
+        beam_width=2,
+        beam_depth=2,
+        beam_top=6,
+    ),
 }
 
 
@@ -73,6 +87,30 @@ def _spec(value: Any, where: str) -> tuple[int, ...]:
     raise SearchError(f'{where}: expected a layer spec like "10-20" or a list of integers, got {value!r}')
 
 
+def _experts(f: dict, at: str) -> tuple[float, ...]:
+    """A family's `experts`: counts (integers >= 1) or shares of the model's (0 < x < 1); only,
+    and always, for prune-experts, which acts on every MoE block (no `blocks`)."""
+    if f["op"] != "prune-experts":
+        if "experts" in f:
+            raise SearchError(f'{at}: experts applies to op = "prune-experts" only, not {f["op"]!r}')
+        return ()
+    if "blocks" in f:
+        raise SearchError(f"{at}: prune-experts keeps the same count in every MoE block: no blocks")
+    value = f.get("experts")
+    value = value if isinstance(value, list) else [value]
+    ok = [
+        x
+        for x in value
+        if not isinstance(x, bool) and ((isinstance(x, int) and x >= 1) or (isinstance(x, float) and 0 < x < 1))
+    ]
+    if not value or len(ok) != len(value):
+        raise SearchError(
+            f"{at}: experts must be expert counts (integers >= 1) or shares between 0 and 1, e.g. [96, 64] or "
+            "[0.75, 0.5]"
+        )
+    return tuple(value)
+
+
 def parse_space(data: dict, name: str, where: str) -> SearchSpace:
     """A space from parsed TOML (see docs/search.md for the format)."""
     known = {"name", "family", "max_steps", "prune", "beam", "leaders", "exhaustive_limit"}
@@ -84,9 +122,10 @@ def parse_space(data: dict, name: str, where: str) -> SearchSpace:
         at = f"{where}: family[{i}]"
         if not isinstance(f, dict) or f.get("op") not in FAMILIES:
             raise SearchError(f"{at}: 'op' must be one of {', '.join(FAMILIES)}")
-        extra = set(f) - {"op", "blocks", "t", "sizes", "heal"}
+        extra = set(f) - {"op", "blocks", "t", "sizes", "heal", "experts"}
         if extra:
             raise SearchError(f"{at}: unknown key(s) {', '.join(sorted(extra))}")
+        experts = _experts(f, at)
         t = f.get("t", [0.5])
         t = t if isinstance(t, list) else [t]
         if not all(isinstance(x, (int, float)) and 0 < x < 1 for x in t):
@@ -108,6 +147,7 @@ def parse_space(data: dict, name: str, where: str) -> SearchSpace:
                 tuple(float(x) for x in t),
                 tuple(sizes),
                 tuple(heal),
+                experts,
             )
         )
     if not families:

@@ -34,9 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SearchError
+from ..errors import PlanError, SearchError
+from ..experts import check_expert_plan, expert_blocks, expert_shape
+from ..plan import LayerPlan, LayerSource
 from ..reader import Model
-from .moves import Move
+from ..vocab import Keys
+from .moves import Move, expert_counts
 from .order import ordered_moves
 from .scorer import SHORT_CHARS, SHORT_CTX
 from .space import SearchSpace
@@ -652,6 +655,7 @@ class StudyContext:
     study_name: str
     block_count: int
     moves: list[Move]  # ordered and pruned, from the study (same list for every worker)
+    experts: Any | None = None  # the base's expert order (analysis.expert_rank.ExpertOrder) for prune-experts moves
 
 
 def study_trials(study: Any, states: Sequence[Any] | None = None) -> list[Any]:
@@ -681,11 +685,12 @@ def create_or_load(base: Path, space: SearchSpace, options: SearchOptions, ranki
     existing study is about the same base and space. Creation is serialized between all
     workers of the storage (advisory lock, or the SQLite lock file): one study, made once."""
     optuna = load_optuna()
-    url = storage_url(options)
-    storage = open_storage(url, options)
-    with Model(base) as m:
+    with Model(base) as m:  # a space the base cannot take is refused before the storage is touched
         block_count = len(m.blocks())
         size = sum(s.size for s in m.shards)
+        n_expert = _check_expert_families(m, space)
+    url = storage_url(options)
+    storage = open_storage(url, options)
     name = options.study_name or default_study_name(base, space)
     identity = {"base": base.name, "base_size": size, "block_count": block_count, "space": space.to_dict()}
     identity = json.loads(json.dumps(identity))  # as stored: tuples become lists
@@ -695,7 +700,13 @@ def create_or_load(base: Path, space: SearchSpace, options: SearchOptions, ranki
         if existing is None:
             if options.use_rank and ranking is None:
                 ranking = _ranking(base, options)
-            moves = ordered_moves(space, block_count, ranking)
+            moves = ordered_moves(space, block_count, ranking, n_expert)
+            if any(m.op == "prune-experts" for m in moves):
+                # ranked once per study: every worker and rerun prunes the same experts
+                from ..analysis.expert_rank import rank_experts
+
+                order = rank_experts(base, llama_bin=options.llama_bin).orders()
+                study.set_user_attr(EXPERTS_ATTR, order.to_dict())
             study.set_user_attr("moves", [m.label for m in moves])
             study.set_user_attr("ranked_by", None if ranking is None else ranking.tokenizer)
             study.set_user_attr("created_by", worker_id())
@@ -709,7 +720,48 @@ def create_or_load(base: Path, space: SearchSpace, options: SearchOptions, ranki
         if options.budget is not None:
             study.set_user_attr("budget", options.budget)  # for `search status`: the latest run's
     moves = [Move.from_label(l) for l in study.user_attrs["moves"]]
-    return StudyContext(base, space, options, url, name, block_count, moves)
+    experts = None
+    if EXPERTS_ATTR in study.user_attrs:
+        from ..analysis.expert_rank import ExpertOrder
+
+        experts = ExpertOrder.from_dict(study.user_attrs[EXPERTS_ATTR])
+    return StudyContext(base, space, options, url, name, block_count, moves, experts)
+
+
+EXPERTS_ATTR = "expert_order"  # study attribute: the base's experts per MoE block, most salient first
+
+
+def _check_expert_families(model: Model, space: SearchSpace) -> int:
+    """The model's expert count; a space with a prune-experts family is refused (SearchError)
+    on a dense model, or for a count the model cannot keep (all of its experts or more, fewer
+    than it routes per token, not divisible by its groups: the core's own checks)."""
+    shape = expert_shape(model)
+    families = [f for f in space.families if f.op == "prune-experts"]
+    if not families:
+        return shape.count
+    if shape.count <= 0:
+        raise SearchError(
+            f"space {space.name!r} prunes experts (a prune-experts family), but {model.path} is a dense model "
+            f"({model.arch_key(Keys.LLM.EXPERT_COUNT)} is not set)"
+        )
+    blocks = model.blocks()
+    moe = set(expert_blocks(blocks))
+    for fam in families:
+        for n in expert_counts(fam, shape.count):
+            if n >= shape.count:
+                raise SearchError(
+                    f"space {space.name!r}: prune-experts {n}: {model.path} has {shape.count} experts per block; "
+                    "keep fewer"
+                )
+            # the count alone decides these checks; which experts does not (balanced over groups)
+            g = shape.groups if shape.groups > 1 and n % shape.groups == 0 else 1
+            kept = tuple(sorted(k * (shape.count // g) + j for k in range(g) for j in range(n // g)))
+            layers = tuple(LayerSource(((i, 1.0),), kept if i in moe else None) for i in range(len(blocks)))
+            try:
+                check_expert_plan(model, LayerPlan((), len(blocks), layers), blocks)
+            except PlanError as e:
+                raise SearchError(f"space {space.name!r}: {e}") from None
+    return shape.count
 
 
 def _scored_part(identity: dict) -> dict:

@@ -5,7 +5,8 @@
 
 How it works:
 - A **space** (a preset or a TOML file) lists families of *moves*: single deletions, adjacent
-  swaps, duplications, bridges, interpolations, windows of n blocks deleted or repeated. A
+  swaps, duplications, bridges, interpolations, windows of n blocks deleted or repeated,
+  expert counts of a mixture-of-experts base (ranked once per study by REAP saliency). A
   move names blocks of the *base* model, so moves compose: ``delete 10`` then ``swap 12 13``
   (base indices) becomes the recipe ``delete 10; swap 11 12``. Candidates that give the same
   layer plan are one candidate.

@@ -231,7 +231,7 @@ class Worker:
         def objective(trial: Any) -> float:
             picked = [trial.suggest_categorical(f"step{i + 1}", labels) for i in range(self.ctx.space.max_steps)]
             moves = [by_label[p] for p in picked if p != "none"]
-            cand = compose(moves, self.ctx.block_count) if moves else None
+            cand = compose(moves, self.ctx.block_count, self.ctx.experts) if moves else None
             if cand is None:
                 trial.set_user_attr("phase", "tpe")
                 raise self.optuna.TrialPruned("no applicable move")
