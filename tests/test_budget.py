@@ -37,6 +37,7 @@ from gguf_surgeon.llama.quantize import (
 )
 from gguf_surgeon.llama.server import LlamaServer
 from gguf_surgeon.release.folder import ReleaseOptions, release
+from gguf_surgeon.search.budget import budget_front
 
 SMOLLM2_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -221,6 +222,13 @@ def test_release_with_an_impossible_budget_leaves_nothing(tiny: Path, tmp_path: 
     r = run_cli("release", str(tiny), "--recipe", "delete 1", "--out", str(out), "--target-size", "-5M")
     assert r.exit_code == 2 and r.output.startswith("Error: Invalid value for --target-size: "), r.output
     assert not out.exists()
+
+
+def test_search_target_size_refuses_study_options(tiny: Path, tmp_path: Path):
+    r = run_cli("search", str(tiny), "--target-size", "1M", "--export", str(tmp_path / "x"))
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "--target-size: measures a Pareto table, not a study; drop --export" in r.output
+    assert not (tmp_path / "x").exists()
 
 
 # --- llama.cpp --------------------------------------------------------------------------
@@ -412,3 +420,37 @@ def test_release_target_size_ships_the_allocated_mix(
         line = next(line for line in card.splitlines() if f"[{q.file}]" in line)
         assert f"| {q.kld.value:.4f} [{q.kld.low:.4f}, {q.kld.high:.4f}] |" in line
     assert f"FROM ./{out.name}" in (folder / "Modelfile").read_text()
+
+
+@pytest.mark.slow
+def test_search_target_size_spends_a_deleted_block_elsewhere(make_model, tmp_path: Path, llama_bin: Path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr("gguf_surgeon.llama.perplexity.OUTPUT_ATTEMPTS", 16)  # as in the end-to-end test above
+    model = make_model("wide.gguf", n_blocks=2, n_embd=256, ff=288, n_head=4, n_head_kv=2)
+    uniform = tmp_path / "uniform-Q4_K_M.gguf"
+    subprocess.run(
+        [str(llama_bin / "llama-quantize"), str(model), str(uniform), "Q4_K_M"], check=True, capture_output=True
+    )
+    budget = uniform.stat().st_size  # the budget: the size of the base's uniform Q4_K_M
+    calibration, held_out = bundled_texts()
+    options = EvalOptions(llama_bin=llama_bin, threads=2, cache_dir=tmp_path / "cache" / "eval")
+    front = budget_front(
+        model, budget, ["delete 1"], uniform=("Q4_K_M",), options=options,
+        calibration=calibration[:1600], held_out=held_out[:1600],
+    )  # fmt: skip
+    whole, deleted, q4 = front.points
+    assert [p.label for p in front.points] == ["no surgery", "delete 1", "uniform Q4_K_M"]
+    assert q4.size == budget and q4.recipe is None
+    assert whole.size <= budget and deleted.size <= budget
+    # the deleted block's bytes went to the other tensors: more bits per weight at the same budget
+    assert deleted.bits_per_weight > whole.bits_per_weight
+    # measured: the allocated base beats the uniform type of its size on held-out text
+    assert whole.kld.high < q4.kld.low
+    for p in front.points:
+        dominated = any(
+            o.size <= p.size and o.kld.value <= p.kld.value and (o.size, o.kld.value) != (p.size, p.kld.value)
+            for o in front.points
+        )
+        assert p.on_front == (not dominated), p
+    assert whole.on_front and not q4.on_front
