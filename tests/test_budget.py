@@ -36,6 +36,8 @@ from gguf_surgeon.llama.quantize import (
     written_type,
 )
 from gguf_surgeon.llama.server import LlamaServer
+from gguf_surgeon.release.folder import ReleaseOptions, release
+from gguf_surgeon.search.budget import budget_front
 
 SMOLLM2_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -211,6 +213,24 @@ def test_impossible_budget_is_refused_before_any_work(tiny: Path, tmp_path: Path
     assert list(out.iterdir()) == []
 
 
+def test_release_with_an_impossible_budget_leaves_nothing(tiny: Path, tmp_path: Path):
+    out = tmp_path / "rel"
+    r = run_cli("release", str(tiny), "--recipe", "delete 1", "--out", str(out), "--target-size", "1K")
+    assert r.exit_code == 1, r.output
+    assert r.output.count("\n") == 1 and "the smallest types of these candidates take" in r.output, r.output
+    assert not out.exists()
+    r = run_cli("release", str(tiny), "--recipe", "delete 1", "--out", str(out), "--target-size", "-5M")
+    assert r.exit_code == 2 and r.output.startswith("Error: Invalid value for --target-size: "), r.output
+    assert not out.exists()
+
+
+def test_search_target_size_refuses_study_options(tiny: Path, tmp_path: Path):
+    r = run_cli("search", str(tiny), "--target-size", "1M", "--export", str(tmp_path / "x"))
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "--target-size: measures a Pareto table, not a study; drop --export" in r.output
+    assert not (tmp_path / "x").exists()
+
+
 # --- llama.cpp --------------------------------------------------------------------------
 
 
@@ -347,3 +367,90 @@ def test_tensor_type_file_with_an_unquantized_type_is_refused(tiny: Path, tmp_pa
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert "ignores --tensor-type overrides for F16" in r.output
     assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_release_target_size_ships_the_allocated_mix(
+    make_model, tmp_path: Path, llama_bin: Path, gguf_loader, monkeypatch
+):
+    monkeypatch.setattr("gguf_surgeon.llama.perplexity.OUTPUT_ATTEMPTS", 16)  # as in the end-to-end test above
+    model = make_model("wide.gguf", n_blocks=2, n_embd=256, ff=288, n_head=4, n_head_kv=2)
+    calibration, held_out = bundled_texts()
+    budget = 397_312  # just under the uniform Q4_K_M file of the edited model (398,560 bytes)
+    options = ReleaseOptions(
+        types=("Q8_0", "Q4_K_M", "Q3_K_M"),
+        llama_bin=llama_bin,
+        target_size=budget,
+        target_label="388K",
+        budget_options=EvalOptions(llama_bin=llama_bin, threads=2, cache_dir=tmp_path / "cache" / "eval"),
+        budget_texts=(calibration[:1600], held_out[:1600]),
+    )
+    folder = tmp_path / "rel"
+    report = release(model, "delete 1", folder, options)
+    b = report.budget
+    out = folder / "wide-edited-388K.gguf"
+    assert b.out == out and b.types_file == folder / "wide-edited-388K.tensor-types.txt"
+    assert {out.name, b.types_file.name} <= {name for name, _ in report.files}
+    gguf_loader.assert_loads(out)
+    # the shipped file, read back with gguf's reader: the allocated types, within the budget
+    reader = gguf.GGUFReader(out)
+    got = {t.name: T(int(t.tensor_type)).name for t in reader.tensors}
+    assert {n: got[n] for n in b.allocation.written} == b.allocation.written
+    assert len(set(b.allocation.written.values())) > 1
+    assert out.stat().st_size == b.size == b.allocation.predicted_size <= budget
+    bpw = sum(int(t.n_bytes) for t in reader.tensors) * 8 / sum(int(t.n_elements) for t in reader.tensors)
+    mix, *ladder = report.rows
+    assert (mix.file, mix.size, mix.kld) == (out.name, b.size, b.kld)
+    assert mix.bits_per_weight == pytest.approx(bpw)
+    assert [q.file for q in ladder] == [f"wide-edited-{t}.gguf" for t in options.types]
+    for q in ladder:
+        assert q.size == (folder / q.file).stat().st_size and q.kld is not None
+    # beaten: the uniform files of the same or larger size whose KLD interval lies above the mix's
+    expected = [q for q in ladder if q.size >= b.size and q.kld.low > b.kld.high]
+    assert mix.beats == tuple(q.type for q in sorted(expected, key=lambda q: -q.size))
+    assert "Q4_K_M" in mix.beats  # measured: about half Q4_K_M's KLD at a smaller size
+    # the card's row of the mix shows those numbers; the Modelfile ships the mix
+    card = (folder / "README.md").read_text()
+    row = next(line for line in card.splitlines() if f"[{out.name}]" in line)
+    k = b.kld
+    for cell in (f"{bpw:.2f}", f"{k.value:.4f} [{k.low:.4f}, {k.high:.4f}]", ", ".join(mix.beats) or "—"):
+        assert f"| {cell} |" in row, (cell, row)
+    assert f"{b.size / 1000:.2f} KB" in row
+    for q in ladder:
+        line = next(line for line in card.splitlines() if f"[{q.file}]" in line)
+        assert f"| {q.kld.value:.4f} [{q.kld.low:.4f}, {q.kld.high:.4f}] |" in line
+    assert f"FROM ./{out.name}" in (folder / "Modelfile").read_text()
+
+
+@pytest.mark.slow
+def test_search_target_size_spends_a_deleted_block_elsewhere(make_model, tmp_path: Path, llama_bin: Path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr("gguf_surgeon.llama.perplexity.OUTPUT_ATTEMPTS", 16)  # as in the end-to-end test above
+    model = make_model("wide.gguf", n_blocks=2, n_embd=256, ff=288, n_head=4, n_head_kv=2)
+    uniform = tmp_path / "uniform-Q4_K_M.gguf"
+    subprocess.run(
+        [str(llama_bin / "llama-quantize"), str(model), str(uniform), "Q4_K_M"], check=True, capture_output=True
+    )
+    budget = uniform.stat().st_size  # the budget: the size of the base's uniform Q4_K_M
+    calibration, held_out = bundled_texts()
+    options = EvalOptions(llama_bin=llama_bin, threads=2, cache_dir=tmp_path / "cache" / "eval")
+    front = budget_front(
+        model, budget, ["delete 1"], uniform=("Q4_K_M",), options=options,
+        calibration=calibration[:1600], held_out=held_out[:1600],
+    )  # fmt: skip
+    whole, deleted, q4 = front.points
+    assert [p.label for p in front.points] == ["no surgery", "delete 1", "uniform Q4_K_M"]
+    assert q4.size == budget and q4.recipe is None
+    assert whole.size <= budget and deleted.size <= budget
+    # the deleted block's bytes went to the other tensors: more bits per weight at the same budget
+    assert deleted.bits_per_weight > whole.bits_per_weight
+    # measured: the allocated base beats the uniform type of its size on held-out text
+    assert whole.kld.high < q4.kld.low
+    for p in front.points:
+        dominated = any(
+            o.size <= p.size and o.kld.value <= p.kld.value and (o.size, o.kld.value) != (p.size, p.kld.value)
+            for o in front.points
+        )
+        assert p.on_front == (not dominated), p
+    assert whole.on_front and not q4.on_front

@@ -14,6 +14,7 @@ from .common import (
     json_option,
     llama_bin_option,
     out_console,
+    parse_size,
     step_progress,
 )
 
@@ -59,6 +60,12 @@ def _read_markdown(path: Path | None) -> str | None:
     help="Quant ladder, comma-separated or repeated (default: Q8_0,Q6_K,Q4_K_M,Q3_K_M,Q2_K).",
 )
 @click.option("--no-quantize", is_flag=True, help="No ladder: the edited GGUF only.")
+@click.option(
+    "--target-size",
+    metavar="SIZE",
+    help="Also ship NAME-SIZE.gguf, the least-KLD type per tensor whose file fits SIZE (e.g. 90M; "
+    "docs/budget.md), with each file's KLD on held-out text in the card (with --no-quantize: instead of the ladder).",
+)
 @click.option("--allow-requantize", is_flag=True, help="Quantize although BASE is quantized (quality loss compounds).")
 @click.option(
     "--benchmarks",
@@ -88,6 +95,7 @@ def release_cmd(
     name: str | None,
     types: tuple[str, ...],
     no_quantize: bool,
+    target_size: str | None,
     allow_requantize: bool,
     benchmarks: Path | None,
     run_eval: bool,
@@ -108,6 +116,7 @@ def release_cmd(
     \b
     Example:
       gguf-surgeon release base.gguf --recipe "delete 10; swap 11 12" --out release/ --eval
+      gguf-surgeon release base-F16.gguf --recipe "delete 10" --out release/ --target-size 90M
     """
     from ..llama.quantize import DEFAULT_LADDER
     from ..release.folder import ReleaseOptions, release
@@ -119,7 +128,10 @@ def release_cmd(
 
         raise ReleaseError("--yardstick: needs --eval (it places the eval's KL divergence on the base's ladder)")
 
+    size = parse_size(target_size, "--target-size")
     options = ReleaseOptions(
+        target_size=size,
+        target_label=target_size.strip().replace(" ", "") if target_size is not None else None,
         name=name,
         types=() if no_quantize else (split_types(types) or DEFAULT_LADDER),
         allow_requantize=allow_requantize,
@@ -151,8 +163,18 @@ def release_cmd(
     out_console.print(f"Released into {report.out_dir}:")
     table = Table("file", "size", "bits/weight", box=None, pad_edge=False)
     bpw = {r.path.name: r.bits_per_weight for r in report.quants.results} if report.quants else {}
+    bpw.update({r.file: r.bits_per_weight for r in report.rows})
+    rows = {r.file: r for r in report.rows if r.kld is not None}
+    if rows:
+        table.add_column("KLD [95% CI]")
+        table.add_column("beats")
     for fname, size in report.files:
-        table.add_row(fname, format_size(size), f"{bpw[fname]:.2f}" if fname in bpw else "")
+        cells = [fname, format_size(size), f"{bpw[fname]:.2f}" if fname in bpw else ""]
+        if rows:
+            r = rows.get(fname)
+            k = r.kld if r else None
+            cells += [f"{k.value:.4f} [{k.low:.4f}, {k.high:.4f}]" if k else "", ", ".join(r.beats) if r else ""]
+        table.add_row(*cells)
     out_console.print(table)
 
 

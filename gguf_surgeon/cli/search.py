@@ -11,6 +11,7 @@ import click
 from rich.table import Table
 
 from ..errors import SurgeonError
+from ..files import format_size
 from .common import (
     emit_json,
     err_console,
@@ -18,6 +19,7 @@ from .common import (
     live_terminal,
     llama_bin_option,
     out_console,
+    parse_size,
     step_progress,
 )
 
@@ -485,6 +487,13 @@ class SearchCommand(click.Command):
 )
 @click.option("--allow-requantize", is_flag=True, help="With --export: quantize a quantized BASE's edit.")
 @click.option("--force", is_flag=True, help="With --export: write into a non-empty folder.")
+@click.option(
+    "--target-size",
+    metavar="SIZE",
+    help="Instead of a study: every single move of the space (at most --budget), each edit given the "
+    "least-KLD type per tensor under SIZE file bytes, measured against BASE with BASE's uniform "
+    "Q3_K_M/Q4_K_M/Q5_K_M as reference rows, as a Pareto table (docs/budget.md).",
+)
 @llama_bin_option()
 @json_option()
 def search_cmd(
@@ -509,6 +518,7 @@ def search_cmd(
     export_dir: Path | None,
     allow_requantize: bool,
     force: bool,
+    target_size: str | None,
     llama_bin: Path | None,
     as_json: bool,
 ) -> None:
@@ -520,8 +530,25 @@ def search_cmd(
     \b
     Example:
       gguf-surgeon search base.gguf --space phase1 --budget 80 --jobs 2 --leader-bench hellaswag:400 --export release/
+      gguf-surgeon search base-F16.gguf --target-size 90M --budget 4
     """
     from ..search.space import load_space
+
+    if target_size is not None:
+        given = {
+            "--jobs": jobs != 1, "--storage": storage, "--study-name": study_name, "--keep": keep,
+            "--leaders": leaders is not None, "--questions": questions, "--leader-bench": leader_benches,
+            "--rank": rank_file, "--no-rank": no_rank, "--yardstick": yardstick, "--export": export_dir,
+            "--force": force,
+        }  # fmt: skip
+        clash = [k for k, v in given.items() if v]
+        if clash:
+            from ..errors import OptionError
+
+            raise OptionError(f"--target-size: measures a Pareto table, not a study; drop {clash[0]}")
+        return _budget_search(
+            base, load_space(space_spec), target_size, budget, threads, allow_requantize, llama_bin, as_json
+        )
     from ..search.storage import SearchOptions, default_study_name, redact_url, set_notice, storage_url
     from ..search.study import run_search
 
@@ -595,6 +622,57 @@ def search_cmd(
     if as_json:
         return emit_json(data)
     render_search(result, data)
+
+
+def _budget_search(
+    base: Path,
+    space: Any,
+    target_size: str,
+    limit: int | None,
+    threads: int | None,
+    allow_requantize: bool,
+    llama_bin: Path | None,
+    as_json: bool,
+) -> None:
+    """search --target-size: the space's single moves, each allocated under the budget; a Pareto table."""
+    from dataclasses import replace
+
+    from ..evaluation.suite import DEFAULT_OPTIONS
+    from ..reader import Model
+    from ..search.budget import budget_front
+    from ..search.order import ordered_moves, singles
+
+    size = parse_size(target_size, "--target-size")
+    assert size is not None
+    with Model(base) as m:
+        blocks = len(m.blocks())
+    recipes = [c.recipe for c in singles(ordered_moves(space, blocks, None), blocks)][:limit]
+    options = replace(DEFAULT_OPTIONS, llama_bin=llama_bin)
+    if threads:
+        options = replace(options, threads=threads)
+    with step_progress(enabled=not as_json) as progress:
+        front = budget_front(
+            base,
+            size,
+            recipes,
+            target_label=target_size.strip(),
+            options=options,
+            allow_requantize=allow_requantize,
+            progress=progress,
+        )
+    if as_json:
+        return emit_json(front.to_dict())
+    table = Table("file", "size", "bits/weight", "KLD [95% CI]", "front", box=None, pad_edge=False)
+    for p in front.points:
+        k = p.kld
+        table.add_row(
+            p.label, format_size(p.size), f"{p.bits_per_weight:.2f}", f"{k.value:.4f} [{k.low:.4f}, {k.high:.4f}]",
+            "yes" if p.on_front else "",
+        )  # fmt: skip
+    out_console.print(
+        f"{base.name} under {front.target} ({front.limit:,} bytes): KL divergence to the base on {front.kld_text}"
+    )
+    out_console.print(table)
 
 
 def render_search(result: Any, data: dict) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from gguf import Keys
 
 from ..errors import SurgeonError
+from ..evaluation.records import Estimate
 from ..files import format_size
 from ..llama.quantize import DEFAULT_LADDER, QuantResult, default_name, measure
 from ..metadata import RECIPE_KEY
@@ -26,6 +27,7 @@ from ..operations import REGISTRY, build_plan, format_layer_spec
 from ..plan import LayerPlan
 from ..reader import Model
 from ..recipe import parse_recipe
+from ..records import Record
 from ..vocab import OUTPUT, base_model_key, file_type_name
 from .ollama import DEFAULT_SYSTEM, Modelfile, build_modelfile, recognize_chat_template
 
@@ -53,13 +55,15 @@ KV_CONTEXT = 4096  # context the requirements table's KV-cache estimate assumes
 
 
 @dataclass(frozen=True)
-class QuantFile:
+class QuantFile(Record):
     """One row of the card's quantization table, measured from the file."""
 
     type: str  # "Q8_0", or the edited file's own type
     file: str  # file name within the release folder
     bits_per_weight: float
     size: int  # bytes
+    kld: Estimate | None = None  # KL(edited || this file) on held-out text (release --target-size)
+    beats: tuple[str, ...] = ()  # an allocated mix: the uniform types of the same or larger size it beats
 
     @staticmethod
     def of(result: QuantResult) -> QuantFile:
@@ -358,15 +362,34 @@ def _quantizations(f: _Facts) -> list[str]:
         "| Quantization | Bits/Weight | Size | Description | Download |",
         "|:---:|:---:|:---:|:---|:---:|",
     ]
+    with_kld = any(q.kld is not None for q in f.rows)
+    if with_kld:
+        out[1] = "| Quantization | Bits/Weight | Size | KLD [95% CI] | Beats | Description | Download |"
+        out[2] = "|:---:|:---:|:---:|:---:|:---:|:---|:---:|"
     for i, q in enumerate(f.rows):
         desc = QUANT_DESCRIPTIONS.get(q.type, "")
+        if q.type.startswith("mix "):
+            desc = "a type per tensor, chosen to minimize KL divergence under the size budget"
         if i == 0 and len(f.rows) > 1:
             desc += " (recommended)"
         if q.file == f.model.name:
             desc = (desc + "; " if desc else "") + "the edited model as written by the surgery"
         bpw = f"{q.bits_per_weight:.2f}" if q.bits_per_weight else "—"
-        out.append(f"| **{_md(q.type)}** | {bpw} | {_decimal_size(q.size)} | {desc} | [{_md(q.file)}](./{q.file}) |")
-    return out + ["", "Bits per weight are measured from each file (tensor bytes × 8 / parameters).", ""]
+        extra = ""
+        if with_kld:
+            kld = f"{q.kld.value:.4f} [{q.kld.low:.4f}, {q.kld.high:.4f}]" if q.kld is not None else "—"
+            extra = f" {kld} | {_md(', '.join(q.beats)) if q.beats else '—'} |"
+        out.append(
+            f"| **{_md(q.type)}** | {bpw} | {_decimal_size(q.size)} |{extra} {desc} | [{_md(q.file)}](./{q.file}) |"
+        )
+    out += ["", "Bits per weight are measured from each file (tensor bytes × 8 / parameters)."]
+    if with_kld:
+        out.append(
+            "KLD: KL divergence to the edited model in nats per token on held-out text, with a 95% interval "
+            "over chunks. A mix beats a uniform type of the same or larger size when that type's KLD "
+            "interval lies wholly above the mix's."
+        )
+    return out + [""]
 
 
 def _model_details(f: _Facts) -> list[str]:

@@ -8,6 +8,7 @@ The Modelfile is built by release.ollama, the card by release.card.
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +42,10 @@ class ReleaseOptions:
     parameters: Mapping[str, str] = field(default_factory=dict)  # Modelfile PARAMETER overrides
     system: str | None = None  # Modelfile SYSTEM
     methodology: str | None = None
+    target_size: int | None = None  # ship a per-tensor mix allocated under this many file bytes (budget.allocate)
+    target_label: str | None = None  # its file-name part, NAME-LABEL.gguf (default: the bytes + "B")
+    budget_options: Any = None  # with target_size: EvalOptions of the sensitivity and KLD runs (default: the suite's)
+    budget_texts: tuple[str, str] | None = None  # with target_size: (calibration, held-out) texts (default: bundled)
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,13 @@ class ReleaseReport:
     readme: Path
     benchmarks: bool  # the card has a benchmark table
     files: tuple[tuple[str, int], ...]  # (file name, size) of everything written
+    budget: Any = None  # with target_size: budget.allocate.BudgetResult of the shipped mix
+    rows: tuple[QuantFile, ...] = ()  # the card's quantization rows (the mix first, with KLDs under a budget)
 
     def to_dict(self) -> dict:
         return {
+            "budget": self.budget.to_dict() if self.budget else None,
+            "rows": [r.to_dict() for r in self.rows],
             "out_dir": str(self.out_dir),
             "edited": str(self.edited),
             "modelfile": str(self.modelfile),
@@ -130,6 +139,10 @@ def release(
         raise OutputError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not options.force:
         raise OutputError(f"{out_dir}: folder is not empty; pass --force to write into it")
+    label = options.target_label or (f"{options.target_size}B" if options.target_size is not None else None)
+    if label is not None and not re.fullmatch(r"[\w.+-]+", label):
+        raise ReleaseError(f"--target-size label {label!r}: use letters, digits, '.', '_', '+' and '-' only")
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -139,6 +152,10 @@ def release(
     edited = out_dir / f"{name}.gguf"
     step("editing")
     edit(base, edited, recipe, EditOptions(name=name, overwrite=options.force))
+    budget = None
+    if options.target_size is not None:
+        step("allocating a mix under the budget")
+        budget = _ship_budget(edited, out_dir / f"{name}-{label}.gguf", options, created)
     quants = None
     if options.types:
         step("quantizing")
@@ -165,6 +182,9 @@ def release(
         benchmarks = benchmark_markdown(base, edited, eval_options, options.yardstick)
     step("writing Modelfile and README.md")
     files = tuple(QuantFile.of(r) for r in quants.results) if quants else ()
+    if budget is not None:
+        step("KL divergence of the ladder on the held-out text")
+        files = budget_rows(budget, files, _uniform_klds(edited, files, out_dir, options))
     main_file = files[0].file if files else edited.name
     modelfile = build_modelfile(edited, f"./{main_file}", parameters=options.parameters, system=options.system)
     mf_path = write_text_atomic(out_dir / MODELFILE, modelfile.text, options.force)
@@ -184,7 +204,8 @@ def release(
         ),
     )
     readme = write_text_atomic(out_dir / README, card, options.force)
-    written = [edited] + ([r.path for r in quants.results] if quants else []) + [mf_path, readme]
+    written = [edited] + ([budget.out, budget.types_file] if budget else [])
+    written += ([r.path for r in quants.results] if quants else []) + [mf_path, readme]
     return ReleaseReport(
         out_dir,
         edited,
@@ -193,7 +214,77 @@ def release(
         readme,
         benchmarks is not None,
         tuple((p.name, p.stat().st_size) for p in written),
+        budget,
+        files,
     )
+
+
+def _budget_eval(options: ReleaseOptions) -> tuple[Any, str | None, str | None]:
+    """(EvalOptions, calibration text, held-out text) of a release's budget runs."""
+    from ..evaluation.suite import EvalOptions
+
+    eval_options = options.budget_options or EvalOptions(llama_bin=options.llama_bin)
+    if options.eval_threads and options.budget_options is None:
+        eval_options = replace(eval_options, threads=options.eval_threads)
+    calibration, held_out = options.budget_texts or (None, None)
+    return eval_options, calibration, held_out
+
+
+def _ship_budget(edited: Path, out: Path, options: ReleaseOptions, created: bool) -> Any:
+    """budget.allocate.quantize_to_budget of the edited file into `out`. A budget the edited
+    model cannot meet is refused before any measuring; the edited file (and the folder, when
+    this release created it) is removed then, so a refused release leaves nothing behind."""
+    from ..budget.allocate import quantize_to_budget
+    from ..errors import OptionError
+
+    eval_options, calibration, held_out = _budget_eval(options)
+    try:
+        return quantize_to_budget(
+            edited,
+            out,
+            target_size=options.target_size,
+            options=eval_options,
+            calibration=calibration,
+            held_out=held_out,
+            allow_requantize=options.allow_requantize,
+            force=options.force,
+        )
+    except OptionError:
+        edited.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(edited.parent, ignore_errors=True)
+        raise
+
+
+def _uniform_klds(edited: Path, files: tuple[QuantFile, ...], out_dir: Path, options: ReleaseOptions) -> dict:
+    """file name -> KL(edited || ladder file) on the budget's held-out text (the mix's own text)."""
+    import tempfile
+
+    from ..budget.sensitivity import bundled_texts, text_options
+    from ..evaluation.runner import kl_divergence
+
+    eval_options, _, held_out = _budget_eval(options)
+    text = bundled_texts()[1] if held_out is None else held_out
+    with tempfile.TemporaryDirectory(prefix="gguf-surgeon-release-") as work:
+        opts = text_options(eval_options, text, Path(work))
+        return {q.file: kl_divergence(out_dir / q.file, edited, opts).mean for q in files}
+
+
+def beaten(mix: QuantFile, uniform: tuple[QuantFile, ...]) -> tuple[str, ...]:
+    """The uniform types the mix beats: those of the same or larger size whose KLD interval lies
+    wholly above the mix's (both measured on the same held-out text), largest file first."""
+    if mix.kld is None:
+        return ()
+    won = [q for q in uniform if q.kld is not None and q.size >= mix.size and q.kld.low > mix.kld.high]
+    return tuple(q.type for q in sorted(won, key=lambda q: -q.size))
+
+
+def budget_rows(budget: Any, ladder: tuple[QuantFile, ...], klds: dict) -> tuple[QuantFile, ...]:
+    """The card's rows under a budget: the allocated mix first (its size, bits per weight and
+    KLD from the budget result, and the uniform types it beats), then the ladder with its KLDs."""
+    uniform = tuple(replace(q, kld=klds.get(q.file)) for q in ladder)
+    mix = QuantFile(f"mix {budget.target}", budget.out.name, budget.bits_per_weight, budget.size, budget.kld)
+    return (replace(mix, beats=beaten(mix, uniform)),) + uniform
 
 
 def champion_methodology(space_name: str, evaluated: int, leaders: int, recipe: str, verdict: str) -> str:
