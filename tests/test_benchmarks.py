@@ -39,16 +39,6 @@ needs_hellaswag = pytest.mark.skipif(not HELLASWAG.is_file(), reason=f"{HELLASWA
 THREADS = 1  # on a shared 2-core machine two OpenMP threads wait on each other (test_eval.py)
 
 
-@pytest.fixture(autouse=True)
-def _metric_registry():
-    """An evaluation with --bench registers its benchmarks' metrics for the process: leave the
-    registry as other test files expect it."""
-    saved = dict(METRICS)
-    yield
-    METRICS.clear()
-    METRICS.update(saved)
-
-
 def _tool(llama_bin: Path, runs: list | None = None) -> PerplexityTool:
     return PerplexityTool(
         llama_bin / "llama-perplexity",
