@@ -122,8 +122,8 @@ def report(
 
 
 def edit(
-    source: Path,
-    out: Path,
+    source: str | Path,
+    out: str | Path,
     recipe: str | tuple[Step, ...],
     options: EditOptions = EditOptions(),
     progress: Progress | None = None,
@@ -136,7 +136,7 @@ def edit(
         result = write_surgery(
             model,
             surgery,
-            out,
+            Path(out),
             force=options.may_overwrite,
             split_max_size=options.split_max_size,
             split_max_tensors=options.split_max_tensors,

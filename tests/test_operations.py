@@ -770,3 +770,12 @@ def test_blend_conversions_match_gguf(qtype: QT) -> None:
             got.tobytes()
             == dequantize(np.frombuffer(want, dtype=np.uint8).reshape(64, -1), qtype).reshape(64, 256).tobytes()
         )
+
+
+def test_library_edit_takes_path_strings(tiny: Path, tmp_path: Path):
+    from gguf_surgeon.edit import edit
+
+    out = tmp_path / "out.gguf"
+    edit(str(tiny), str(out), "delete 2")  # a caller's plain strings, as the docs' examples write them
+    r = gguf.GGUFReader(out)
+    assert int(r.fields["qwen3.block_count"].parts[-1][0]) == 5

@@ -34,7 +34,7 @@ from ..operations import build_plan, step_of
 from ..operations.prune_experts import PruneExperts
 from ..plan import Step
 from ..reader import Model
-from .rank import FALLBACK_TEXT, RankProgress, tokenize
+from .rank import FALLBACK_TEXT, RankProgress, text_ids
 from .reference import ExpertStats, ReferenceModel
 
 DEFAULT_TOKENS = 256  # calibration tokens: 128 experts x 8 routed get ~16 tokens each
@@ -186,13 +186,7 @@ def rank_experts(
             raise RankError(
                 f"{path}: a dense model ({key} is not set); ranking experts needs a mixture-of-experts model"
             )
-    if tokens is None:
-        ids, tokenizer = tokenize(path, calibration_text() if text is None else text, llama_bin)
-    else:
-        ids, tokenizer = [int(t) for t in tokens], "given"
-    ids = ids[:max_tokens]
-    if len(ids) < 2:
-        raise RankError(f"{path}: the text gives {len(ids)} token(s); rank needs at least 2")
+    ids, tokenizer = text_ids(path, calibration_text() if text is None else text, tokens, max_tokens, llama_bin)
     scores: list[ExpertScore] = []
     blocks: list[int] = []
     seconds: list[float] = []

@@ -160,6 +160,21 @@ def tokenize(model_path: Path, text: str, llama_bin: str | Path | None = None) -
         return server.tokenize(text, add_special=True), "llama.cpp"
 
 
+def text_ids(
+    path: Path, text: str, tokens: Sequence[int] | None, max_tokens: int, llama_bin: str | Path | None
+) -> tuple[list[int], str]:
+    """(token ids, tokenizer name) of `text`, or the given `tokens`, cut to `max_tokens`;
+    RankError when fewer than 2 remain (no next token to predict)."""
+    if tokens is None:
+        ids, tokenizer = tokenize(path, text, llama_bin)
+    else:
+        ids, tokenizer = [int(t) for t in tokens], "given"
+    ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise RankError(f"{path}: the text gives {len(ids)} token(s); rank needs at least 2")
+    return ids, tokenizer
+
+
 def _byte_to_unicode() -> dict[int, str]:
     # GPT-2's reversible byte -> printable character table (tokenizer.ggml.model == "gpt2")
     printable = (
@@ -310,13 +325,7 @@ def rank_model(
     """
     path = Path(path)
     start_time = time.monotonic()
-    if tokens is None:
-        ids, tokenizer = tokenize(path, default_text() if text is None else text, llama_bin)
-    else:
-        ids, tokenizer = [int(t) for t in tokens], "given"
-    ids = ids[:max_tokens]
-    if len(ids) < 2:
-        raise RankError(f"{path}: the text gives {len(ids)} token(s); rank needs at least 2")
+    ids, tokenizer = text_ids(path, default_text() if text is None else text, tokens, max_tokens, llama_bin)
     with Model(path) as model:
         ref = ReferenceModel(model)
         n = ref.block_count
