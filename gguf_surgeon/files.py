@@ -133,15 +133,18 @@ def reserve_temp(out: Path) -> Path:
 def atomic_output(out: Path) -> Iterator[Path]:
     """A fresh temp file next to `out` for the block to fill; renamed onto `out` when the block
     succeeds, removed whatever happens. An OSError becomes OutputError naming `out`."""
-    tmp = reserve_temp(out)
+    tmp: Path | None = None
     try:
+        with signals_deferred():  # an interrupt between creating and naming the temp would leak it
+            tmp = reserve_temp(out)
         yield tmp
         os.replace(tmp, out)
     except OSError as e:
         raise OutputError(f"{out}: cannot write: {os_reason(e)}") from None
     finally:
         with signals_deferred():
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str, force: bool = False) -> Path:

@@ -388,9 +388,9 @@ def write_surgery(
     try:
         writer.open_inputs()
         for shard in shards:
-            tmp = reserve_temp(shard.path)
-            temps.append((tmp, shard.path))
-            writer.write(shard, tmp)
+            with signals_deferred():  # an interrupt between creating and recording would leak it
+                temps.append((reserve_temp(shard.path), shard.path))
+            writer.write(shard, temps[-1][0])
         for tmp, final in temps:
             if _place(tmp, final, force):
                 placed.append(final)

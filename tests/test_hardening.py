@@ -427,4 +427,5 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path, tiny: Path) -> None:
                 assert stderr.splitlines() == ["Error: interrupted; no partial output was kept"], stderr
         if out.exists():
             assert out.read_bytes() == reference.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+        left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+        assert left == [], f"SIGINT after {i * 0.2 / 24:.3f} s left {left}: exit {proc.returncode}, {stderr[-1500:]!r}"
