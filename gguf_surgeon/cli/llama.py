@@ -165,11 +165,40 @@ def quantize_cmd(
     from ..llama.quantize import quantize_ladder
 
     if target_size is not None or target_bpw is not None:
+        from ..errors import OptionError
+
+        clash = [
+            opt
+            for opt, given in (
+                ("--types", types),
+                ("--imatrix", imatrix),
+                ("--recipe", recipe),
+                ("--tensor-type-file", tensor_type_file),
+                ("llama-quantize arguments after --", extra),
+                ("--target-size and --target-bpw together", target_size is not None and target_bpw is not None),
+            )
+            if given
+        ]
+        if clash:
+            raise OptionError(f"--target-size/--target-bpw choose the types themselves; drop {clash[0]}")
         return quantize_budget_cmd(
-            source, extra, types, out_dir, name, imatrix, recipe, allow_requantize, force, tensor_type_file,
-            target_size, target_bpw, design, probe, candidates, calibration, held_out, threads, no_cache, llama_bin,
-            as_json,
-        )  # fmt: skip
+            source,
+            out_dir,
+            name,
+            allow_requantize=allow_requantize,
+            force=force,
+            target_size=target_size,
+            target_bpw=target_bpw,
+            design=design,
+            probe=probe,
+            candidates=candidates,
+            calibration=calibration,
+            held_out=held_out,
+            eval_threads=threads,
+            no_cache=no_cache,
+            llama_bin=llama_bin,
+            as_json=as_json,
+        )
 
     with type_progress(enabled=not as_json) as progress:
         report = quantize_ladder(
@@ -194,15 +223,11 @@ def quantize_cmd(
 
 def quantize_budget_cmd(
     source: Path,
-    extra: tuple[str, ...],
-    types: tuple[str, ...],
     out_dir: Path | None,
     name: str | None,
-    imatrix: Path | None,
-    recipe: str | None,
+    *,
     allow_requantize: bool,
     force: bool,
-    tensor_type_file: Path | None,
     target_size: str | None,
     target_bpw: float | None,
     design: str,
@@ -215,25 +240,12 @@ def quantize_budget_cmd(
     llama_bin: Path | None,
     as_json: bool,
 ) -> None:
-    """quantize --target-size / --target-bpw: allocate, write, measure, report."""
+    """quantize --target-size / --target-bpw (options that choose types refused by the caller):
+    allocate, write, measure, report."""
     from ..budget.allocate import quantize_to_budget
     from ..errors import OptionError
     from ..llama.quantize import default_name
 
-    clash = [
-        opt
-        for opt, given in (
-            ("--types", types),
-            ("--imatrix", imatrix),
-            ("--recipe", recipe),
-            ("--tensor-type-file", tensor_type_file),
-            ("llama-quantize arguments after --", extra),
-            ("--target-size and --target-bpw together", target_size is not None and target_bpw is not None),
-        )
-        if given
-    ]
-    if clash:
-        raise OptionError(f"--target-size/--target-bpw choose the types themselves; drop {clash[0]}")
     size = parse_size(target_size, "--target-size") if target_size is not None else None
     if target_bpw is not None and not (0 < target_bpw <= 32 and math.isfinite(target_bpw)):
         raise OptionError(f"--target-bpw {target_bpw}: must be above 0 and at most 32")
