@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -20,12 +22,15 @@ from gguf_surgeon.budget.sensitivity import (
     Sensitivity,
     bundled_texts,
     design_batches,
+    edit_sources,
     fit_table,
+    inherited_sensitivity,
     split_costs,
     split_text,
 )
 from gguf_surgeon.cli import main
-from gguf_surgeon.errors import OptionError
+from gguf_surgeon.edit import edit
+from gguf_surgeon.errors import OptionError, SearchError
 from gguf_surgeon.evaluation.suite import EvalOptions
 from gguf_surgeon.llama.quantize import (
     mix_of_file,
@@ -37,7 +42,7 @@ from gguf_surgeon.llama.quantize import (
 )
 from gguf_surgeon.llama.server import LlamaServer
 from gguf_surgeon.release.folder import ReleaseOptions, release
-from gguf_surgeon.search.budget import budget_front
+from gguf_surgeon.search.budget import budget_study
 
 SMOLLM2_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -224,11 +229,26 @@ def test_release_with_an_impossible_budget_leaves_nothing(tiny: Path, tmp_path: 
     assert not out.exists()
 
 
-def test_search_target_size_refuses_study_options(tiny: Path, tmp_path: Path):
-    r = run_cli("search", str(tiny), "--target-size", "1M", "--export", str(tmp_path / "x"))
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--target-size", "1M", "--leaders", "2"],
+            "--target-size: a size-and-KLD study has no full-eval stage; drop --leaders",
+        ),
+        (["--target-size", "1M", "--point", "2"], "--point: needs --export"),
+        (["--plot", "f.png"], "--plot: needs --target-size"),
+        (["--min-size", "1M"], "--min-size: needs --target-size"),
+        (["--target-size", "1M", "--min-size", "2M"], "--min-size 2M: larger than --target-size 1M"),
+        (["--target-size", "1M", "--plot", "f.svg"], "--plot f.svg: give a .png file name"),
+    ],
+)
+def test_search_target_size_refuses_bad_options(tiny: Path, tmp_path: Path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("search", str(tiny), *args, "--work-dir", str(tmp_path / "w"))
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
-    assert "--target-size: measures a Pareto table, not a study; drop --export" in r.output
-    assert not (tmp_path / "x").exists()
+    assert r.output.startswith(f"Error: {message}"), r.output
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]  # no work folder, study or plot
 
 
 # --- llama.cpp --------------------------------------------------------------------------
@@ -423,7 +443,51 @@ def test_release_target_size_ships_the_allocated_mix(
 
 
 @pytest.mark.slow
-def test_search_target_size_spends_a_deleted_block_elsewhere(make_model, tmp_path: Path, llama_bin: Path, monkeypatch):
+def test_inherited_sensitivity_takes_each_tensor_cost_from_its_source(
+    wide_model: Path, tmp_path: Path, llama_bin: Path
+):
+    """An edit's tensors cost per unit of weight error what the base tensors they come from cost;
+    their weight errors are the edit's own (a copied tensor: the same as its source's)."""
+    options = EvalOptions(llama_bin=llama_bin, threads=2, cache_dir=tmp_path / "cache")
+    menu = build_menu(wide_model, llama_bin=llama_bin)
+    # a distinct slope per base tensor, so a wrong mapping shows
+    groups = tuple(GroupCost(s.name, s.block, s.kind, "Q3_K", 0.0, float(i + 1)) for i, s in enumerate(menu.slots))
+    base = Sensitivity(str(wide_model), "", "each", "Q3_K", 0, menu, groups, (), 1.0, 0.0)
+    per = {g.name: g.per_error for g in groups}
+    base_slots = {s.name: s for s in menu.slots}
+
+    def moved(n: str, source_block: Callable[[int], int]) -> str:
+        return re.sub(r"^blk\.(\d+)\.", lambda m: f"blk.{source_block(int(m.group(1)))}.", n)
+
+    for recipe, expect in (
+        ("delete 0", lambda n: per[moved(n, lambda b: b + 1)]),  # output block b is base block b + 1
+        ("swap 0 1", lambda n: per[moved(n, lambda b: {0: 1, 1: 0}.get(b, b))]),
+        # a blend of blocks 0 and 1 replacing block 0: the mean of the two slopes
+        (
+            "interpolate 0 1 --replace 0",
+            lambda n: (per[n] + per[moved(n, lambda b: 1)]) / 2 if n.startswith("blk.0.") else per[n],
+        ),
+    ):
+        edited = tmp_path / f"{recipe.split()[0]}.gguf"
+        edit(wide_model, edited, recipe)
+        sources = edit_sources(wide_model, recipe)
+        sens = inherited_sensitivity(base, edited, sources, options=options)
+        assert sens.joint_kld is None and sens.additivity is None
+        assert [s.name for s in sens.menu.slots] == [g.name for g in sens.groups]
+        for s, g in zip(sens.menu.slots, sens.groups):
+            assert g.per_error == pytest.approx(expect(s.name)), (recipe, s.name)
+            copied = sources[s.name]
+            if len(copied) == 1:  # a byte copy: the same options, sizes and weight errors as its source
+                assert s.options == base_slots[copied[0]].options, (recipe, s.name)
+            assert g.kld == pytest.approx(g.per_error * s.option(g.probe_written).error)
+        again = inherited_sensitivity(base, edited, sources, options=options)
+        assert again.menu == sens.menu  # the menu comes from the cache the second time
+
+
+@pytest.mark.slow
+def test_search_target_size_study_front_and_export(
+    make_model, tmp_path: Path, llama_bin: Path, monkeypatch, gguf_loader
+):
     import subprocess
 
     monkeypatch.setattr("gguf_surgeon.llama.perplexity.OUTPUT_ATTEMPTS", 16)  # as in the end-to-end test above
@@ -432,25 +496,85 @@ def test_search_target_size_spends_a_deleted_block_elsewhere(make_model, tmp_pat
     subprocess.run(
         [str(llama_bin / "llama-quantize"), str(model), str(uniform), "Q4_K_M"], check=True, capture_output=True
     )
-    budget = uniform.stat().st_size  # the budget: the size of the base's uniform Q4_K_M
-    calibration, held_out = bundled_texts()
+    limit = uniform.stat().st_size  # the largest budget: the size of the base's uniform Q4_K_M
+    low = 300_000  # below the smallest mix of the whole model (328 kB), above that of one block (220 kB)
+    # the bundled texts, as the CLI reads them (the CLI below continues this study)
     options = EvalOptions(llama_bin=llama_bin, threads=2, cache_dir=tmp_path / "cache" / "eval")
-    front = budget_front(
-        model, budget, ["delete 1"], uniform=("Q4_K_M",), options=options,
-        calibration=calibration[:1600], held_out=held_out[:1600],
+    kw = dict(
+        limit=limit, low=low, work_dir=tmp_path / "work", uniform=("Q4_K_M",), options=options, name="wide-edited",
+        enqueue=[("delete 1", limit), ("delete 1", low)],
     )  # fmt: skip
-    whole, deleted, q4 = front.points
-    assert [p.label for p in front.points] == ["no surgery", "delete 1", "uniform Q4_K_M"]
-    assert q4.size == budget and q4.recipe is None
-    assert whole.size <= budget and deleted.size <= budget
-    # the deleted block's bytes went to the other tensors: more bits per weight at the same budget
-    assert deleted.bits_per_weight > whole.bits_per_weight
-    # measured: the allocated base beats the uniform type of its size on held-out text
-    assert whole.kld.high < q4.kld.low
+    front = budget_study(model, ["delete 0", "delete 1"], trials=8, **kw)
+    assert front.trials + front.refused == 8 and front.trials_now == 8
+    assert front.refused >= 1  # the whole model at 300 kB (a first trial): no mix that small, no file written
+    assert not list((tmp_path / "work").glob("*.gguf"))  # no candidate, trial or uniform file left
+    points = [p for p in front.points if p.recipe is not None]
+    q4 = front.points[-1]
+    assert q4.label == "uniform Q4_K_M" and q4.size == limit and q4.recipe is None
+    for p in points:
+        assert low <= p.budget <= limit and p.size <= p.budget
+        assert p.types and set(p.types.values()) <= {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16"}
+    assert [p.size for p in points] == sorted(p.size for p in points)
+    # only a deletion fits the smallest budget: the smallest file on the front is one
+    assert points[0].recipe == "delete 1" and points[0].size <= low
+    # the Pareto flags, against the held-out values
     for p in front.points:
         dominated = any(
             o.size <= p.size and o.kld.value <= p.kld.value and (o.size, o.kld.value) != (p.size, p.kld.value)
             for o in front.points
         )
         assert p.on_front == (not dominated), p
-    assert whole.on_front and not q4.on_front
+    # measured: the allocated base beats the uniform type of its size on held-out text
+    (c,) = front.comparisons
+    assert c.uniform == "Q4_K_M" and c.point_size <= limit and c.beats and c.ratio < 0.8
+    # the deleted block's bytes went to the other tensors: more bits per weight under the same budget
+    import optuna
+
+    study = optuna.load_study(study_name=front.study_name, storage=f"sqlite:///{tmp_path / 'work' / 'budget-study.db'}")
+    at_limit = {t.user_attrs["recipe"]: t.user_attrs for t in study.trials if t.params.get("budget") == limit}
+    assert at_limit["delete 1"]["bits_per_weight"] > at_limit[""]["bits_per_weight"]
+    assert at_limit["delete 1"]["size"] <= limit and at_limit[""]["size"] <= limit
+    # a rerun continues the study: nothing measured again, the same front
+    again = budget_study(model, ["delete 0", "delete 1"], trials=8, **kw)
+    assert again.trials_now == 0 and again.points == front.points
+    with pytest.raises(SearchError, match="holds another budget search"):
+        budget_study(model, ["delete 0", "delete 1"], trials=8, **{**kw, "low": low + 1, "enqueue": ()})
+    # the CLI on the same study: table, PNG, and the smallest front point (a deletion) released
+    env = {"GGUF_SURGEON_CACHE": str(tmp_path / "cache"), "GGUF_SURGEON_LLAMA_BIN": str(llama_bin)}
+    args = [
+        "search", str(model), "--target-size", str(limit), "--min-size", str(low), "--budget", "8",
+        "--work-dir", str(tmp_path / "work"), "--study-name", front.study_name, "--threads", "2",
+    ]  # fmt: skip
+    rel = tmp_path / "rel"
+    r = CliRunner().invoke(
+        main, [*args, "--plot", str(tmp_path / "f.png"), "--export", str(rel), "--point", "1", "--json"], env=env
+    )
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["trials_now"] == 0 and (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same front as the library's, with all three uniform types as reference rows
+    assert [(p["label"], p["size"]) for p in data["points"]] == [(p.label, p.size) for p in points] + [
+        (f"uniform {t}", p["size"]) for t, p in zip(("Q3_K_M", "Q4_K_M", "Q5_K_M"), data["points"][len(points) :])
+    ]
+    # a deletion point: a release folder whose mix is the point's, to the byte and the type
+    first = points[0]
+    out = Path(data["export"]["file"])
+    assert out.parent == rel and {"README.md", "Modelfile", out.name} <= {f.name for f in rel.iterdir()}
+    gguf_loader.assert_loads(out)
+    assert out.stat().st_size == first.size
+    types = {n: T[t] for n, t in first.types.items()}
+    assert mix_of_file(Path(data["export"]["types_file"]), list(types)) == types
+    predicted = data["export"]["release"]["budget"]["allocation"]["written"]
+    assert {n: read_types(out)[n][0].name for n in predicted} == predicted
+    # a no-surgery point: the base's mix and its tensor-type file
+    n = next(i for i, p in enumerate(points, 1) if p.recipe == "")
+    r = CliRunner().invoke(main, [*args, "--export", str(tmp_path / "rel2"), "--point", str(n), "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    out2 = Path(json.loads(r.output)["export"]["file"])
+    assert out2.stat().st_size == points[n - 1].size
+    types = {name: T[t] for name, t in points[n - 1].types.items()}
+    assert mix_of_file(Path(json.loads(r.output)["export"]["types_file"]), list(types)) == types
+    # a point the front does not have: one line, nothing written
+    r = CliRunner().invoke(main, [*args, "--export", str(tmp_path / "rel3"), "--point", "99"], env=env)
+    assert r.exit_code == 1 and r.output.startswith("Error: --point 99: the front has points 1 to "), r.output
+    assert not (tmp_path / "rel3").exists()

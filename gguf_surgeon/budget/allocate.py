@@ -187,8 +187,10 @@ def quantize_to_budget(
     allow_requantize: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    sensitivity: Sensitivity | None = None,
 ) -> BudgetResult:
-    """Measure (or load) the sensitivity of `source`, allocate a type per tensor under the
+    """Measure (or load) the sensitivity of `source` (or take `sensitivity`, e.g. one inherited
+    from the base `source` is an edit of), allocate a type per tensor under the
     budget, write `out` and its tensor-type file (OUT's stem + .tensor-types.txt), read the
     written types back, and measure the KLD of `out` to `source` on the held-out part of the
     bundled text (skipped without `measure_kld`); `calibration` and `held_out` replace the
@@ -219,7 +221,7 @@ def quantize_to_budget(
             raise OutputError(f"{p}: exists; pass --force to overwrite")
     seconds: dict[str, float] = {}
     t0 = time.monotonic()
-    sens = measure_sensitivity(
+    sens = sensitivity or measure_sensitivity(
         source,
         design=design,
         probe=probe,

@@ -22,6 +22,11 @@ Designs:
 Both also measure every group at the probe type at once, and report how the sum of the parts
 compares to it (the additivity the allocator relies on).
 
+An edit of a measured base need not be measured again (`inherited_sensitivity`): each tensor of
+the edit takes the KLD per unit of weight error of the base tensor(s) it is made from, and its own
+weight errors from a menu of the edited file. That costs the menu (one llama-quantize --pure per
+type) instead of a sensitivity pass; search --target-size relies on it (docs/budget.md).
+
 A group's cost at another type is its measured cost scaled by the ratio of weight errors
 (menu.py): KLD is close to a quadratic form in the weight perturbation, so for a fixed tensor it
 grows with the squared error (docs/budget.md shows how well this holds).
@@ -46,6 +51,7 @@ from ..evaluation.runner import kl_divergence
 from ..evaluation.suite import DEFAULT_OPTIONS, EVAL_TEXT_FILE, EvalOptions
 from ..llama.perplexity import scored_tokens_per_chunk
 from ..llama.quantize import quantize_mix, written_type
+from ..reader import Model
 from ..records import Record
 from .menu import CANDIDATES, Menu, Slot, build_menu
 
@@ -123,7 +129,7 @@ class Sensitivity(Record):
     menu: Menu
     groups: tuple[GroupCost, ...]  # in the menu's slot order
     measurements: tuple[Measurement, ...]
-    joint_kld: float  # every group at the probe type at once
+    joint_kld: float | None  # every group at the probe type at once (None: not measured, inherited)
     seconds: float  # the whole pass (menu and measurements), 0 parts when cached
     cached: bool = False
 
@@ -132,8 +138,10 @@ class Sensitivity(Record):
         return sum(g.kld for g in self.groups)
 
     @property
-    def additivity(self) -> float:
-        """Measured joint KLD / sum of the parts (1: exactly additive)."""
+    def additivity(self) -> float | None:
+        """Measured joint KLD / sum of the parts (1: exactly additive); None when not measured."""
+        if self.joint_kld is None:
+            return None
         return self.joint_kld / self.parts_sum if self.parts_sum > 0 else float("nan")
 
     def cost(self, name: str, written: str) -> float:
@@ -350,6 +358,90 @@ def measure_sensitivity(
     finally:
         cache.close()
     return result
+
+
+def edit_sources(base: str | Path, recipe: str) -> dict[str, tuple[str, ...]]:
+    """Output tensor name -> the base tensors it is made from (one for a copy, more for a blend;
+    a healed tensor: the one it replaces), for the edit of `base` by `recipe` (planned, not written)."""
+    from ..edit import plan_for
+    from ..surgery import plan_surgery
+
+    with Model(base) as m:
+        surgery = plan_surgery(m, plan_for(m, recipe), force=True)
+    return {t.name: tuple(dict.fromkeys(src.name for src, _ in t.sources)) for t in surgery.tensors}
+
+
+def cached_menu(
+    path: Path,
+    candidates: Sequence[str],
+    options: EvalOptions,
+    allow_requantize: bool = False,
+    progress: Progress | None = None,
+) -> tuple[str, Menu]:
+    """(SHA-256 of `path`, its menu), the menu built once per file and candidate types."""
+    cache = EvalCache(options.cache_dir, options.use_cache)
+    try:
+        sha = cache.file_sha256([path])
+        key = cache_key(SENSITIVITY_VERSION, [c.upper() for c in candidates])
+        hit = cache.load(sha, "menu", key)
+        if hit is not None:
+            return sha, Menu.from_dict(hit)
+        menu = build_menu(
+            path,
+            candidates,
+            allow_requantize=allow_requantize,
+            llama_bin=options.llama_bin,
+            threads=options.threads,
+            progress=lambda step, done, total: progress(step, done, total) if progress else None,
+        )
+        cache.save(sha, "menu", key, menu.to_dict())
+        return sha, menu
+    finally:
+        cache.close()
+
+
+def inherited_sensitivity(
+    base: Sensitivity,
+    edited: str | Path,
+    sources: Mapping[str, Sequence[str]],
+    *,
+    candidates: Sequence[str] = CANDIDATES,
+    options: EvalOptions = DEFAULT_OPTIONS,
+    allow_requantize: bool = False,
+    progress: Progress | None = None,
+) -> Sensitivity:
+    """The sensitivity of `edited`, an edit of the model `base` was measured on, without measuring:
+    each tensor's KLD per unit of weight error is the mean of its `sources`' (edit_sources) in
+    `base`, or of the base tensors of its kind when none of them was measured; its weight errors
+    and sizes are those of `edited`'s own menu (cached per file). Assumes a copied tensor costs
+    what it cost in the base, whatever the blocks around it became."""
+    start = time.monotonic()
+    edited = Path(edited)
+    sha, menu = cached_menu(edited, candidates, options, allow_requantize, progress)
+    per = {g.name: g.per_error for g in base.groups}
+    by_kind: dict[str, list[float]] = {}
+    for g in base.groups:
+        by_kind.setdefault(g.kind, []).append(g.per_error)
+    groups = []
+    for s in menu.slots:
+        known = [per[n] for n in sources.get(s.name, ()) if n in per] or by_kind.get(s.kind, [])
+        if not known:
+            raise OptionError(f"{edited}: {s.name} has no tensor of its kind in the measured base {base.model}")
+        per_error = float(np.mean(known))
+        o = s.option(written_type(GGMLQuantizationType[base.probe], s.shape[0]).name)
+        groups.append(GroupCost(s.name, s.block, s.kind, o.written, per_error * o.error, per_error))
+    return Sensitivity(
+        str(edited),
+        sha,
+        f"{base.design}, inherited from the base",
+        base.probe,
+        base.calibration_tokens,
+        menu,
+        tuple(groups),
+        (),
+        None,
+        time.monotonic() - start,
+    )
 
 
 # --- the picture ----------------------------------------------------------------------------

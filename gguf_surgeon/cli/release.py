@@ -66,6 +66,12 @@ def _read_markdown(path: Path | None) -> str | None:
     help="Also ship NAME-SIZE.gguf, the least-KLD type per tensor whose file fits SIZE (e.g. 90M; "
     "docs/budget.md), with each file's KLD on held-out text in the card (with --no-quantize: instead of the ladder).",
 )
+@click.option(
+    "--inherit-costs",
+    is_flag=True,
+    help="With --target-size: each tensor's KLD cost from BASE's sensitivity (measured once per base, cached) "
+    "instead of a sensitivity pass on the edit (docs/budget.md).",
+)
 @click.option("--allow-requantize", is_flag=True, help="Quantize although BASE is quantized (quality loss compounds).")
 @click.option(
     "--benchmarks",
@@ -96,6 +102,7 @@ def release_cmd(
     types: tuple[str, ...],
     no_quantize: bool,
     target_size: str | None,
+    inherit_costs: bool,
     allow_requantize: bool,
     benchmarks: Path | None,
     run_eval: bool,
@@ -118,20 +125,22 @@ def release_cmd(
       gguf-surgeon release base.gguf --recipe "delete 10; swap 11 12" --out release/ --eval
       gguf-surgeon release base-F16.gguf --recipe "delete 10" --out release/ --target-size 90M
     """
+    from ..errors import ReleaseError
     from ..llama.quantize import DEFAULT_LADDER
     from ..release.folder import ReleaseOptions, release
     from ..release.ollama import parse_parameters
     from .llama import split_types
 
     if yardstick and not run_eval:
-        from ..errors import ReleaseError
-
         raise ReleaseError("--yardstick: needs --eval (it places the eval's KL divergence on the base's ladder)")
+    if inherit_costs and target_size is None:
+        raise ReleaseError("--inherit-costs: needs --target-size (it chooses where the costs come from)")
 
     size = parse_size(target_size, "--target-size")
     options = ReleaseOptions(
         target_size=size,
         target_label=target_size.strip().replace(" ", "") if target_size is not None else None,
+        inherit_costs=inherit_costs,
         name=name,
         types=() if no_quantize else (split_types(types) or DEFAULT_LADDER),
         allow_requantize=allow_requantize,

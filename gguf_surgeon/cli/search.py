@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from .common import (
 )
 
 BAR_WIDTH = 36
+DEFAULT_BUDGET_TRIALS = 20  # search --target-size without --budget
+LOW_SHARE_TEXT = "80%"  # search.budget.LOW_SHARE, for the help text (the core is imported lazily)
 PARTIAL_BLOCKS = " ▏▎▍▌▋▊▉"
 
 
@@ -490,9 +493,27 @@ class SearchCommand(click.Command):
 @click.option(
     "--target-size",
     metavar="SIZE",
-    help="Instead of a study: every single move of the space (at most --budget), each edit given the "
-    "least-KLD type per tensor under SIZE file bytes, measured against BASE with BASE's uniform "
-    "Q3_K_M/Q4_K_M/Q5_K_M as reference rows, as a Pareto table (docs/budget.md).",
+    help="Instead of the KLD study: a multi-objective study (file size, KLD to BASE) over the space's single "
+    "moves and no surgery, each with the least-KLD type per tensor under a budget between --min-size and SIZE; "
+    "--budget trials (default 20); prints the Pareto front measured on held-out text against BASE's uniform "
+    "Q3_K_M/Q4_K_M/Q5_K_M (docs/budget.md).",
+)
+@click.option(
+    "--min-size",
+    metavar="SIZE",
+    help=f"With --target-size: the smallest budget drawn (default: {LOW_SHARE_TEXT} of --target-size).",
+)
+@click.option(
+    "--plot",
+    "plot_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With --target-size: a PNG of the front, KLD against file size, the uniform types as reference points.",
+)
+@click.option(
+    "--point",
+    type=click.IntRange(min=1),
+    help="With --target-size --export: the front point to release, numbered as the table shows them "
+    "(default: the one with the least KLD).",
 )
 @llama_bin_option()
 @json_option()
@@ -519,6 +540,9 @@ def search_cmd(
     allow_requantize: bool,
     force: bool,
     target_size: str | None,
+    min_size: str | None,
+    plot_file: Path | None,
+    point: int | None,
     llama_bin: Path | None,
     as_json: bool,
 ) -> None:
@@ -530,25 +554,34 @@ def search_cmd(
     \b
     Example:
       gguf-surgeon search base.gguf --space phase1 --budget 80 --jobs 2 --leader-bench hellaswag:400 --export release/
-      gguf-surgeon search base-F16.gguf --target-size 90M --budget 4
+      gguf-surgeon search base-F16.gguf --target-size 112M --min-size 90M --budget 40 --plot front.png
     """
+    from ..errors import OptionError
     from ..search.space import load_space
 
     if target_size is not None:
         given = {
-            "--jobs": jobs != 1, "--storage": storage, "--study-name": study_name, "--keep": keep,
-            "--leaders": leaders is not None, "--questions": questions, "--leader-bench": leader_benches,
-            "--rank": rank_file, "--no-rank": no_rank, "--yardstick": yardstick, "--export": export_dir,
-            "--force": force,
+            "--jobs": jobs != 1, "--keep": keep, "--leaders": leaders is not None, "--questions": questions,
+            "--leader-bench": leader_benches, "--rank": rank_file, "--no-rank": no_rank, "--yardstick": yardstick,
         }  # fmt: skip
         clash = [k for k, v in given.items() if v]
         if clash:
-            from ..errors import OptionError
-
-            raise OptionError(f"--target-size: measures a Pareto table, not a study; drop {clash[0]}")
+            raise OptionError(f"--target-size: a size-and-KLD study has no full-eval stage; drop {clash[0]}")
+        if point is not None and export_dir is None:
+            raise OptionError("--point: needs --export (it names the front point to release)")
         return _budget_search(
-            base, load_space(space_spec), target_size, budget, threads, allow_requantize, llama_bin, as_json
-        )
+            base,
+            load_space(space_spec),
+            target_size,
+            BudgetSearch(
+                min_size, budget, work_dir, storage, study_name, threads, plot_file, export_dir, point, force,
+                allow_requantize, llama_bin,
+            ),
+            as_json,
+        )  # fmt: skip
+    for option, value in (("--min-size", min_size), ("--plot", plot_file), ("--point", point)):
+        if value is not None:
+            raise OptionError(f"{option}: needs --target-size")
     from ..search.storage import SearchOptions, default_study_name, redact_url, set_notice, storage_url
     from ..search.study import run_search
 
@@ -624,55 +657,136 @@ def search_cmd(
     render_search(result, data)
 
 
-def _budget_search(
-    base: Path,
-    space: Any,
-    target_size: str,
-    limit: int | None,
-    threads: int | None,
-    allow_requantize: bool,
-    llama_bin: Path | None,
-    as_json: bool,
-) -> None:
-    """search --target-size: the space's single moves, each allocated under the budget; a Pareto table."""
+@dataclass(frozen=True)
+class BudgetSearch:
+    """search --target-size's settings besides the base, the space and the target."""
+
+    min_size: str | None
+    trials: int | None
+    work_dir: Path
+    storage: str | None
+    study_name: str | None
+    threads: int | None
+    plot: Path | None
+    export: Path | None
+    point: int | None
+    force: bool
+    allow_requantize: bool
+    llama_bin: Path | None
+
+
+def _budget_search(base: Path, space: Any, target_size: str, o: BudgetSearch, as_json: bool) -> None:
+    """search --target-size: the study of search/budget.py, its front as a table (and PNG), and
+    with --export one point released."""
     from dataclasses import replace
 
+    from ..errors import OptionError
     from ..evaluation.suite import DEFAULT_OPTIONS
     from ..reader import Model
-    from ..search.budget import budget_front
+    from ..release.folder import default_release_name
+    from ..search.budget import budget_study, plot_front
     from ..search.order import ordered_moves, singles
 
-    size = parse_size(target_size, "--target-size")
-    assert size is not None
+    limit = parse_size(target_size, "--target-size")
+    low = parse_size(o.min_size, "--min-size")
+    assert limit is not None
+    if low is not None and low > limit:
+        raise OptionError(f"--min-size {o.min_size.strip()}: larger than --target-size {target_size.strip()}")
+    if o.plot is not None and o.plot.suffix.lower() != ".png":
+        raise OptionError(f"--plot {o.plot}: give a .png file name")
+    if o.export is not None and o.export.exists() and any(o.export.iterdir()) and not o.force:
+        raise OptionError(f"--export {o.export}: folder is not empty; pass --force to write into it")
     with Model(base) as m:
         blocks = len(m.blocks())
-    recipes = [c.recipe for c in singles(ordered_moves(space, blocks, None), blocks)][:limit]
-    options = replace(DEFAULT_OPTIONS, llama_bin=llama_bin)
-    if threads:
-        options = replace(options, threads=threads)
+    recipes = [c.recipe for c in singles(ordered_moves(space, blocks, None), blocks)]
+    options = replace(DEFAULT_OPTIONS, llama_bin=o.llama_bin)
+    if o.threads:
+        options = replace(options, threads=o.threads)
+    name = default_release_name(base)
     with step_progress(enabled=not as_json) as progress:
-        front = budget_front(
-            base,
-            size,
-            recipes,
-            target_label=target_size.strip(),
-            options=options,
-            allow_requantize=allow_requantize,
-            progress=progress,
-        )
+        front = budget_study(
+            base, recipes, limit=limit, low=low, trials=o.trials or DEFAULT_BUDGET_TRIALS, work_dir=o.work_dir,
+            storage=o.storage, study_name=o.study_name, name=name, target_label=target_size.strip(),
+            options=options, allow_requantize=o.allow_requantize, progress=progress,
+        )  # fmt: skip
+    data = front.to_dict()
+    if o.plot is not None:
+        data["plot"] = str(plot_front(front, o.plot))
+    if o.export is not None:
+        chosen = front.point(o.point) if o.point else min(
+            (p for p in front.points if p.recipe is not None), key=lambda p: p.kld.value
+        )  # fmt: skip
+        with step_progress(enabled=not as_json) as progress:
+            data["export"] = _export_point(base, chosen, name, o, options, progress)
     if as_json:
-        return emit_json(front.to_dict())
-    table = Table("file", "size", "bits/weight", "KLD [95% CI]", "front", box=None, pad_edge=False)
+        return emit_json(data)
+    out_console.print(
+        f"{base.name}: study {front.study_name!r} in {front.storage}, {front.trials} trials ({front.trials_now} now"
+        + (f", {front.refused} over budget" if front.refused else "")
+        + f") over {front.candidates} surgeries, budgets {format_size(front.low)} – {format_size(front.limit)}, "
+        f"{front.seconds:.0f} s"
+    )
+    out_console.print(f"KL divergence to the base on {front.kld_text}; the study ranked on the calibration text")
+    table = Table("#", "file", "budget", "size", "bits/weight", "KLD [95% CI]", "front", box=None, pad_edge=False)
+    n = 0
     for p in front.points:
+        n += p.recipe is not None
         k = p.kld
         table.add_row(
-            p.label, format_size(p.size), f"{p.bits_per_weight:.2f}", f"{k.value:.4f} [{k.low:.4f}, {k.high:.4f}]",
-            "yes" if p.on_front else "",
+            str(n) if p.recipe is not None else "", p.recipe or ("no surgery" if p.recipe == "" else p.label),
+            format_size(p.budget) if p.budget else "", format_size(p.size), f"{p.bits_per_weight:.2f}",
+            f"{k.value:.4f} [{k.low:.4f}, {k.high:.4f}]", "yes" if p.on_front else "",
         )  # fmt: skip
-    out_console.print(
-        f"{base.name} under {front.target} ({front.limit:,} bytes): KL divergence to the base on {front.kld_text}"
-    )
     out_console.print(table)
+    for c in front.comparisons:
+        if c.point is None:
+            out_console.print(f"{c.uniform}: no front point is that small ({format_size(c.size)})")
+        else:
+            out_console.print(
+                f"{c.uniform} ({format_size(c.size)}, KLD {c.kld.value:.4f}): best front point no larger is "
+                f"{c.point} at {c.ratio:.2f}x its KLD — " + ("beats it (intervals apart)" if c.beats else "not apart"),
+                highlight=False,
+            )
+    if "plot" in data:
+        out_console.print(f"Plot: {data['plot']}")
+    if "export" in data:
+        out_console.print(f"Exported: {data['export']['file']}")
+
+
+def _export_point(base: Path, p: Any, name: str, o: BudgetSearch, options: Any, progress: Any) -> dict:
+    """Write front point `p`: a surgery as a release folder (edit, the point's mix with costs
+    inherited from the base, card, Modelfile); no surgery as the base's mix and its tensor-type file."""
+    from ..budget.allocate import quantize_to_budget
+    from ..budget.sensitivity import measure_sensitivity
+    from ..release.folder import ReleaseOptions, release
+
+    label = next(f"{p.budget / f:.1f}{u}" for f, u in ((1e9, "G"), (1e6, "M"), (1e3, "K"), (1, "B")) if p.budget >= f)
+    if not p.recipe:
+        out = o.export / f"{name}-{label}.gguf"
+        result = quantize_to_budget(
+            base, out, target_size=p.budget, options=options, allow_requantize=o.allow_requantize, force=o.force,
+            sensitivity=measure_sensitivity(base, options=options, allow_requantize=o.allow_requantize),
+            progress=progress,
+        )  # fmt: skip
+        return {"file": str(result.out), "types_file": str(result.types_file), "recipe": "", "budget": result.to_dict()}
+    report = release(
+        base,
+        p.recipe,
+        o.export,
+        ReleaseOptions(
+            name=name,
+            target_size=p.budget,
+            target_label=label,
+            inherit_costs=True,
+            budget_options=options,
+            allow_requantize=o.allow_requantize,
+            llama_bin=o.llama_bin,
+            force=o.force,
+        ),  # fmt: skip
+        progress=lambda s: progress(s, 0, 1),
+    )
+    return {"file": str(report.budget.out), "types_file": str(report.budget.types_file), "recipe": p.recipe,
+            "release": report.to_dict()}  # fmt: skip
 
 
 def render_search(result: Any, data: dict) -> None:

