@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import numpy as np  # noqa: E402
 from bench_budget import log, table  # noqa: E402
 from bench_eval import smollm2  # noqa: E402
 
@@ -37,9 +38,11 @@ from gguf_surgeon.budget.sensitivity import bundled_texts, text_options  # noqa:
 from gguf_surgeon.edit import EditOptions, edit  # noqa: E402
 from gguf_surgeon.evaluation.runner import kl_divergence  # noqa: E402
 from gguf_surgeon.evaluation.suite import EvalOptions, default_threads  # noqa: E402
-from gguf_surgeon.llama.quantize import quantize_ladder  # noqa: E402
+from gguf_surgeon.llama.quantize import quantize_ladder, quantize_mix  # noqa: E402
 from gguf_surgeon.reader import Model  # noqa: E402
 from gguf_surgeon.search.budget import budget_study, plot_front  # noqa: E402
+
+NAME = "SmolLM2-135M-Instruct-edited"  # general.name of the study's candidates
 
 
 def main() -> None:
@@ -51,6 +54,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="work folder: the study's database and files (default: temporary)")
     ap.add_argument("--trials", type=int, default=30, help="finished trials in the study")
     ap.add_argument("--low-share", type=float, default=0.95, help="smallest budget, as a share of uniform Q3_K_M")
+    ap.add_argument("--check", type=int, default=4, help="best surgeries of the study whose estimate is checked")
     ap.add_argument("--plot", type=Path, help="write the front's PNG here")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
@@ -97,19 +101,39 @@ def main() -> None:
 
         front = budget_study(
             base, recipes, limit=limit, low=low, trials=args.trials, work_dir=work / "study", options=options,
-            name="SmolLM2-135M-Instruct-edited", progress=progress,
+            name=NAME, progress=progress,
         )  # fmt: skip
         wall = time.perf_counter() - t0
-        # what each surgery on the front costs alone (its F16 edit against the base, held-out text)
-        held = text_options(options, bundled_texts()[1], work)
-        alone = {}
-        for p in front.points:
-            if p.recipe and p.recipe not in alone:
-                log(f"{p.recipe} alone (F16) on the held-out text")
-                edited = work / "alone.gguf"
-                edit(base, edited, p.recipe, EditOptions(overwrite=True))
-                alone[p.recipe] = kl_divergence(edited, base, held).mean
-                edited.unlink()
+        # the estimator behind the study, on the calibration text it was fitted to: for the front's
+        # points and the best --check surgeries of the study, the mix against its own F16 source,
+        # predicted by the allocation (a surgery's costs inherited from the base) and measured; and the
+        # surgery alone (its F16 edit against the base), to see what the mix's KLD to the base is made of
+        import optuna
+
+        study = optuna.load_study(
+            study_name=front.study_name, storage=f"sqlite:///{(work / 'study' / 'budget-study.db').resolve()}"
+        )
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        surgeries = sorted((t for t in done if t.user_attrs["recipe"]), key=lambda t: t.values[1])
+        seen: set[str] = set()
+        best = [t for t in surgeries if not (t.user_attrs["recipe"] in seen or seen.add(t.user_attrs["recipe"]))]
+        checks = [t for t in done if t.number in {p.trial for p in front.points}] + best[: args.check]
+        calib = text_options(options, bundled_texts()[0], work)
+        diag = []
+        for t in checks:
+            a = t.user_attrs
+            source = base
+            if a["recipe"]:
+                source = work / "alone.gguf"
+                edit(base, source, a["recipe"], EditOptions(name=NAME, overwrite=True))
+            log(f"check: trial {t.number} ({a['recipe'] or 'no surgery'})")
+            mix = work / "mix.gguf"
+            quantize_mix(source, mix, a["types"], base_type="Q8_0", llama_bin=args.llama_bin, force=True)
+            measured = kl_divergence(mix, source, calib).mean.value
+            alone = kl_divergence(source, base, calib).mean.value if a["recipe"] else 0.0
+            mix.unlink()
+            diag.append((t, measured, alone))
+        (work / "alone.gguf").unlink(missing_ok=True)
 
     print(
         f"base {base.name}; {front.trials} trials in the study ({front.trials_now} this run, {front.refused} refused), "
@@ -117,8 +141,7 @@ def main() -> None:
     )
     print(
         f"KLD to the base on {front.kld_text}; 'calib' = the study's objective on the calibration text; "
-        "'predicted quant' = the allocation's predicted KLD of the mix against its own F16 source (calibration "
-        "text, costs inherited from the base); 'surgery alone' = the F16 edit against the base (held-out text)\n"
+        "'predicted quant' = the allocation's prediction of the mix against its own F16 source\n"
     )
     rows = []
     number = 0
@@ -134,13 +157,46 @@ def main() -> None:
                 "kld": f"{p.kld.value:.4f} [{p.kld.low:.4f}, {p.kld.high:.4f}]",
                 "calib": f"{p.search_kld:.4f}" if p.search_kld is not None else "",
                 "pred": f"{p.predicted_kld:.4f}" if p.predicted_kld is not None else "",
-                "alone": f"{alone[p.recipe].value:.4f}" if p.recipe else "",
                 "front": "yes" if p.on_front else "",
             }
         )
     cols = [("#", "n"), ("file", "file"), ("size B", "size"), ("bpw", "bpw"), ("KLD held-out [95% CI]", "kld"),
-            ("calib", "calib"), ("predicted quant", "pred"), ("surgery alone", "alone"), ("front", "front")]  # fmt: skip
+            ("calib", "calib"), ("predicted quant", "pred"), ("front", "front")]  # fmt: skip
     print(table(cols, rows))
+    print(
+        f"\nthe estimator on the calibration text: the front's points and the {args.check} best surgeries "
+        f"of the {len(surgeries)} surgery trials (KLD: mix vs its own F16 source, and vs the base)"
+    )
+    drows = [
+        {
+            "t": str(t.number),
+            "r": t.user_attrs["recipe"] or "no surgery",
+            "size": f"{t.user_attrs['size']:,}",
+            "pred": f"{t.user_attrs['predicted_kld']:.4f}",
+            "meas": f"{m:.4f}",
+            "ratio": f"{m / t.user_attrs['predicted_kld']:.2f}",
+            "alone": f"{al:.4f}" if t.user_attrs["recipe"] else "",
+            "sum": f"{al + m:.4f}",
+            "mix": f"{t.values[1]:.4f}",
+        }
+        for t, m, al in diag
+    ]
+    print(
+        table(
+            [("trial", "t"), ("surgery", "r"), ("size B", "size"), ("quant predicted", "pred"), ("measured", "meas"),
+             ("measured/predicted", "ratio"), ("surgery alone", "alone"), ("alone + quant", "sum"),
+             ("mix vs base", "mix")],
+            drows,
+        )
+    )  # fmt: skip
+    for what, keep in (("no surgery (own costs)", lambda r: not r), ("surgeries (inherited costs)", bool)):
+        pairs = [(t.user_attrs["predicted_kld"], m) for t, m, _ in diag if keep(t.user_attrs["recipe"])]
+        if len(pairs) >= 2:
+            pr, me = np.array(pairs).T
+            print(
+                f"{what}: {len(pairs)} mixes, measured/predicted {np.min(me / pr):.2f}-{np.max(me / pr):.2f} "
+                f"(median {np.median(me / pr):.2f}), Pearson r {np.corrcoef(pr, me)[0, 1]:.3f}"
+            )
     print("\nper uniform type: the front point with the least held-out KLD no larger than it")
     crow = [
         {

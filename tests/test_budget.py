@@ -227,6 +227,12 @@ def test_release_with_an_impossible_budget_leaves_nothing(tiny: Path, tmp_path: 
     r = run_cli("release", str(tiny), "--recipe", "delete 1", "--out", str(out), "--target-size", "-5M")
     assert r.exit_code == 2 and r.output.startswith("Error: Invalid value for --target-size: "), r.output
     assert not out.exists()
+    r = run_cli("release", str(tiny), "--recipe", "delete 1", "--out", str(out), "--inherit-costs")
+    assert (
+        r.exit_code == 1
+        and r.output == "Error: --inherit-costs: needs --target-size (it chooses where the costs come from)\n"
+    )
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
