@@ -32,6 +32,7 @@ from gguf_surgeon.cli import main
 from gguf_surgeon.edit import edit
 from gguf_surgeon.errors import OptionError, SearchError
 from gguf_surgeon.evaluation.suite import EvalOptions
+from gguf_surgeon.llama import quantize as quantize_module
 from gguf_surgeon.llama.quantize import (
     mix_of_file,
     quantize_mix,
@@ -44,6 +45,7 @@ from gguf_surgeon.llama.server import LlamaServer
 from gguf_surgeon.release.folder import ReleaseOptions, release
 from gguf_surgeon.search.budget import budget_study
 
+_QUANTIZE_ONE = quantize_module._quantize_one  # wrapped by a test to see each run's --imatrix
 SMOLLM2_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -584,3 +586,51 @@ def test_search_target_size_study_front_and_export(
     r = CliRunner().invoke(main, [*args, "--export", str(tmp_path / "rel3"), "--point", "99"], env=env)
     assert r.exit_code == 1 and r.output.startswith("Error: --point 99: the front has points 1 to "), r.output
     assert not (tmp_path / "rel3").exists()
+
+
+@pytest.mark.slow
+def test_an_imatrix_is_used_by_the_sensitivity_and_the_mix(
+    make_model, tmp_path: Path, llama_bin: Path, monkeypatch, gguf_loader
+):
+    """With --imatrix, every probe and the written mix are quantized with it (llama-quantize records
+    the file in the output's metadata), and the sensitivity is a cache entry of its own."""
+    import subprocess
+
+    monkeypatch.setattr("gguf_surgeon.llama.perplexity.OUTPUT_ATTEMPTS", 16)  # as in the end-to-end test above
+    model = make_model("wide.gguf", n_blocks=1, n_embd=256, ff=288, n_head=4, n_head_kv=2)
+    calibration, held_out = bundled_texts()
+    (tmp_path / "calib.txt").write_text(calibration)
+    imatrix = tmp_path / "wide.imatrix.gguf"
+    run = subprocess.run(
+        [str(llama_bin / "llama-imatrix"), "-m", str(model), "-f", str(tmp_path / "calib.txt"), "-o", str(imatrix),
+         "-c", "64", "-t", "2", "--chunks", "8"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    options = EvalOptions(llama_bin=llama_bin, threads=2, cache_dir=tmp_path / "cache" / "eval")
+    texts = {"calibration": calibration[:1600], "held_out": held_out[:1600]}
+    plain = quantize_to_budget(model, tmp_path / "q" / "plain.gguf", target_size=560_000, options=options, **texts)
+    seen = []
+    monkeypatch.setattr(
+        "gguf_surgeon.llama.quantize._quantize_one",
+        lambda *a, **k: seen.append(a[5]) or _QUANTIZE_ONE(*a, **k),
+    )
+    weighted = quantize_to_budget(
+        model, tmp_path / "q" / "im.gguf", target_size=560_000, options=options, imatrix=imatrix, **texts
+    )
+    assert not weighted.sensitivity_cached and weighted.imatrix == imatrix  # its own entry, not the plain one
+    # every llama-quantize run of it (menu, probes, the mix) got the imatrix
+    assert len(seen) > 5 and set(seen) == {str(imatrix.resolve())}
+    gguf_loader.assert_loads(weighted.out)
+    meta = gguf.GGUFReader(weighted.out).fields
+    assert "quantize.imatrix.file" in meta and "quantize.imatrix.file" not in gguf.GGUFReader(plain.out).fields
+    assert weighted.size <= 560_000 and weighted.kld is not None
+    # an imatrix of another model is refused in one line before any run
+    other = make_model("other.gguf", n_blocks=3, n_embd=256, ff=288, n_head=4, n_head_kv=2)
+    r = CliRunner().invoke(
+        main,
+        ["quantize", str(other), "--target-size", "900K", "--imatrix", str(imatrix), "--out-dir", str(tmp_path / "o")],
+        env={"GGUF_SURGEON_CACHE": str(tmp_path / "cache"), "GGUF_SURGEON_LLAMA_BIN": str(llama_bin)},
+    )
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "imatrix covers 1 blocks" in r.output, r.output
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []

@@ -155,6 +155,7 @@ class BudgetResult(Record):
     sensitivity_design: str
     sensitivity_cached: bool
     seconds: dict[str, float]  # sensitivity, allocation, quantize, kld
+    imatrix: Path | None = None  # the importance matrix the sensitivity and the mix were quantized with
 
 
 def budget_of(target_size: int | None, target_bpw: float | None, parameters: int) -> tuple[int, str, str]:
@@ -188,13 +189,15 @@ def quantize_to_budget(
     force: bool = False,
     progress: Progress | None = None,
     sensitivity: Sensitivity | None = None,
+    imatrix: str | Path | None = None,
 ) -> BudgetResult:
     """Measure (or load) the sensitivity of `source` (or take `sensitivity`, e.g. one inherited
     from the base `source` is an edit of), allocate a type per tensor under the
     budget, write `out` and its tensor-type file (OUT's stem + .tensor-types.txt), read the
     written types back, and measure the KLD of `out` to `source` on the held-out part of the
     bundled text (skipped without `measure_kld`); `calibration` and `held_out` replace the
-    bundled text's parts. Nothing is written when the budget is
+    bundled text's parts. With `imatrix` (of `source`), the sensitivity and the mix are quantized
+    with it. Nothing is written when the budget is
     impossible or `out` exists without `force`."""
     source, out = Path(source), Path(out)
     types_file = out.with_name(out.name.removesuffix(".gguf") + ".tensor-types.txt")
@@ -230,6 +233,7 @@ def quantize_to_budget(
         options=options,
         allow_requantize=allow_requantize,
         progress=progress,
+        imatrix=imatrix,
     )
     seconds["sensitivity"] = time.monotonic() - t0
     t0 = time.monotonic()
@@ -247,6 +251,7 @@ def quantize_to_budget(
         force=force,
         llama_bin=options.llama_bin,
         threads=options.threads,
+        imatrix=imatrix,
     )
     write_tensor_type_file(alloc.requested, types_file)
     seconds["quantize"] = time.monotonic() - t0
@@ -280,4 +285,5 @@ def quantize_to_budget(
         sens.design,
         sens.cached,
         seconds,
+        Path(imatrix) if imatrix is not None else None,
     )

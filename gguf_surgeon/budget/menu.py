@@ -142,9 +142,11 @@ def build_menu(
     llama_bin: str | Path | None = None,
     threads: int | None = None,
     progress: MenuProgress | None = None,
+    imatrix: str | Path | None = None,
 ) -> Menu:
     """The menu of `base`: one `llama-quantize --pure` run per candidate type (skipped for a type
-    every tensor of the base already has), each tensor's weight error read from its output."""
+    every tensor of the base already has; with `imatrix` when given), each tensor's weight error
+    read from its output."""
     base = Path(base)
     with Model(base) as model:
         planned = plan_slots(model, candidates)
@@ -168,6 +170,7 @@ def build_menu(
                 Path(work),
                 name="pure",
                 extra_args=("--pure",),
+                imatrix=imatrix,
                 allow_requantize=allow_requantize,
                 llama_bin=llama_bin,
                 threads=threads,

@@ -244,11 +244,16 @@ def split_costs(
 
 
 def sensitivity_key(
-    sha: str, design: str, probe: str, candidates: Sequence[str], calibration: str, o: EvalOptions
+    sha: str,
+    design: str,
+    probe: str,
+    candidates: Sequence[str],
+    calibration: str,
+    o: EvalOptions,
+    imatrix_sha: str | None = None,
 ) -> str:
-    return cache_key(
-        SENSITIVITY_VERSION, sha, design, probe.upper(), list(candidates), calibration, o.ctx, o.batch, o.threads
-    )
+    parts = [SENSITIVITY_VERSION, sha, design, probe.upper(), list(candidates), calibration, o.ctx, o.batch, o.threads]
+    return cache_key(*parts, *([imatrix_sha] if imatrix_sha else []))  # keys without an imatrix stay as they were
 
 
 def measure_sensitivity(
@@ -261,10 +266,12 @@ def measure_sensitivity(
     options: EvalOptions = DEFAULT_OPTIONS,
     allow_requantize: bool = False,
     progress: Progress | None = None,
+    imatrix: str | Path | None = None,
 ) -> Sensitivity:
     """Measure every group's KLD cost on `base` (docstring of this module), or return the cached
-    result for the same base file, design, probe, candidates, calibration text and settings.
+    result for the same base file, design, probe, candidates, calibration text, imatrix and settings.
 
+    With `imatrix` (of `base`), the menu and every probe are quantized with it, as the mix will be.
     `calibration` defaults to the bundled text's calibration part (bundled_texts). Raises
     OptionError for an unknown design or type, ToolError/EvalError as llama.cpp runs do.
     """
@@ -275,10 +282,15 @@ def measure_sensitivity(
     if probe.upper() not in [c.upper() for c in candidates] or probe.upper() == "F16":
         raise OptionError(f"the probe type {probe!r} must be one of the quantized candidates ({', '.join(candidates)})")
     calibration = bundled_texts()[0] if calibration is None else calibration
+    if imatrix is not None:
+        from ..llama.imatrix import read_imatrix
+
+        read_imatrix(imatrix)  # an unreadable or malformed file: one error, before any hashing or run
     cache = EvalCache(options.cache_dir, options.use_cache)
     try:
         sha = cache.file_sha256([base])
-        key = sensitivity_key(sha, design, probe, candidates, calibration, options)
+        imatrix_sha = cache.file_sha256([Path(imatrix)]) if imatrix is not None else None
+        key = sensitivity_key(sha, design, probe, candidates, calibration, options, imatrix_sha)
         hit = cache.load(sha, "sensitivity", key)
         if hit is not None:
             return replace(Sensitivity.from_dict(hit), model=str(base), cached=True)
@@ -291,6 +303,7 @@ def measure_sensitivity(
         llama_bin=options.llama_bin,
         threads=options.threads,
         progress=lambda step, done, total: progress(step, done, total) if progress else None,
+        imatrix=imatrix,
     )
     probe_type = probe.upper()
     probe_written = {}
@@ -319,6 +332,7 @@ def measure_sensitivity(
                 force=True,
                 llama_bin=options.llama_bin,
                 threads=options.threads,
+                imatrix=imatrix,
             )
             result = kl_divergence(probe_file, base, opts)
             probe_file.unlink()

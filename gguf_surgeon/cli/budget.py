@@ -76,6 +76,12 @@ def candidates_of(text: str) -> tuple[str, ...]:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write a PNG heat map, blocks x tensor kinds (needs matplotlib: pip install 'gguf-surgeon[plot]').",
 )
+@click.option(
+    "--imatrix",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Importance matrix of IN (llama-imatrix GGUF or .dat): the probes are quantized with it, as "
+    "quantize --target-size --imatrix writes the mix.",
+)
 @click.option("--allow-requantize", is_flag=True, help="Allow a quantized IN (measure from F16/BF16 when you can).")
 @click.option(
     "--threads",
@@ -93,6 +99,7 @@ def sensitivity_cmd(
     calibration: Path | None,
     no_cache: bool,
     plot: Path | None,
+    imatrix: Path | None,
     allow_requantize: bool,
     eval_threads: int | None,
     llama_bin: Path | None,
@@ -121,6 +128,7 @@ def sensitivity_cmd(
             options=eval_options_of(llama_bin, eval_threads, no_cache),
             allow_requantize=allow_requantize,
             progress=progress,
+            imatrix=imatrix,
         )
     data = sens.to_dict()
     if plot is not None:

@@ -171,7 +171,6 @@ def quantize_cmd(
             opt
             for opt, given in (
                 ("--types", types),
-                ("--imatrix", imatrix),
                 ("--recipe", recipe),
                 ("--tensor-type-file", tensor_type_file),
                 ("llama-quantize arguments after --", extra),
@@ -186,6 +185,7 @@ def quantize_cmd(
             out_dir,
             name,
             allow_requantize=allow_requantize,
+            imatrix=imatrix,
             force=force,
             target_size=target_size,
             target_bpw=target_bpw,
@@ -227,6 +227,7 @@ def quantize_budget_cmd(
     name: str | None,
     *,
     allow_requantize: bool,
+    imatrix: Path | None,
     force: bool,
     target_size: str | None,
     target_bpw: float | None,
@@ -264,6 +265,7 @@ def quantize_budget_cmd(
             calibration=read_calibration(calibration),
             held_out=read_calibration(held_out, "--held-out"),
             allow_requantize=allow_requantize,
+            imatrix=imatrix,
             force=force,
             progress=progress,
         )

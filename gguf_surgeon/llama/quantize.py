@@ -380,17 +380,18 @@ def quantize_mix(
     llama_bin: str | Path | None = None,
     threads: int | None = None,
     progress: QuantProgress | None = None,
+    imatrix: str | Path | None = None,
 ) -> QuantizeReport:
     """Quantize `source` into `out`, each tensor of `mix` (name -> requested type) through a
     --tensor-type-file, every other quantizable tensor as `base_type` (which must be a quantized
-    type: llama-quantize ignores overrides otherwise). A requested type whose block does not
+    type: llama-quantize ignores overrides otherwise), with `imatrix` (of `source`) when given. A requested type whose block does not
     divide a tensor's rows is written as its fallback (written_type). Raises OptionError for a
     name the source lacks, OutputError for an existing `out` without `force`, ToolError as
     quantize_ladder does; the report's one result is the written file."""
     source, out = Path(source), Path(out)
     if base_type.upper() in UNQUANTIZED_FTYPES:
         raise OptionError(f"{QUANTIZE_TOOL} ignores per-tensor types with {base_type}; use a quantized base type")
-    warnings, _ = _check_source(source, allow_requantize, None, None)
+    warnings, _ = _check_source(source, allow_requantize, imatrix, None)
     with Model(source) as m:
         names = {t.name for t in m.tensors}
     missing = sorted(set(mix) - names)
@@ -405,8 +406,11 @@ def quantize_mix(
     with tempfile.TemporaryDirectory(prefix="gguf-surgeon-") as work:
         types_file = write_tensor_type_file(mix, Path(work) / "tensor-types.txt")
         extra = ("--tensor-type-file", str(types_file))
-        result = _quantize_one(tool, source, out, qtype, allow_requantize, None, extra, threads, progress, None)
-    return QuantizeReport(source, tool, (result,), tuple(warnings), extra_args=extra[:1])
+        im = str(Path(imatrix).resolve()) if imatrix is not None else None
+        result = _quantize_one(tool, source, out, qtype, allow_requantize, im, extra, threads, progress, None)
+    return QuantizeReport(
+        source, tool, (result,), tuple(warnings), extra_args=extra[:1], imatrix=Path(imatrix) if imatrix else None
+    )
 
 
 def _check_options(
