@@ -727,7 +727,9 @@ def _budget_search(base: Path, space: Any, target_size: str, o: BudgetSearch, as
         f"{front.seconds:.0f} s"
     )
     out_console.print(f"KL divergence to the base on {front.kld_text}; the study ranked on the calibration text")
-    table = Table("#", "file", "budget", "size", "bits/weight", "KLD [95% CI]", "front", box=None, pad_edge=False)
+    table = Table("#", "file", "budget", "size", "bits/weight", box=None, pad_edge=False)
+    table.add_column("KLD [95% CI]", no_wrap=True)
+    table.add_column("front")
     n = 0
     for p in front.points:
         n += p.recipe is not None
@@ -758,11 +760,12 @@ def _export_point(base: Path, p: Any, name: str, o: BudgetSearch, options: Any, 
     inherited from the base, card, Modelfile); no surgery as the base's mix and its tensor-type file."""
     from ..budget.allocate import quantize_to_budget
     from ..budget.sensitivity import measure_sensitivity
+    from ..llama.quantize import default_name
     from ..release.folder import ReleaseOptions, release
 
     label = next(f"{p.budget / f:.1f}{u}" for f, u in ((1e9, "G"), (1e6, "M"), (1e3, "K"), (1, "B")) if p.budget >= f)
     if not p.recipe:
-        out = o.export / f"{name}-{label}.gguf"
+        out = o.export / f"{default_name(base)}-{label}.gguf"  # as quantize --target-size names it
         result = quantize_to_budget(
             base, out, target_size=p.budget, options=options, allow_requantize=o.allow_requantize, force=o.force,
             sensitivity=measure_sensitivity(base, options=options, allow_requantize=o.allow_requantize),
