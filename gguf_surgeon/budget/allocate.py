@@ -235,7 +235,7 @@ def quantize_to_budget(
         progress=progress,
         imatrix=imatrix,
     )
-    seconds["sensitivity"] = time.monotonic() - t0
+    seconds["sensitivity"] = sensitivity.seconds if sensitivity is not None else time.monotonic() - t0
     t0 = time.monotonic()
     alloc = allocate(sens, limit, unit)
     seconds["allocation"] = time.monotonic() - t0
