@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..budget.allocate import allocate
-from ..budget.menu import CANDIDATES
+from ..budget.menu import CANDIDATES, least_tensor_bytes
 from ..budget.sensitivity import (
     Sensitivity,
     bundled_texts,
@@ -44,7 +44,8 @@ from ..evaluation.records import Estimate
 from ..evaluation.runner import kl_divergence
 from ..evaluation.suite import DEFAULT_OPTIONS, EvalOptions
 from ..files import format_size
-from ..llama.quantize import quantize_ladder, quantize_mix
+from ..llama.quantize import output_path, quantize_ladder, quantize_mix, requantize_warning
+from ..reader import Model
 from ..records import Record
 from .storage import load_optuna, open_storage, redact_url
 
@@ -210,6 +211,7 @@ def budget_study(
     held_name = "the held-out text given" if held_out is not None else "the held-out part of the bundled eval text"
     held_out = bundled_texts()[1] if held_out is None else held_out
     choices = ["", *dict.fromkeys(recipes)]
+    _refuse_before_work(base, choices, limit, allow_requantize)
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -317,9 +319,15 @@ def budget_study(
                 FrontPoint(f"uniform {r.type}", None, None, r.size, r.bits_per_weight, kld, None, None, False, None)
             )
             r.path.unlink(missing_ok=True)
-    finally:
+    finally:  # also on an error or a signal: nothing but the study is left in the work folder
         candidates.remove()
         shutil.rmtree(work / "texts", ignore_errors=True)
+        for path in (
+            work / "trial.gguf",
+            work / "front-point.gguf",
+            *(output_path(work, "uniform", t) for t in uniform),
+        ):
+            path.unlink(missing_ok=True)
     on = pareto([(p.size, p.kld.value) for p in rows])
     points = tuple(replace(p, on_front=f) for p, f in zip(rows, on))
     all_done = finished()
@@ -329,6 +337,26 @@ def budget_study(
         sum(t.state == optuna.trial.TrialState.PRUNED for t in all_done), len(choices),
         points, compare(points), held_name, time.monotonic() - start,
     )  # fmt: skip
+
+
+def _refuse_before_work(base: Path, choices: Sequence[str], limit: int, allow_requantize: bool) -> None:
+    """A quantized base without `allow_requantize`, or a target below the smallest mix of every
+    candidate (no trial could write a file), refused before the work folder or the study exist."""
+    from ..edit import plan_for
+    from ..surgery import plan_surgery
+
+    with Model(base) as m:
+        requantize_warning(base, m, allow_requantize)
+        least = {}
+        for recipe in choices:
+            tensors = plan_surgery(m, plan_for(m, recipe), force=True).tensors if recipe else m.tensors
+            least[recipe] = least_tensor_bytes((t.name, t.shape, t.n_bytes) for t in tensors)
+    smallest = min(least, key=least.__getitem__)
+    if least[smallest] > limit:
+        raise OptionError(
+            f"{base}: the smallest mix of any candidate ({smallest or 'no surgery'}) takes "
+            f"{format_size(least[smallest])} of tensors, over the target of {format_size(limit)}"
+        )
 
 
 def _trial(
