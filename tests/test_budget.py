@@ -237,6 +237,31 @@ def test_release_with_an_impossible_budget_leaves_nothing(tiny: Path, tmp_path: 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_an_interrupted_release_leaves_its_folder_as_it_was(tiny: Path, tmp_path: Path, existing: bool):
+    """SIGTERM once the edit is written (search --export of a surgery point goes through release):
+    a folder the release made is gone, a folder given with --force keeps only what it held."""
+    import signal
+
+    from gguf_surgeon.errors import Interrupted
+
+    out = tmp_path / "rel"
+    if existing:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+
+    def stop(step: str) -> None:
+        if step.startswith("allocating"):
+            assert (out / "tiny-edited.gguf").exists()  # the edit is written when the signal comes
+            raise Interrupted(signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        release(
+            tiny, "delete 1", out, ReleaseOptions(target_size=500_000, inherit_costs=True, force=True), progress=stop
+        )
+    assert (sorted(p.name for p in out.iterdir()) == ["notes.txt"]) if existing else not out.exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
