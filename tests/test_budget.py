@@ -292,6 +292,16 @@ def test_search_target_size_refuses_bad_options(tiny: Path, tmp_path: Path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]  # no work folder, study or plot
 
 
+def test_budget_search_refuses_a_study_of_another_search(tiny: Path, tmp_path: Path):
+    """--study-name of a KLD search's study (one objective, no budget identity): refused, that study untouched."""
+    optuna = pytest.importorskip("optuna")
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    optuna.create_study(study_name="mine", storage=url, direction="minimize").set_user_attr("space", "deletions")
+    with pytest.raises(SearchError, match=r"study 'mine' in sqlite:///.*other.db is not a budget search"):
+        budget_study(tiny, ["delete 1"], limit=1_000_000, work_dir=tmp_path / "w", storage=url, study_name="mine")
+    assert optuna.load_study(study_name="mine", storage=url).user_attrs == {"space": "deletions"}
+
+
 def test_search_target_size_refuses_a_quantized_base_before_the_study(tmp_path: Path):
     base = tmp_path / "q8.gguf"
     base.write_bytes((Path(__file__).parent.parent / "fixtures" / "tiny-qwen3-q8_0.gguf").read_bytes())

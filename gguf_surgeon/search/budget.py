@@ -237,6 +237,10 @@ def budget_study(
         load_if_exists=True,
     )
     held = study.user_attrs.get("identity")
+    if held is None and (len(study.directions) != 2 or study.trials):  # e.g. a KLD search's study of that name
+        raise SearchError(
+            f"study {study_name!r} in {redact_url(url)} is not a budget search; pass another --study-name"
+        )
     if held is None:
         study.set_user_attr("identity", identity)
     elif held != identity:
