@@ -300,6 +300,11 @@ def test_budget_search_refuses_a_study_of_another_search(tiny: Path, tmp_path: P
     with pytest.raises(SearchError, match=r"study 'mine' in sqlite:///.*other.db is not a budget search"):
         budget_study(tiny, ["delete 1"], limit=1_000_000, work_dir=tmp_path / "w", storage=url, study_name="mine")
     assert optuna.load_study(study_name="mine", storage=url).user_attrs == {"space": "deletions"}
+    # one a budget search took over before this was refused (its identity set): refused too, not trials
+    # failing on the number of objectives forever
+    optuna.load_study(study_name="mine", storage=url).set_user_attr("identity", {"version": 1})
+    with pytest.raises(SearchError, match="is not a budget search"):
+        budget_study(tiny, ["delete 1"], limit=1_000_000, work_dir=tmp_path / "w", storage=url, study_name="mine")
 
 
 def test_search_target_size_refuses_a_quantized_base_before_the_study(tmp_path: Path):
@@ -597,8 +602,10 @@ def test_search_target_size_study_front_and_export(
     # a rerun continues the study: nothing measured again, the same front
     again = budget_study(model, ["delete 0", "delete 1"], trials=8, **kw)
     assert again.trials_now == 0 and again.points == front.points
-    with pytest.raises(SearchError, match="holds another budget search"):
+    with pytest.raises(SearchError, match=r"holds another budget search \(not the same: --min-size\)"):
         budget_study(model, ["delete 0", "delete 1"], trials=8, **{**kw, "low": low + 1, "enqueue": ()})
+    with pytest.raises(SearchError, match=r"\(not the same: the surgeries of --space\)"):
+        budget_study(model, ["delete 1"], trials=8, **{**kw, "enqueue": ()})
     # the CLI on the same study: table, PNG, and the smallest front point (a deletion) released
     env = {"GGUF_SURGEON_CACHE": str(tmp_path / "cache"), "GGUF_SURGEON_LLAMA_BIN": str(llama_bin)}
     args = [

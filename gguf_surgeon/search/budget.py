@@ -51,6 +51,11 @@ from .storage import load_optuna, open_storage, redact_url
 
 UNIFORM = ("Q3_K_M", "Q4_K_M", "Q5_K_M")  # the base's uniform mixes drawn as reference rows
 BUDGET_VERSION = 1  # part of the study's identity: bump when a trial's meaning changes
+IDENTITY_WORDS = {  # the study identity's keys as a user knows them, for the error of a rerun that differs
+    "version": "the study format", "base_sha256": "BASE", "choices": "the surgeries of --space", "low": "--min-size",
+    "limit": "--target-size", "calibration": "the calibration text", "name": "the release name",
+    "candidates": "the candidate types", "ctx": "the context size",
+}  # fmt: skip
 LOW_SHARE = 0.8  # default smallest budget: this share of the target
 FrontProgress = Callable[[str, int, int], None]  # (step, done, total)
 
@@ -237,16 +242,16 @@ def budget_study(
         load_if_exists=True,
     )
     held = study.user_attrs.get("identity")
-    if held is None and (len(study.directions) != 2 or study.trials):  # e.g. a KLD search's study of that name
+    if len(study.directions) != 2 or (held is None and study.trials):  # e.g. a KLD search's study of that name
         raise SearchError(
             f"study {study_name!r} in {redact_url(url)} is not a budget search; pass another --study-name"
         )
     if held is None:
         study.set_user_attr("identity", identity)
     elif held != identity:
-        differ = ", ".join(k for k in identity if held.get(k) != identity[k])
+        differ = ", ".join(IDENTITY_WORDS.get(k, k) for k in identity if held.get(k) != identity[k])
         raise SearchError(
-            f"study {study_name!r} in {redact_url(url)} holds another budget search ({differ} differ); "
+            f"study {study_name!r} in {redact_url(url)} holds another budget search (not the same: {differ}); "
             "pass another --study-name or --work-dir"
         )
     done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
