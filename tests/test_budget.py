@@ -307,6 +307,17 @@ def test_budget_search_refuses_a_study_of_another_search(tiny: Path, tmp_path: P
         budget_study(tiny, ["delete 1"], limit=1_000_000, work_dir=tmp_path / "w", storage=url, study_name="mine")
 
 
+def test_search_target_size_with_a_bad_storage_leaves_no_work_folder(tiny: Path, tmp_path: Path):
+    db = tmp_path / "notes.db"
+    db.write_text("not a database\n" * 200)
+    r = run_cli(
+        "search", str(tiny), "--target-size", "1M", "--work-dir", str(tmp_path / "w"), "--storage", f"sqlite:///{db}"
+    )
+    assert r.exit_code == 1 and r.output == f"Error: --storage sqlite:///{db}: cannot open: file is not a database\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db", "tiny.gguf"]
+    assert db.read_text() == "not a database\n" * 200
+
+
 def test_search_target_size_refuses_a_quantized_base_before_the_study(tmp_path: Path):
     base = tmp_path / "q8.gguf"
     base.write_bytes((Path(__file__).parent.parent / "fixtures" / "tiny-qwen3-q8_0.gguf").read_bytes())

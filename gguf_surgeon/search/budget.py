@@ -217,6 +217,7 @@ def budget_study(
     held_out = bundled_texts()[1] if held_out is None else held_out
     choices = ["", *dict.fromkeys(recipes)]
     _refuse_before_work(base, choices, limit, allow_requantize)
+    store = open_storage(storage) if storage else None  # a bad --storage: refused before the work folder exists
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -233,7 +234,7 @@ def budget_study(
         "name": name, "candidates": list(CANDIDATES), "ctx": options.ctx,
     }  # fmt: skip
     study_name = study_name or f"{base.stem}-budget-{format_size(limit).replace(' ', '')}"
-    store = open_storage(url)
+    store = store or open_storage(url)
     study = optuna.create_study(
         storage=store,
         study_name=study_name,
