@@ -237,6 +237,31 @@ def test_release_with_an_impossible_budget_leaves_nothing(tiny: Path, tmp_path: 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_an_interrupted_release_leaves_its_folder_as_it_was(tiny: Path, tmp_path: Path, existing: bool):
+    """SIGTERM once the edit is written (search --export of a surgery point goes through release):
+    a folder the release made is gone, a folder given with --force keeps only what it held."""
+    import signal
+
+    from gguf_surgeon.errors import Interrupted
+
+    out = tmp_path / "rel"
+    if existing:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+
+    def stop(step: str) -> None:
+        if step.startswith("allocating"):
+            assert (out / "tiny-edited.gguf").exists()  # the edit is written when the signal comes
+            raise Interrupted(signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        release(
+            tiny, "delete 1", out, ReleaseOptions(target_size=500_000, inherit_costs=True, force=True), progress=stop
+        )
+    assert (sorted(p.name for p in out.iterdir()) == ["notes.txt"]) if existing else not out.exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -249,14 +274,57 @@ def test_release_with_an_impossible_budget_leaves_nothing(tiny: Path, tmp_path: 
         (["--min-size", "1M"], "--min-size: needs --target-size"),
         (["--target-size", "1M", "--min-size", "2M"], "--min-size 2M: larger than --target-size 1M"),
         (["--target-size", "1M", "--plot", "f.svg"], "--plot f.svg: give a .png file name"),
+        # refused before the study, not after its trials: a target no candidate's smallest mix fits,
+        (["--target-size", "1K"], "tiny.gguf: the smallest mix of any candidate (delete 0) takes"),
+        # a space with no move for the model or with healed moves, a plot or export with no place to go
+        (["--target-size", "1M", "--space", "experts"], "--space experts: no move of it applies to tiny.gguf"),
+        (["--target-size", "1M", "--space", "healed-deletions"], "--space healed-deletions: 'delete 1 heal' heals"),
+        (["--target-size", "1M", "--plot", "no/f.png"], "--plot no/f.png: no: no such folder"),
+        (["--target-size", "1M", "--plot", "tiny.gguf/f.png"], "--plot tiny.gguf/f.png: tiny.gguf: is not a folder"),
+        (["--target-size", "1M", "--export", "tiny.gguf/a/b"], "--export tiny.gguf/a/b: tiny.gguf: is not a folder"),
     ],
 )
 def test_search_target_size_refuses_bad_options(tiny: Path, tmp_path: Path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     r = run_cli("search", str(tiny), *args, "--work-dir", str(tmp_path / "w"))
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
-    assert r.output.startswith(f"Error: {message}"), r.output
+    assert r.output.startswith("Error: ") and message in r.output, r.output
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]  # no work folder, study or plot
+
+
+def test_budget_search_refuses_a_study_of_another_search(tiny: Path, tmp_path: Path):
+    """--study-name of a KLD search's study (one objective, no budget identity): refused, that study untouched."""
+    optuna = pytest.importorskip("optuna")
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    optuna.create_study(study_name="mine", storage=url, direction="minimize").set_user_attr("space", "deletions")
+    with pytest.raises(SearchError, match=r"study 'mine' in sqlite:///.*other.db is not a budget search"):
+        budget_study(tiny, ["delete 1"], limit=1_000_000, work_dir=tmp_path / "w", storage=url, study_name="mine")
+    assert optuna.load_study(study_name="mine", storage=url).user_attrs == {"space": "deletions"}
+    # one a budget search took over before this was refused (its identity set): refused too, not trials
+    # failing on the number of objectives forever
+    optuna.load_study(study_name="mine", storage=url).set_user_attr("identity", {"version": 1})
+    with pytest.raises(SearchError, match="is not a budget search"):
+        budget_study(tiny, ["delete 1"], limit=1_000_000, work_dir=tmp_path / "w", storage=url, study_name="mine")
+
+
+def test_search_target_size_with_a_bad_storage_leaves_no_work_folder(tiny: Path, tmp_path: Path):
+    db = tmp_path / "notes.db"
+    db.write_text("not a database\n" * 200)
+    r = run_cli(
+        "search", str(tiny), "--target-size", "1M", "--work-dir", str(tmp_path / "w"), "--storage", f"sqlite:///{db}"
+    )
+    assert r.exit_code == 1 and r.output == f"Error: --storage sqlite:///{db}: cannot open: file is not a database\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db", "tiny.gguf"]
+    assert db.read_text() == "not a database\n" * 200
+
+
+def test_search_target_size_refuses_a_quantized_base_before_the_study(tmp_path: Path):
+    base = tmp_path / "q8.gguf"
+    base.write_bytes((Path(__file__).parent.parent / "fixtures" / "tiny-qwen3-q8_0.gguf").read_bytes())
+    r = run_cli("search", str(base), "--target-size", "1M", "--work-dir", str(tmp_path / "w"))
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith(f"Error: {base}: is already quantized (blk.0.attn_q.weight is Q8_0)"), r.output
+    assert [p.name for p in tmp_path.iterdir()] == ["q8.gguf"]  # no work folder, no study database
 
 
 # --- llama.cpp --------------------------------------------------------------------------
@@ -545,8 +613,10 @@ def test_search_target_size_study_front_and_export(
     # a rerun continues the study: nothing measured again, the same front
     again = budget_study(model, ["delete 0", "delete 1"], trials=8, **kw)
     assert again.trials_now == 0 and again.points == front.points
-    with pytest.raises(SearchError, match="holds another budget search"):
+    with pytest.raises(SearchError, match=r"holds another budget search \(not the same: --min-size\)"):
         budget_study(model, ["delete 0", "delete 1"], trials=8, **{**kw, "low": low + 1, "enqueue": ()})
+    with pytest.raises(SearchError, match=r"\(not the same: the surgeries of --space\)"):
+        budget_study(model, ["delete 1"], trials=8, **{**kw, "enqueue": ()})
     # the CLI on the same study: table, PNG, and the smallest front point (a deletion) released
     env = {"GGUF_SURGEON_CACHE": str(tmp_path / "cache"), "GGUF_SURGEON_LLAMA_BIN": str(llama_bin)}
     args = [
@@ -586,6 +656,72 @@ def test_search_target_size_study_front_and_export(
     r = CliRunner().invoke(main, [*args, "--export", str(tmp_path / "rel3"), "--point", "99"], env=env)
     assert r.exit_code == 1 and r.output.startswith("Error: --point 99: the front has points 1 to "), r.output
     assert not (tmp_path / "rel3").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_budget_study_leaves_only_its_study_and_continues(
+    make_model, tmp_path: Path, llama_bin: Path, monkeypatch
+):
+    """SIGTERM during a trial or the front's held-out measurement: no trial, front-point or
+    uniform file is left in the work folder, and a rerun continues the study; an interrupted
+    quantize --target-size leaves no mix; --export of a front with no point is one error line."""
+    import signal
+
+    from gguf_surgeon.errors import Interrupted
+    from gguf_surgeon.search import budget as budget_module
+
+    monkeypatch.setattr("gguf_surgeon.llama.perplexity.OUTPUT_ATTEMPTS", 16)  # as in the end-to-end test above
+    model = make_model("wide.gguf", n_blocks=2, n_embd=256, ff=288, n_head=4, n_head_kv=2)
+    options = EvalOptions(llama_bin=llama_bin, threads=2, cache_dir=tmp_path / "cache" / "eval")
+    work = tmp_path / "work"
+    kw = dict(limit=600_000, work_dir=work, uniform=("Q4_K_M",), options=options, trials=3)
+    kld = budget_module.kl_divergence
+
+    def signal_at(name: str):
+        def measure(path, base, opts):  # SIGTERM arriving while llama.cpp measures `name`
+            if Path(path).name == name:
+                raise Interrupted(signal.SIGTERM)
+            return kld(path, base, opts)
+
+        return measure
+
+    def left() -> list[str]:
+        return sorted(p.name for p in work.iterdir() if not p.name.startswith("budget-study.db-"))  # sqlite journals
+
+    monkeypatch.setattr(budget_module, "kl_divergence", signal_at("trial.gguf"))
+    with pytest.raises(Interrupted):
+        budget_study(model, ["delete 1"], **kw)
+    assert left() == ["budget-study.db"]
+    monkeypatch.setattr(budget_module, "kl_divergence", signal_at("front-point.gguf"))
+    with pytest.raises(Interrupted):
+        budget_study(model, ["delete 1"], **kw)  # the rerun measures its trials, then is stopped on the front
+    assert left() == ["budget-study.db"]
+    monkeypatch.setattr(budget_module, "kl_divergence", kld)
+    front = budget_study(model, ["delete 1"], **kw)
+    assert front.trials_now == 0 and front.trials + front.refused == 3 and left() == ["budget-study.db"]
+    # quantize --target-size stopped while it measures the written mix: neither it nor its type file stays
+    out = tmp_path / "q" / "m.gguf"
+
+    def stop(step: str, done: int, total: int) -> None:
+        if step.startswith("KL divergence"):
+            raise Interrupted(signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        quantize_to_budget(model, out, target_size=600_000, options=options, progress=stop)
+    assert list(out.parent.iterdir()) == []
+    # every trial over its budget (the base alone at 280-350 kB): --export says so in one line
+    env = {"GGUF_SURGEON_CACHE": str(tmp_path / "cache"), "GGUF_SURGEON_LLAMA_BIN": str(llama_bin)}
+    r = CliRunner().invoke(
+        main,
+        ["search", str(model), "--target-size", "350000", "--budget", "1", "--work-dir", str(tmp_path / "w2"),
+         "--export", str(tmp_path / "rel"), "--threads", "2"],
+        env=env,
+    )  # fmt: skip
+    assert r.exit_code == 1 and r.output.endswith(
+        f"Error: --export {tmp_path / 'rel'}: the study's front has no point: every trial (1) was over its budget; "
+        "pass a larger --budget\n"
+    ), r.output
+    assert not (tmp_path / "rel").exists()
 
 
 @pytest.mark.slow

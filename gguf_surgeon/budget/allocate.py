@@ -24,11 +24,11 @@ from ..errors import OptionError, OutputError
 from ..evaluation.records import Estimate
 from ..evaluation.runner import kl_divergence
 from ..evaluation.suite import DEFAULT_OPTIONS, EvalOptions
-from ..files import format_size
-from ..llama.quantize import quantize_mix, tensor_bytes, write_tensor_type_file
+from ..files import format_size, signals_deferred
+from ..llama.quantize import quantize_mix, write_tensor_type_file
 from ..reader import Model, align
 from ..records import Record
-from .menu import CANDIDATES, Slot, plan_slots
+from .menu import CANDIDATES, Slot, least_tensor_bytes, plan_slots
 from .sensitivity import PROBE, Progress, Sensitivity, bundled_texts, measure_sensitivity, text_options
 
 BASE_TYPE = "Q8_0"
@@ -204,10 +204,8 @@ def quantize_to_budget(
     with Model(source) as m:
         parameters = sum(t.n_elements for t in m.tensors)
         limit, unit, label = budget_of(target_size, target_bpw, parameters)
-        planned = plan_slots(m, candidates)
-        quantized = {p[0] for p in planned}
-        least = sum(t.n_bytes for t in m.tensors if t.name not in quantized)
-        least += sum(min(tensor_bytes(w, shape) for w in written) for _, _, _, shape, written in planned)
+        plan_slots(m, candidates)  # a model with no quantizable tensor: refused here
+        least = least_tensor_bytes(((t.name, t.shape, t.n_bytes) for t in m.tensors), candidates)
     if least > limit:  # refused before minutes of measuring: even the smallest types do not fit
         raise OptionError(
             f"{source}: the smallest types of these candidates take {format_size(least)} of tensors, "
@@ -253,23 +251,31 @@ def quantize_to_budget(
         threads=options.threads,
         imatrix=imatrix,
     )
-    write_tensor_type_file(alloc.requested, types_file)
-    seconds["quantize"] = time.monotonic() - t0
-    written = report.results[0]
-    with Model(out) as m:
-        got = {t.name: t.ggml_type.name for t in m.tensors}
-    mismatches = tuple(f"{n}: {got.get(n)} (predicted {t})" for n, t in alloc.written.items() if got.get(n) != t)
-    kld = None
-    held_out_name = "the held-out text given" if held_out is not None else "the held-out part of the bundled eval text"
-    if measure_kld:
-        t0 = time.monotonic()
-        if progress:
-            progress("KL divergence on the held-out text", 0, 1)
-        with tempfile.TemporaryDirectory(prefix="gguf-surgeon-budget-") as work:
-            kld = kl_divergence(
-                out, source, text_options(options, bundled_texts()[1] if held_out is None else held_out, Path(work))
-            ).mean
-        seconds["kld"] = time.monotonic() - t0
+    try:  # an error or a signal once the mix is written leaves neither file
+        write_tensor_type_file(alloc.requested, types_file)
+        seconds["quantize"] = time.monotonic() - t0
+        written = report.results[0]
+        with Model(out) as m:
+            got = {t.name: t.ggml_type.name for t in m.tensors}
+        mismatches = tuple(f"{n}: {got.get(n)} (predicted {t})" for n, t in alloc.written.items() if got.get(n) != t)
+        kld = None
+        held_out_name = (
+            "the held-out text given" if held_out is not None else "the held-out part of the bundled eval text"
+        )
+        if measure_kld:
+            t0 = time.monotonic()
+            if progress:
+                progress("KL divergence on the held-out text", 0, 1)
+            with tempfile.TemporaryDirectory(prefix="gguf-surgeon-budget-") as work:
+                kld = kl_divergence(
+                    out, source, text_options(options, bundled_texts()[1] if held_out is None else held_out, Path(work))
+                ).mean
+            seconds["kld"] = time.monotonic() - t0
+    except BaseException:
+        with signals_deferred():
+            out.unlink(missing_ok=True)
+            types_file.unlink(missing_ok=True)
+        raise
     return BudgetResult(
         source,
         out,

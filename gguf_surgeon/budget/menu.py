@@ -11,7 +11,7 @@ one of the grid llama-quantize writes, not of a re-implementation.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +120,16 @@ def plan_slots(model: Model, candidates: Sequence[str] = CANDIDATES) -> list[tup
     if not out:
         raise OptionError(f"{model.path}: no tensor that llama-quantize quantizes")
     return out
+
+
+def least_tensor_bytes(tensors: Iterable[tuple[str, tuple, int]], candidates: Sequence[str] = CANDIDATES) -> int:
+    """Tensor bytes of the smallest mix of these tensors, (name, shape, bytes) each: every
+    quantizable one at its smallest candidate type as llama-quantize writes it, the others as they are."""
+    types = candidate_types(candidates)
+    return sum(
+        min(tensor_bytes(written_type(q, shape[0]), shape) for q in types) if quantizable(name, len(shape)) else n
+        for name, shape, n in tensors
+    )
 
 
 def squared_error(base: Model, other: Model, name: str) -> float:

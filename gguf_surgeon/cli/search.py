@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import click
 from rich.table import Table
 
 from ..errors import SurgeonError
-from ..files import format_size
+from ..files import format_size, signals_deferred
 from .common import (
     emit_json,
     err_console,
@@ -696,9 +697,27 @@ def _budget_search(base: Path, space: Any, target_size: str, o: BudgetSearch, as
         raise OptionError(f"--plot {o.plot}: give a .png file name")
     if o.export is not None and o.export.exists() and any(o.export.iterdir()) and not o.force:
         raise OptionError(f"--export {o.export}: folder is not empty; pass --force to write into it")
+    # written after the study: where they go is checked before it
+    if o.plot is not None and not o.plot.parent.is_dir():
+        what = "is not a folder" if o.plot.parent.exists() else "no such folder"
+        raise OptionError(f"--plot {o.plot}: {o.plot.parent}: {what}")
+    folder = o.export.parent if o.export is not None else None
+    while folder is not None and not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # --export makes the missing folders: the first existing one must be a folder
+    if folder is not None and not folder.is_dir():
+        raise OptionError(f"--export {o.export}: {folder}: is not a folder")
     with Model(base) as m:
         blocks = len(m.blocks())
-    recipes = [c.recipe for c in singles(ordered_moves(space, blocks, None), blocks)]
+    moves = singles(ordered_moves(space, blocks, None), blocks)
+    healed = next((c.recipe for c in moves if any(m.heal for m in c.moves)), None)
+    if healed is not None:  # a heal needs its calibration pass, which the study's candidates do not run
+        raise OptionError(f"--space {space.name}: {healed!r} heals a deletion; the size study takes no healed moves")
+    if not moves:
+        raise OptionError(
+            f"--space {space.name}: no move of it applies to {base.name} ({blocks} blocks); for the base's mix alone, "
+            "use quantize --target-size"
+        )
+    recipes = [c.recipe for c in moves]
     options = replace(DEFAULT_OPTIONS, llama_bin=o.llama_bin)
     if o.threads:
         options = replace(options, threads=o.threads)
@@ -713,11 +732,23 @@ def _budget_search(base: Path, space: Any, target_size: str, o: BudgetSearch, as
     if o.plot is not None:
         data["plot"] = str(plot_front(front, o.plot))
     if o.export is not None:
+        if not any(p.recipe is not None for p in front.points):
+            raise OptionError(
+                f"--export {o.export}: the study's front has no point: every trial ({front.refused}) was over "
+                "its budget; pass a larger --budget"
+            )
         chosen = front.point(o.point) if o.point else min(
             (p for p in front.points if p.recipe is not None), key=lambda p: p.kld.value
         )  # fmt: skip
-        with step_progress(enabled=not as_json) as progress:
-            data["export"] = _export_point(base, chosen, name, o, options, progress)
+        created = not o.export.exists()
+        try:
+            with step_progress(enabled=not as_json) as progress:
+                data["export"] = _export_point(base, chosen, name, o, options, progress)
+        except BaseException:
+            if created:  # a folder this run made is not left behind empty
+                with signals_deferred(), contextlib.suppress(OSError):
+                    o.export.rmdir()
+            raise
     if as_json:
         return emit_json(data)
     out_console.print(

@@ -426,6 +426,23 @@ def _check_options(
         raise PlanError("a recipe only applies to an imatrix: pass --imatrix with --recipe")
 
 
+def requantize_warning(source: Path, model: Model, allow_requantize: bool) -> str | None:
+    """None for an unquantized `model` (opened from `source`); for a quantized one, ModelError
+    without `allow_requantize`, else the warning to show."""
+    q = quantized_tensor(model)
+    if q is None:
+        return None
+    if not allow_requantize:
+        raise ModelError(
+            f"{source}: is already quantized ({q[0]} is {q[1]}); requantizing compounds the "
+            "quantization error: quantize from the F16/BF16/F32 source, or pass --allow-requantize"
+        )
+    return (
+        f"{source} is already quantized ({q[1]}); requantizing compounds the quantization error, "
+        "so outputs are worse than the same types made from an F16/BF16 source"
+    )
+
+
 def _check_source(
     source: Path, allow_requantize: bool, imatrix: str | Path | None, recipe: str | None
 ) -> tuple[list[str], Imatrix | None]:
@@ -434,17 +451,9 @@ def _check_source(
     warnings: list[str] = []
     remapped: Imatrix | None = None
     with Model(source) as model:
-        q = quantized_tensor(model)
-        if q is not None:
-            if not allow_requantize:
-                raise ModelError(
-                    f"{source}: is already quantized ({q[0]} is {q[1]}); requantizing compounds the "
-                    "quantization error: quantize from the F16/BF16/F32 source, or pass --allow-requantize"
-                )
-            warnings.append(
-                f"{source} is already quantized ({q[1]}); requantizing compounds the quantization error, "
-                "so outputs are worse than the same types made from an F16/BF16 source"
-            )
+        warning = requantize_warning(source, model, allow_requantize)
+        if warning is not None:
+            warnings.append(warning)
         if imatrix is not None:
             im = read_imatrix(imatrix)
             if recipe is not None:

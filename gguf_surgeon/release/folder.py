@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError, ReleaseError
-from ..files import write_text_atomic
+from ..files import signals_deferred, write_text_atomic
 from ..llama.quantize import DEFAULT_LADDER, QuantizeReport, QuantProgress, default_name, quantize_ladder
 from ..reader import Model
 from .card import CardOptions, QuantFile, _md, model_card
@@ -148,76 +148,89 @@ def release(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{out_dir}: cannot create the folder: {e.strerror or e}") from None
-    step = progress or (lambda s: None)
+    before = set(out_dir.iterdir())
+    try:  # an error or a signal leaves the folder as it was: what this release wrote is removed
+        step = progress or (lambda s: None)
 
-    edited = out_dir / f"{name}.gguf"
-    step("editing")
-    edit(base, edited, recipe, EditOptions(name=name, overwrite=options.force))
-    budget = None
-    if options.target_size is not None:
-        step("allocating a mix under the budget")
-        budget = _ship_budget(base, recipe, edited, out_dir / f"{name}-{label}.gguf", options, created)
-    quants = None
-    if options.types:
-        step("quantizing")
-        quants = quantize_ladder(
+        edited = out_dir / f"{name}.gguf"
+        step("editing")
+        edit(base, edited, recipe, EditOptions(name=name, overwrite=options.force))
+        budget = None
+        if options.target_size is not None:
+            step("allocating a mix under the budget")
+            budget = _ship_budget(base, recipe, edited, out_dir / f"{name}-{label}.gguf", options, created)
+        quants = None
+        if options.types:
+            step("quantizing")
+            quants = quantize_ladder(
+                edited,
+                options.types,
+                out_dir,
+                name=name,
+                allow_requantize=options.allow_requantize,
+                force=options.force,
+                llama_bin=options.llama_bin,
+                progress=quant_progress,
+            )
+        benchmarks = options.benchmarks
+        if options.evaluate and benchmarks is None:
+            step("evaluating")
+            from ..evaluation.suite import EvalOptions
+
+            eval_options = EvalOptions(
+                llama_bin=options.llama_bin, questions=options.eval_questions, benches=tuple(options.eval_benches)
+            )
+            if options.eval_threads:
+                eval_options = replace(eval_options, threads=options.eval_threads)
+            benchmarks = benchmark_markdown(base, edited, eval_options, options.yardstick)
+        step("writing Modelfile and README.md")
+        files = tuple(QuantFile.of(r) for r in quants.results) if quants else ()
+        if budget is not None:
+            step("KL divergence of the ladder on the held-out text")
+            files = budget_rows(budget, files, _uniform_klds(edited, files, out_dir, options))
+        main_file = files[0].file if files else edited.name
+        modelfile = build_modelfile(edited, f"./{main_file}", parameters=options.parameters, system=options.system)
+        mf_path = write_text_atomic(out_dir / MODELFILE, modelfile.text, options.force)
+        with Model(base) as m:
+            source_blocks = len(m.blocks())
+        card = model_card(
             edited,
-            options.types,
+            CardOptions(
+                name=name,
+                quants=files,
+                benchmarks=benchmarks,
+                base_model=options.base_model,
+                author=options.author,
+                modelfile=modelfile,
+                source_blocks=source_blocks,
+                methodology=options.methodology,
+            ),
+        )
+        readme = write_text_atomic(out_dir / README, card, options.force)
+        written = [edited] + ([budget.out, budget.types_file] if budget else [])
+        written += ([r.path for r in quants.results] if quants else []) + [mf_path, readme]
+        return ReleaseReport(
             out_dir,
-            name=name,
-            allow_requantize=options.allow_requantize,
-            force=options.force,
-            llama_bin=options.llama_bin,
-            progress=quant_progress,
+            edited,
+            quants,
+            mf_path,
+            readme,
+            benchmarks is not None,
+            tuple((p.name, p.stat().st_size) for p in written),
+            budget,
+            files,
         )
-    benchmarks = options.benchmarks
-    if options.evaluate and benchmarks is None:
-        step("evaluating")
-        from ..evaluation.suite import EvalOptions
-
-        eval_options = EvalOptions(
-            llama_bin=options.llama_bin, questions=options.eval_questions, benches=tuple(options.eval_benches)
-        )
-        if options.eval_threads:
-            eval_options = replace(eval_options, threads=options.eval_threads)
-        benchmarks = benchmark_markdown(base, edited, eval_options, options.yardstick)
-    step("writing Modelfile and README.md")
-    files = tuple(QuantFile.of(r) for r in quants.results) if quants else ()
-    if budget is not None:
-        step("KL divergence of the ladder on the held-out text")
-        files = budget_rows(budget, files, _uniform_klds(edited, files, out_dir, options))
-    main_file = files[0].file if files else edited.name
-    modelfile = build_modelfile(edited, f"./{main_file}", parameters=options.parameters, system=options.system)
-    mf_path = write_text_atomic(out_dir / MODELFILE, modelfile.text, options.force)
-    with Model(base) as m:
-        source_blocks = len(m.blocks())
-    card = model_card(
-        edited,
-        CardOptions(
-            name=name,
-            quants=files,
-            benchmarks=benchmarks,
-            base_model=options.base_model,
-            author=options.author,
-            modelfile=modelfile,
-            source_blocks=source_blocks,
-            methodology=options.methodology,
-        ),
-    )
-    readme = write_text_atomic(out_dir / README, card, options.force)
-    written = [edited] + ([budget.out, budget.types_file] if budget else [])
-    written += ([r.path for r in quants.results] if quants else []) + [mf_path, readme]
-    return ReleaseReport(
-        out_dir,
-        edited,
-        quants,
-        mf_path,
-        readme,
-        benchmarks is not None,
-        tuple((p.name, p.stat().st_size) for p in written),
-        budget,
-        files,
-    )
+    except BaseException:
+        with signals_deferred():
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            else:
+                for path in set(out_dir.iterdir()) - before:
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+        raise
 
 
 def _budget_eval(options: ReleaseOptions) -> tuple[Any, str | None, str | None]:

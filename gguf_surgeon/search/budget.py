@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..budget.allocate import allocate
-from ..budget.menu import CANDIDATES
+from ..budget.menu import CANDIDATES, least_tensor_bytes
 from ..budget.sensitivity import (
     Sensitivity,
     bundled_texts,
@@ -44,12 +44,18 @@ from ..evaluation.records import Estimate
 from ..evaluation.runner import kl_divergence
 from ..evaluation.suite import DEFAULT_OPTIONS, EvalOptions
 from ..files import format_size
-from ..llama.quantize import quantize_ladder, quantize_mix
+from ..llama.quantize import output_path, quantize_ladder, quantize_mix, requantize_warning
+from ..reader import Model
 from ..records import Record
 from .storage import load_optuna, open_storage, redact_url
 
 UNIFORM = ("Q3_K_M", "Q4_K_M", "Q5_K_M")  # the base's uniform mixes drawn as reference rows
 BUDGET_VERSION = 1  # part of the study's identity: bump when a trial's meaning changes
+IDENTITY_WORDS = {  # the study identity's keys as a user knows them, for the error of a rerun that differs
+    "version": "the study format", "base_sha256": "BASE", "choices": "the surgeries of --space", "low": "--min-size",
+    "limit": "--target-size", "calibration": "the calibration text", "name": "the release name",
+    "candidates": "the candidate types", "ctx": "the context size",
+}  # fmt: skip
 LOW_SHARE = 0.8  # default smallest budget: this share of the target
 FrontProgress = Callable[[str, int, int], None]  # (step, done, total)
 
@@ -210,6 +216,8 @@ def budget_study(
     held_name = "the held-out text given" if held_out is not None else "the held-out part of the bundled eval text"
     held_out = bundled_texts()[1] if held_out is None else held_out
     choices = ["", *dict.fromkeys(recipes)]
+    _refuse_before_work(base, choices, limit, allow_requantize)
+    store = open_storage(storage) if storage else None  # a bad --storage: refused before the work folder exists
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -226,7 +234,7 @@ def budget_study(
         "name": name, "candidates": list(CANDIDATES), "ctx": options.ctx,
     }  # fmt: skip
     study_name = study_name or f"{base.stem}-budget-{format_size(limit).replace(' ', '')}"
-    store = open_storage(url)
+    store = store or open_storage(url)
     study = optuna.create_study(
         storage=store,
         study_name=study_name,
@@ -235,12 +243,16 @@ def budget_study(
         load_if_exists=True,
     )
     held = study.user_attrs.get("identity")
+    if len(study.directions) != 2 or (held is None and study.trials):  # e.g. a KLD search's study of that name
+        raise SearchError(
+            f"study {study_name!r} in {redact_url(url)} is not a budget search; pass another --study-name"
+        )
     if held is None:
         study.set_user_attr("identity", identity)
     elif held != identity:
-        differ = ", ".join(k for k in identity if held.get(k) != identity[k])
+        differ = ", ".join(IDENTITY_WORDS.get(k, k) for k in identity if held.get(k) != identity[k])
         raise SearchError(
-            f"study {study_name!r} in {redact_url(url)} holds another budget search ({differ} differ); "
+            f"study {study_name!r} in {redact_url(url)} holds another budget search (not the same: {differ}); "
             "pass another --study-name or --work-dir"
         )
     done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -317,9 +329,15 @@ def budget_study(
                 FrontPoint(f"uniform {r.type}", None, None, r.size, r.bits_per_weight, kld, None, None, False, None)
             )
             r.path.unlink(missing_ok=True)
-    finally:
+    finally:  # also on an error or a signal: nothing but the study is left in the work folder
         candidates.remove()
         shutil.rmtree(work / "texts", ignore_errors=True)
+        for path in (
+            work / "trial.gguf",
+            work / "front-point.gguf",
+            *(output_path(work, "uniform", t) for t in uniform),
+        ):
+            path.unlink(missing_ok=True)
     on = pareto([(p.size, p.kld.value) for p in rows])
     points = tuple(replace(p, on_front=f) for p, f in zip(rows, on))
     all_done = finished()
@@ -329,6 +347,26 @@ def budget_study(
         sum(t.state == optuna.trial.TrialState.PRUNED for t in all_done), len(choices),
         points, compare(points), held_name, time.monotonic() - start,
     )  # fmt: skip
+
+
+def _refuse_before_work(base: Path, choices: Sequence[str], limit: int, allow_requantize: bool) -> None:
+    """A quantized base without `allow_requantize`, or a target below the smallest mix of every
+    candidate (no trial could write a file), refused before the work folder or the study exist."""
+    from ..edit import plan_for
+    from ..surgery import plan_surgery
+
+    with Model(base) as m:
+        requantize_warning(base, m, allow_requantize)
+        least = {}
+        for recipe in choices:
+            tensors = plan_surgery(m, plan_for(m, recipe), force=True).tensors if recipe else m.tensors
+            least[recipe] = least_tensor_bytes((t.name, t.shape, t.n_bytes) for t in tensors)
+    smallest = min(least, key=least.__getitem__)
+    if least[smallest] > limit:
+        raise OptionError(
+            f"{base}: the smallest mix of any candidate ({smallest or 'no surgery'}) takes "
+            f"{format_size(least[smallest])} of tensors, over the target of {format_size(limit)}"
+        )
 
 
 def _trial(
