@@ -130,7 +130,6 @@ def release(
     `out_dir` is created; an existing non-empty folder needs `force`. Raises the editor's,
     quantizer's and evaluator's errors, and ReleaseError/OutputError.
     """
-    from ..edit import EditOptions, edit
 
     base, out_dir = Path(base), Path(out_dir)
     name = options.name or default_release_name(base)
@@ -150,76 +149,7 @@ def release(
         raise OutputError(f"{out_dir}: cannot create the folder: {e.strerror or e}") from None
     before = set(out_dir.iterdir())
     try:  # an error or a signal leaves the folder as it was: what this release wrote is removed
-        step = progress or (lambda s: None)
-
-        edited = out_dir / f"{name}.gguf"
-        step("editing")
-        edit(base, edited, recipe, EditOptions(name=name, overwrite=options.force))
-        budget = None
-        if options.target_size is not None:
-            step("allocating a mix under the budget")
-            budget = _ship_budget(base, recipe, edited, out_dir / f"{name}-{label}.gguf", options, created)
-        quants = None
-        if options.types:
-            step("quantizing")
-            quants = quantize_ladder(
-                edited,
-                options.types,
-                out_dir,
-                name=name,
-                allow_requantize=options.allow_requantize,
-                force=options.force,
-                llama_bin=options.llama_bin,
-                progress=quant_progress,
-            )
-        benchmarks = options.benchmarks
-        if options.evaluate and benchmarks is None:
-            step("evaluating")
-            from ..evaluation.suite import EvalOptions
-
-            eval_options = EvalOptions(
-                llama_bin=options.llama_bin, questions=options.eval_questions, benches=tuple(options.eval_benches)
-            )
-            if options.eval_threads:
-                eval_options = replace(eval_options, threads=options.eval_threads)
-            benchmarks = benchmark_markdown(base, edited, eval_options, options.yardstick)
-        step("writing Modelfile and README.md")
-        files = tuple(QuantFile.of(r) for r in quants.results) if quants else ()
-        if budget is not None:
-            step("KL divergence of the ladder on the held-out text")
-            files = budget_rows(budget, files, _uniform_klds(edited, files, out_dir, options))
-        main_file = files[0].file if files else edited.name
-        modelfile = build_modelfile(edited, f"./{main_file}", parameters=options.parameters, system=options.system)
-        mf_path = write_text_atomic(out_dir / MODELFILE, modelfile.text, options.force)
-        with Model(base) as m:
-            source_blocks = len(m.blocks())
-        card = model_card(
-            edited,
-            CardOptions(
-                name=name,
-                quants=files,
-                benchmarks=benchmarks,
-                base_model=options.base_model,
-                author=options.author,
-                modelfile=modelfile,
-                source_blocks=source_blocks,
-                methodology=options.methodology,
-            ),
-        )
-        readme = write_text_atomic(out_dir / README, card, options.force)
-        written = [edited] + ([budget.out, budget.types_file] if budget else [])
-        written += ([r.path for r in quants.results] if quants else []) + [mf_path, readme]
-        return ReleaseReport(
-            out_dir,
-            edited,
-            quants,
-            mf_path,
-            readme,
-            benchmarks is not None,
-            tuple((p.name, p.stat().st_size) for p in written),
-            budget,
-            files,
-        )
+        return _write_release(base, recipe, out_dir, name, label, options, progress, quant_progress)
     except BaseException:
         with signals_deferred():
             if created:
@@ -233,6 +163,91 @@ def release(
         raise
 
 
+def _write_release(
+    base: Path,
+    recipe: str,
+    out_dir: Path,
+    name: str,
+    label: str | None,
+    options: ReleaseOptions,
+    progress: ReleaseProgress | None,
+    quant_progress: QuantProgress | None,
+) -> ReleaseReport:
+    """The body of `release`, into an existing `out_dir`."""
+    from ..edit import EditOptions, edit
+
+    step = progress or (lambda s: None)
+
+    edited = out_dir / f"{name}.gguf"
+    step("editing")
+    edit(base, edited, recipe, EditOptions(name=name, overwrite=options.force))
+    budget = None
+    if options.target_size is not None:
+        step("allocating a mix under the budget")
+        budget = _ship_budget(base, recipe, edited, out_dir / f"{name}-{label}.gguf", options)
+    quants = None
+    if options.types:
+        step("quantizing")
+        quants = quantize_ladder(
+            edited,
+            options.types,
+            out_dir,
+            name=name,
+            allow_requantize=options.allow_requantize,
+            force=options.force,
+            llama_bin=options.llama_bin,
+            progress=quant_progress,
+        )
+    benchmarks = options.benchmarks
+    if options.evaluate and benchmarks is None:
+        step("evaluating")
+        from ..evaluation.suite import EvalOptions
+
+        eval_options = EvalOptions(
+            llama_bin=options.llama_bin, questions=options.eval_questions, benches=tuple(options.eval_benches)
+        )
+        if options.eval_threads:
+            eval_options = replace(eval_options, threads=options.eval_threads)
+        benchmarks = benchmark_markdown(base, edited, eval_options, options.yardstick)
+    step("writing Modelfile and README.md")
+    files = tuple(QuantFile.of(r) for r in quants.results) if quants else ()
+    if budget is not None:
+        step("KL divergence of the ladder on the held-out text")
+        files = budget_rows(budget, files, _uniform_klds(edited, files, out_dir, options))
+    main_file = files[0].file if files else edited.name
+    modelfile = build_modelfile(edited, f"./{main_file}", parameters=options.parameters, system=options.system)
+    mf_path = write_text_atomic(out_dir / MODELFILE, modelfile.text, options.force)
+    with Model(base) as m:
+        source_blocks = len(m.blocks())
+    card = model_card(
+        edited,
+        CardOptions(
+            name=name,
+            quants=files,
+            benchmarks=benchmarks,
+            base_model=options.base_model,
+            author=options.author,
+            modelfile=modelfile,
+            source_blocks=source_blocks,
+            methodology=options.methodology,
+        ),
+    )
+    readme = write_text_atomic(out_dir / README, card, options.force)
+    written = [edited] + ([budget.out, budget.types_file] if budget else [])
+    written += ([r.path for r in quants.results] if quants else []) + [mf_path, readme]
+    return ReleaseReport(
+        out_dir,
+        edited,
+        quants,
+        mf_path,
+        readme,
+        benchmarks is not None,
+        tuple((p.name, p.stat().st_size) for p in written),
+        budget,
+        files,
+    )
+
+
 def _budget_eval(options: ReleaseOptions) -> tuple[Any, str | None, str | None]:
     """(EvalOptions, calibration text, held-out text) of a release's budget runs."""
     from ..evaluation.suite import EvalOptions
@@ -244,46 +259,38 @@ def _budget_eval(options: ReleaseOptions) -> tuple[Any, str | None, str | None]:
     return eval_options, calibration, held_out
 
 
-def _ship_budget(base: Path, recipe: str, edited: Path, out: Path, options: ReleaseOptions, created: bool) -> Any:
+def _ship_budget(base: Path, recipe: str, edited: Path, out: Path, options: ReleaseOptions) -> Any:
     """budget.allocate.quantize_to_budget of the edited file into `out`, with the edit's own
     sensitivity or, with `inherit_costs`, the base's (budget.sensitivity.inherited_sensitivity).
-    A budget the edited model cannot meet is refused before any measuring; the edited file (and
-    the folder, when this release created it) is removed then, so a refused release leaves
-    nothing behind."""
+    A budget the edited model cannot meet is refused before any measuring (and `release` removes
+    what it wrote)."""
     from ..budget.allocate import quantize_to_budget
     from ..budget.sensitivity import edit_sources, inherited_sensitivity, measure_sensitivity
-    from ..errors import OptionError
 
     eval_options, calibration, held_out = _budget_eval(options)
-    try:
-        sens = None
-        if options.inherit_costs:
-            base_sens = measure_sensitivity(
-                base, calibration=calibration, options=eval_options, allow_requantize=options.allow_requantize
-            )
-            sens = inherited_sensitivity(
-                base_sens,
-                edited,
-                edit_sources(base, recipe),
-                options=eval_options,
-                allow_requantize=options.allow_requantize,
-            )
-        return quantize_to_budget(
-            edited,
-            out,
-            sensitivity=sens,
-            target_size=options.target_size,
-            options=eval_options,
-            calibration=calibration,
-            held_out=held_out,
-            allow_requantize=options.allow_requantize,
-            force=options.force,
+    sens = None
+    if options.inherit_costs:
+        base_sens = measure_sensitivity(
+            base, calibration=calibration, options=eval_options, allow_requantize=options.allow_requantize
         )
-    except OptionError:
-        edited.unlink(missing_ok=True)
-        if created:
-            shutil.rmtree(edited.parent, ignore_errors=True)
-        raise
+        sens = inherited_sensitivity(
+            base_sens,
+            edited,
+            edit_sources(base, recipe),
+            options=eval_options,
+            allow_requantize=options.allow_requantize,
+        )
+    return quantize_to_budget(
+        edited,
+        out,
+        sensitivity=sens,
+        target_size=options.target_size,
+        options=eval_options,
+        calibration=calibration,
+        held_out=held_out,
+        allow_requantize=options.allow_requantize,
+        force=options.force,
+    )
 
 
 def _uniform_klds(edited: Path, files: tuple[QuantFile, ...], out_dir: Path, options: ReleaseOptions) -> dict:
