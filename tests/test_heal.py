@@ -261,3 +261,17 @@ def test_search_scores_healed_and_plain_deletions_alike(tiny: Path, tmp_path: Pa
     scorer = scorer_for(tiny, tmp_path)
     healed, plain = scorer.short("delete 3 heal", "h"), scorer.short("delete 3", "p")
     assert 0 < healed.kld < plain.kld, (healed, plain)
+
+
+def test_release_of_a_healed_deletion_ships_the_healed_tensor(tiny: Path, tmp_path: Path, gguf_loader):
+    """release computes the heal as apply does with its defaults (it failed on 'not computed' before)."""
+    applied = tmp_path / "applied.gguf"
+    assert run("apply", "delete 3 heal", tiny, applied).exit_code == 0
+    r = run("release", tiny, "--recipe", "delete 3 heal", "--out", tmp_path / "rel", "--no-quantize", "--json")
+    assert r.exit_code == 0, r.output
+    shipped = Path(json.loads(r.output)["edited"])
+    gguf_loader.assert_loads(shipped)
+    a_shapes, a_data, a_heal = read(applied)
+    s_shapes, s_data, s_heal = read(shipped)
+    assert s_shapes == a_shapes and s_data == a_data  # the same healed bytes, every tensor
+    assert s_heal == a_heal and s_heal["tensors"] == HEALED

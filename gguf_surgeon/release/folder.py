@@ -174,13 +174,22 @@ def _write_release(
     quant_progress: QuantProgress | None,
 ) -> ReleaseReport:
     """The body of `release`, into an existing `out_dir`."""
-    from ..edit import EditOptions, edit
+    from ..edit import EditOptions, edit, prepare
 
     step = progress or (lambda s: None)
 
     edited = out_dir / f"{name}.gguf"
+    edit_options = EditOptions(name=name, overwrite=options.force)
+    heal = None
+    with Model(base) as model:
+        surgery = prepare(model, recipe, edit_options)
+    if surgery.heal_windows:  # a healed deletion: calibrated as search's candidates are (bundled text, auto)
+        from ..analysis.heal import compute_heal
+
+        step("calibrating the heal")
+        heal = compute_heal(base, surgery, llama_bin=options.llama_bin).data
     step("editing")
-    edit(base, edited, recipe, EditOptions(name=name, overwrite=options.force))
+    edit(base, edited, recipe, edit_options, heal=heal)
     budget = None
     if options.target_size is not None:
         step("allocating a mix under the budget")
