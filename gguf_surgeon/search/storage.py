@@ -272,8 +272,8 @@ def retrying(fn: Callable[[], Any], shown_url: str, wait_s: float, on_retry: Cal
             if on_retry is not None:
                 on_retry()
             continue
-        if attempt:
-            _OUTAGE.end()
+        if attempt or _OUTAGE.since is not None:  # any call that gets through ends the outage: the thread
+            _OUTAGE.end()  # that announced it may have finished (a heartbeat) before its own retry succeeded
         return result
 
 
