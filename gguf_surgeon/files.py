@@ -33,19 +33,30 @@ def interrupt(signum: int) -> None:
     raise Interrupted(signum)
 
 
+def hold_signals() -> None:
+    """Start deferring interrupts, as signals_deferred does, until release_signals()."""
+    _DEFER.depth += 1
+
+
+def release_signals(drop: bool = False) -> None:
+    """End a hold_signals(): an interrupt that came meanwhile is raised now (unless one is already
+    being handled), or forgotten with `drop`."""
+    _DEFER.depth -= 1
+    if _DEFER.depth == 0 and _DEFER.pending is not None:
+        signum, _DEFER.pending = _DEFER.pending, None
+        if not drop and not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # one interrupt is enough
+            raise Interrupted(signum)
+
+
 @contextmanager
 def signals_deferred() -> Iterator[None]:
     """Run a cleanup (removing temp files) to its end even if another Ctrl-C or SIGTERM comes
     in meanwhile; that interrupt is raised when the cleanup is done."""
-    _DEFER.depth += 1
+    hold_signals()
     try:
         yield
     finally:
-        _DEFER.depth -= 1
-        if _DEFER.depth == 0 and _DEFER.pending is not None:
-            signum, _DEFER.pending = _DEFER.pending, None
-            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # one interrupt is enough
-                raise Interrupted(signum)
+        release_signals()
 
 
 def os_reason(e: OSError) -> str:

@@ -15,6 +15,7 @@ import click
 
 from .. import __version__
 from ..errors import SurgeonError
+from ..files import hold_signals, release_signals
 from ..operations import REGISTRY
 
 __all__ = ["main"]
@@ -70,7 +71,11 @@ class SurgeonGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            _HELD.release()  # an interrupt since the arguments were parsed is raised here, and handled below
+            try:
+                return super().invoke(ctx)
+            finally:
+                _HELD.hold()  # until main has the result: click's handler must not see one on the way out
         except SurgeonError as e:
             click.echo(f"Error: {one_line(str(e))}", err=True)
             sys.exit(1)
@@ -80,15 +85,20 @@ class SurgeonGroup(click.Group):
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
-            return super().make_context(*args, **kwargs)
+            ctx = super().make_context(*args, **kwargs)
         except KeyboardInterrupt as e:  # click's own handler would print a blank line first
             raise _Interrupt(getattr(e, "signum", signal.SIGINT)) from None
+        _HELD.hold()  # and so until invoke: an interrupt in between is deferred to it
+        return ctx
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """Click's own error display is three lines; ours is one `Error:` line (exit 2 for usage)."""
         kwargs.pop("standalone_mode", None)
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            try:
+                rv = super().main(*args, standalone_mode=False, **kwargs)
+            finally:
+                _HELD.release(drop=True)  # the command has ended: an interrupt now changes nothing
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except (click.Abort, _Interrupt) as e:
@@ -101,6 +111,27 @@ class SurgeonGroup(click.Group):
             click.echo(f"Error: {one_line(e.format_message())}{hint}", err=True)
             sys.exit(e.exit_code)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class _Held:
+    """Interrupts deferred in the moments click's own KeyboardInterrupt handler would see them
+    (between parsing the arguments and running the command, and on the way out), which print a
+    blank line before our `Error:` line."""
+
+    held = False
+
+    def hold(self) -> None:
+        if not self.held:
+            self.held = True
+            hold_signals()
+
+    def release(self, drop: bool = False) -> None:
+        if self.held:
+            self.held = False
+            release_signals(drop)
+
+
+_HELD = _Held()
 
 
 class _Interrupt(Exception):
