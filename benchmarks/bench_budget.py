@@ -96,6 +96,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="folder for the written models (default: a temporary folder)")
     ap.add_argument("--design", default="batched", choices=["batched", "halves", "each"], help="sensitivity design")
     ap.add_argument("--check-blocks", default="0,15,29", help="blocks whose attention / ffn parts are probed directly")
+    ap.add_argument(
+        "--imatrix",
+        type=Path,
+        help="an importance matrix of the base: the sensitivity, the mixes, the uniform types and the probes use it",
+    )
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
     if args.llama_bin is None:
@@ -114,20 +119,32 @@ def main() -> None:
 
         log(f"sensitivity ({args.design} design)")
         t0 = time.perf_counter()
-        sens = measure_sensitivity(base, design=args.design, options=options, progress=lambda s, d, t: None)
+        sens = measure_sensitivity(
+            base, design=args.design, options=options, progress=lambda s, d, t: None, imatrix=args.imatrix
+        )
         sens_wall = time.perf_counter() - t0
         log(f"sensitivity: {len(sens.measurements)} probes, {sens.seconds:.0f} s when measured (cached: {sens.cached})")
 
         rows, points = [], []
         for utype in [t for t in args.types.split(",") if t]:
             log(f"uniform {utype}")
-            uni = quantize_ladder(base, [utype], work, name="uniform", llama_bin=args.llama_bin, force=True).results[0]
+            uni = quantize_ladder(
+                base, [utype], work, name="uniform", llama_bin=args.llama_bin, force=True, imatrix=args.imatrix
+            ).results[0]
             t0 = time.perf_counter()
             alloc = allocate(sens, uni.size, "file bytes")
             t_alloc = time.perf_counter() - t0
             out = work / f"mix-{utype}.gguf"
             t0 = time.perf_counter()
-            mix = quantize_mix(base, out, alloc.requested, base_type=BASE_TYPE, llama_bin=args.llama_bin, force=True)
+            mix = quantize_mix(
+                base,
+                out,
+                alloc.requested,
+                base_type=BASE_TYPE,
+                llama_bin=args.llama_bin,
+                force=True,
+                imatrix=args.imatrix,
+            )
             t_quant = time.perf_counter() - t0
             written = mix.results[0]
             assert written.size == alloc.predicted_size <= uni.size, (written.size, alloc.predicted_size, uni.size)
@@ -178,7 +195,9 @@ def main() -> None:
                     continue
                 mix = {s.name: "F16" for s in sens.menu.slots} | {n: sens.probe for n in names}
                 probe = work / "probe.gguf"
-                quantize_mix(base, probe, mix, base_type=BASE_TYPE, llama_bin=args.llama_bin, force=True)
+                quantize_mix(
+                    base, probe, mix, base_type=BASE_TYPE, llama_bin=args.llama_bin, force=True, imatrix=args.imatrix
+                )
                 k = kl_divergence(probe, base, calib)
                 probe.unlink()
                 direct = k.token_mean if k.token_mean is not None else k.mean.value
