@@ -10,39 +10,30 @@ from typing import Any
 import click
 from rich.table import Table
 
-from .common import IN_ARG, emit_json, json_option, llama_bin_option, out_console, step_progress
+from .common import IN_ARG, emit_json, json_option, llama_bin_option, option_group, out_console, step_progress
 
 DESIGN_HELP = (
     "batched: one probe per block and per tensor kind, split by fitting (default); each: one probe per tensor."
 )
 
 
-def budget_options(f: Any) -> Any:
-    """Options of the sensitivity measurement, shared by sensitivity and quantize --target-size."""
-    for opt in reversed(
-        [
-            click.option(
-                "--design", type=click.Choice(["batched", "halves", "each"]), default="batched", help=DESIGN_HELP
-            ),
-            click.option(
-                "--probe", default="Q3_K", show_default=True, help="The low type each probe puts its tensors at."
-            ),
-            click.option(
-                "--candidates",
-                default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,F16",
-                show_default=True,
-                help="Types a tensor may be given (llama-quantize's fallbacks apply where rows do not fit).",
-            ),
-            click.option(
-                "--calibration",
-                type=click.Path(path_type=Path, dir_okay=False),
-                help="Calibration text file for the sensitivity (default: the first 30% of the bundled text).",
-            ),
-            click.option("--no-cache", is_flag=True, help="Measure again and keep nothing."),
-        ]
-    ):
-        f = opt(f)
-    return f
+# Options of the sensitivity measurement, shared by sensitivity and quantize --target-size.
+budget_options = option_group(
+    click.option("--design", type=click.Choice(["batched", "halves", "each"]), default="batched", help=DESIGN_HELP),
+    click.option("--probe", default="Q3_K", show_default=True, help="The low type each probe puts its tensors at."),
+    click.option(
+        "--candidates",
+        default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,F16",
+        show_default=True,
+        help="Types a tensor may be given (llama-quantize's fallbacks apply where rows do not fit).",
+    ),
+    click.option(
+        "--calibration",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="Calibration text file for the sensitivity (default: the first 30% of the bundled text).",
+    ),
+    click.option("--no-cache", is_flag=True, help="Measure again and keep nothing."),
+)
 
 
 def eval_options_of(llama_bin: Path | None, threads: int | None, no_cache: bool) -> Any:

@@ -60,6 +60,18 @@ def parse_size(value: str | None, option: str = "--split-max-size") -> int | Non
     return size
 
 
+def option_group(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """One decorator for options several commands share: `options` (click.option decorators)
+    applied so that they list in the order given."""
+
+    def apply(f: Any) -> Any:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return apply
+
+
 def json_option(help: str = "Print the report as JSON.") -> Callable:
     """The --json flag every reporting command has (parameter `as_json`)."""
     return click.option("--json", "as_json", is_flag=True, help=help)

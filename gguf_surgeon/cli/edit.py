@@ -21,85 +21,73 @@ from .common import (
     json_option,
     live_terminal,
     llama_bin_option,
+    option_group,
     out_console,
     parse_size,
     step_progress,
 )
 
-
-def writer_options(f: Callable) -> Callable:
-    """Options every writer shares."""
-    for opt in reversed(
-        [
-            click.option(
-                "--dry-run", is_flag=True, help="Print the layer map, metadata changes and output size; write nothing."
-            ),
-            click.option(
-                "--force", is_flag=True, help="Overwrite OUT; write blocks into positions whose tensor set differs."
-            ),
-            click.option("--name", help="general.name of the output (default: the source's name and the recipe)."),
-            click.option(
-                "--split-max-size",
-                help="Split the output llama-gguf-split style, at most this much tensor data per shard (e.g. 2G).",
-            ),
-            click.option(
-                "--split-max-tensors",
-                type=click.IntRange(min=1),
-                help="Split the output, at most this many tensors per shard.",
-            ),
-            json_option(),
-            click.option(
-                "--align",
-                "alignment",
-                type=int,
-                metavar="BYTES",
-                help="Data alignment of the output (default: the source's). 4096 lets later surgeries on a "
-                "reflink filesystem (XFS, btrfs) share extents instead of copying.",
-            ),
-            click.option(
-                "--quantize",
-                "quantize_types",
-                metavar="TYPES",
-                help="After writing OUT, quantize it with llama-quantize into OUT's folder, e.g. Q8_0,Q4_K_M.",
-            ),
-            click.option(
-                "--allow-requantize",
-                is_flag=True,
-                help="With --quantize: allow a quantized source (quality compounds).",
-            ),
-            llama_bin_option("With --quantize: folder holding the llama.cpp tools."),
-        ]
-    ):
-        f = opt(f)
-    return f
+# Options every writer shares.
+writer_options = option_group(
+    click.option(
+        "--dry-run", is_flag=True, help="Print the layer map, metadata changes and output size; write nothing."
+    ),
+    click.option("--force", is_flag=True, help="Overwrite OUT; write blocks into positions whose tensor set differs."),
+    click.option("--name", help="general.name of the output (default: the source's name and the recipe)."),
+    click.option(
+        "--split-max-size",
+        help="Split the output llama-gguf-split style, at most this much tensor data per shard (e.g. 2G).",
+    ),
+    click.option(
+        "--split-max-tensors",
+        type=click.IntRange(min=1),
+        help="Split the output, at most this many tensors per shard.",
+    ),
+    json_option(),
+    click.option(
+        "--align",
+        "alignment",
+        type=int,
+        metavar="BYTES",
+        help="Data alignment of the output (default: the source's). 4096 lets later surgeries on a "
+        "reflink filesystem (XFS, btrfs) share extents instead of copying.",
+    ),
+    click.option(
+        "--quantize",
+        "quantize_types",
+        metavar="TYPES",
+        help="After writing OUT, quantize it with llama-quantize into OUT's folder, e.g. Q8_0,Q4_K_M.",
+    ),
+    click.option(
+        "--allow-requantize",
+        is_flag=True,
+        help="With --quantize: allow a quantized source (quality compounds).",
+    ),
+    llama_bin_option("With --quantize: folder holding the llama.cpp tools."),
+)
 
 
-def heal_options(f: Callable) -> Callable:
-    """Options of the writers whose recipe may heal a deletion (apply, delete)."""
-    for opt in reversed(
-        [
-            click.option(
-                "--calibration",
-                type=click.Path(path_type=Path, dir_okay=False),
-                metavar="FILE",
-                help="With a healed deletion: the calibration text (default: the first half of the bundled eval text).",
-            ),
-            click.option(
-                "--calibration-tokens",
-                type=click.IntRange(min=2),
-                metavar="N",
-                help="With a healed deletion: calibrate on the text's first N tokens (default 2048).",
-            ),
-            click.option(
-                "--heal-estimator",
-                metavar="NAME",
-                help="With a healed deletion: auto (the default: ridge, transform or diagonal, whichever "
-                "cross-validates best on the calibration tokens), ridge, lstsq, transform or diagonal (docs/heal.md).",
-            ),
-        ]
-    ):
-        f = opt(f)
-    return f
+# Options of the writers whose recipe may heal a deletion (apply, delete).
+heal_options = option_group(
+    click.option(
+        "--calibration",
+        type=click.Path(path_type=Path, dir_okay=False),
+        metavar="FILE",
+        help="With a healed deletion: the calibration text (default: the first half of the bundled eval text).",
+    ),
+    click.option(
+        "--calibration-tokens",
+        type=click.IntRange(min=2),
+        metavar="N",
+        help="With a healed deletion: calibrate on the text's first N tokens (default 2048).",
+    ),
+    click.option(
+        "--heal-estimator",
+        metavar="NAME",
+        help="With a healed deletion: auto (the default: ridge, transform or diagonal, whichever "
+        "cross-validates best on the calibration tokens), ridge, lstsq, transform or diagonal (docs/heal.md).",
+    ),
+)
 
 
 HEAL_OPTIONS = ("calibration", "calibration_tokens", "heal_estimator")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from .common import emit_json, json_option, llama_bin_option, out_console, step_progress
+from .common import emit_json, json_option, llama_bin_option, option_group, out_console, step_progress
 
 # evaluate (numpy) and rich.progress are imported inside the commands: registering these
 # commands must not slow down every other gguf-surgeon command.
@@ -18,52 +18,47 @@ if TYPE_CHECKING:
     from ..evaluation.suite import EvalOptions
 
 
-def eval_options(f: Callable) -> Callable:
-    """Options eval and compare share."""
-    for opt in reversed(
-        [
-            click.option(
-                "--text",
-                type=click.Path(path_type=Path, dir_okay=False),
-                help="Perplexity/KLD text file (default: the bundled evaluation text).",
-            ),
-            click.option(
-                "--questions",
-                type=click.IntRange(min=1),
-                help="Ask only the first N factual questions (quick runs; scores differ from full runs).",
-            ),
-            click.option(
-                "--threads",
-                type=click.IntRange(min=1),
-                help="llama.cpp threads (default: min(4, CPUs)); results are cached per thread count.",
-            ),
-            click.option(
-                "--bench",
-                "benches",
-                multiple=True,
-                metavar="SPEC",
-                help="Add a benchmark scored by llama-perplexity (repeatable): hellaswag[:N] (the N tasks "
-                "llama-perplexity --hellaswag-tasks N picks), winogrande[:N], arc-easy, arc-challenge, mmlu, "
-                "truthfulqa[:N] (fetched by `gguf-surgeon data fetch`), or hellaswag|winogrande|mc:FILE[:N] "
-                "(mc: a multiple-choice .bin). Each task right or wrong, paired with the base per task.",
-            ),
-            click.option(
-                "--data-dir",
-                type=click.Path(path_type=Path, file_okay=False),
-                help="Folder of fetched benchmark data (default: $GGUF_SURGEON_DATA or the cache).",
-            ),
-            click.option("--no-cache", is_flag=True, help="Recompute everything and keep nothing."),
-            click.option(
-                "--yardstick",
-                is_flag=True,
-                help="Place each KLD on the base's own quantization ladder (Q8_0 ... Q2_K, made and "
-                "measured once per base, then cached).",
-            ),
-            llama_bin_option("Folder holding llama-perplexity and llama-server."),
-        ]
-    ):
-        f = opt(f)
-    return f
+# Options eval and compare share.
+eval_options = option_group(
+    click.option(
+        "--text",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="Perplexity/KLD text file (default: the bundled evaluation text).",
+    ),
+    click.option(
+        "--questions",
+        type=click.IntRange(min=1),
+        help="Ask only the first N factual questions (quick runs; scores differ from full runs).",
+    ),
+    click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        help="llama.cpp threads (default: min(4, CPUs)); results are cached per thread count.",
+    ),
+    click.option(
+        "--bench",
+        "benches",
+        multiple=True,
+        metavar="SPEC",
+        help="Add a benchmark scored by llama-perplexity (repeatable): hellaswag[:N] (the N tasks "
+        "llama-perplexity --hellaswag-tasks N picks), winogrande[:N], arc-easy, arc-challenge, mmlu, "
+        "truthfulqa[:N] (fetched by `gguf-surgeon data fetch`), or hellaswag|winogrande|mc:FILE[:N] "
+        "(mc: a multiple-choice .bin). Each task right or wrong, paired with the base per task.",
+    ),
+    click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="Folder of fetched benchmark data (default: $GGUF_SURGEON_DATA or the cache).",
+    ),
+    click.option("--no-cache", is_flag=True, help="Recompute everything and keep nothing."),
+    click.option(
+        "--yardstick",
+        is_flag=True,
+        help="Place each KLD on the base's own quantization ladder (Q8_0 ... Q2_K, made and "
+        "measured once per base, then cached).",
+    ),
+    llama_bin_option("Folder holding llama-perplexity and llama-server."),
+)
 
 
 def make_options(
