@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -244,12 +243,9 @@ def quantize_budget_cmd(
     """quantize --target-size / --target-bpw (options that choose types refused by the caller):
     allocate, write, measure, report."""
     from ..budget.allocate import quantize_to_budget
-    from ..errors import OptionError
     from ..llama.quantize import default_name
 
     size = parse_size(target_size, "--target-size") if target_size is not None else None
-    if target_bpw is not None and not (0 < target_bpw <= 32 and math.isfinite(target_bpw)):
-        raise OptionError(f"--target-bpw {target_bpw}: must be above 0 and at most 32")
     label = target_size.strip().replace(" ", "") if target_size is not None else f"{target_bpw:g}bpw"
     out = (out_dir or source.parent) / f"{name or default_name(source)}-{label}.gguf"
     with step_progress(enabled=not as_json) as progress:
